@@ -1,0 +1,5 @@
+import sys
+
+from cthub.cli import main
+
+sys.exit(main())

@@ -1,0 +1,54 @@
+"""The typed errors a user can cause. Every stage raises these; the API maps them to 4xx JSON.
+
+Messages never contain PHI (patient names, IDs, dates): they describe the file, not the patient.
+"""
+
+from __future__ import annotations
+
+
+class CTHubError(Exception):
+    """Base of every error a user can cause. `http_status` is what the API answers with."""
+
+    http_status: int = 400
+    code: str = "bad_request"
+
+    def to_dict(self) -> dict[str, str]:
+        return {"error": self.code, "type": type(self).__name__, "detail": str(self)}
+
+
+class InputError(CTHubError):
+    """An input image or file cannot be used (not DICOM, truncated, no pixels, unsupported...)."""
+
+    code = "invalid_input"
+
+
+class ShapeError(InputError):
+    """An array or tensor has the wrong shape or dimensions for the model."""
+
+    code = "invalid_shape"
+
+
+class ModelNotFoundError(CTHubError):
+    """A model name or path does not resolve to weights."""
+
+    http_status = 404
+    code = "model_not_found"
+
+
+class IntegrityError(CTHubError):
+    """Weights on disk do not match their recorded checksum or key layout."""
+
+    http_status = 500
+    code = "integrity_error"
+
+
+class DataError(CTHubError):
+    """A dataset (folder, CSV, npz) is missing, malformed or fails its checksum."""
+
+    code = "data_error"
+
+
+class ConfigError(CTHubError):
+    """An option or configuration value is invalid."""
+
+    code = "config_error"

@@ -1,0 +1,66 @@
+"""Device selection, mixed precision and thread settings shared by training, export and serving."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator
+
+import torch
+
+
+def select_device(device: str | None = None) -> torch.device:
+    """`device` if given ("cpu", "cuda", "cuda:1", "mps"), else CUDA when available, else CPU."""
+    if device and device != "auto":
+        return torch.device(device)
+    env = os.environ.get("CTHUB_DEVICE")
+    if env:
+        return torch.device(env)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CPU, fp16/bf16 AMP on CUDA; a no-op context when disabled or unsupported."""
+    if not enabled:
+        return contextlib.nullcontext()
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    if device.type == "cpu":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def needs_grad_scaler(device: torch.device, amp: bool) -> bool:
+    """fp16 AMP on CUDA needs a GradScaler; bf16 does not."""
+    return amp and device.type == "cuda" and not torch.cuda.is_bf16_supported()
+
+
+@contextlib.contextmanager
+def num_threads(n: int | None) -> Iterator[None]:
+    """Temporarily set torch's intra-op thread count (None leaves it alone)."""
+    if not n:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed python, numpy and torch; return a torch Generator seeded the same for samplers."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return g

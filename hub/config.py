@@ -1,0 +1,70 @@
+"""The config.json that travels with every model: architecture, provenance, labels and preprocessing."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ctdata.preprocess import PreprocessConfig
+from cthub.errors import ConfigError
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+CARD_NAME = "README.md"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild and use a model besides its weights."""
+
+    name: str = "unnamed"
+    architecture: str = "resnet50"
+    method: str = "random"  # spark | mocov2 | swav | byol | supervised | random
+    pretraining_data: str = "none"
+    num_classes: int = 0  # 0: encoder only (pooled 2048-d features)
+    labels: list[str] = field(default_factory=list)
+    threshold: float | None = None  # binary operating point chosen on validation
+    task: str | None = None
+    revision: str | None = None
+    preprocessing: PreprocessConfig = field(default_factory=PreprocessConfig)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)  # command, data, wall time, versions...
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["preprocessing"] = self.preprocessing.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        d = dict(d)
+        known = {f.name for f in dataclasses.fields(cls)}
+        extra = {k: d.pop(k) for k in list(d) if k not in known}
+        if extra:  # written by a newer version or by hand: keep, do not fail
+            d.setdefault("provenance", {})["unknown_config_keys"] = sorted(extra)
+        pp = d.get("preprocessing", {})
+        d["preprocessing"] = pp if isinstance(pp, PreprocessConfig) else PreprocessConfig.from_dict(pp)
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise ConfigError(f"invalid model config: {e}") from None
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / CONFIG_NAME
+        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "ModelConfig":
+        path = Path(directory) / CONFIG_NAME
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except FileNotFoundError:
+            raise ConfigError(f"{path} does not exist") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from None

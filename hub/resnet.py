@@ -1,0 +1,117 @@
+"""ResNet50 written against torchvision's state-dict key names, with no torchvision dependency.
+
+Keys match `torchvision.models.resnet50()` exactly (conv1, bn1, layer1..layer4, fc), so torchvision, timm and
+the seed paper's checkpoints load with strict key matching. `forward_features` returns the four stage
+outputs (strides 4, 8, 16, 32) needed by SparK's decoder and by class activation maps.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+STAGE_CHANNELS: tuple[int, int, int, int] = (256, 512, 1024, 2048)
+FEATURE_DIM = 2048
+DOWNSAMPLE = 32
+
+
+class Bottleneck(nn.Module):
+    """torchvision's v1.5 bottleneck: the stride sits on the 3x3 convolution."""
+
+    expansion = 4
+
+    def __init__(self, in_ch: int, width: int, stride: int = 1) -> None:
+        super().__init__()
+        out_ch = width * self.expansion
+        self.conv1 = nn.Conv2d(in_ch, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, out_ch, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_ch)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample: nn.Module | None = None
+        if stride != 1 or in_ch != out_ch:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False), nn.BatchNorm2d(out_ch)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+class ResNet50(nn.Module):
+    """ResNet50 encoder; with `num_classes > 0` a linear head `fc` on global-average-pooled features.
+
+    `num_classes=0` gives a pure encoder whose `forward` returns the pooled 2048-d feature vector.
+    """
+
+    def __init__(self, num_classes: int = 0, in_chans: int = 3, zero_init_residual: bool = False) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.num_features = FEATURE_DIM
+        self.conv1 = nn.Conv2d(in_chans, 64, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        in_ch = 64
+        for i, (width, blocks, stride) in enumerate(((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2))):
+            layers = [Bottleneck(in_ch, width, stride)]
+            in_ch = width * Bottleneck.expansion
+            layers += [Bottleneck(in_ch, width) for _ in range(blocks - 1)]
+            setattr(self, f"layer{i + 1}", nn.Sequential(*layers))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc: nn.Module = nn.Linear(FEATURE_DIM, num_classes) if num_classes > 0 else nn.Identity()
+        self._init_weights(zero_init_residual)
+
+    def _init_weights(self, zero_init_residual: bool) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        if zero_init_residual:
+            for m in self.modules():
+                if isinstance(m, Bottleneck):
+                    nn.init.zeros_(m.bn3.weight)
+
+    def stages(self) -> list[nn.Sequential]:
+        return [self.layer1, self.layer2, self.layer3, self.layer4]
+
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.maxpool(self.relu(self.bn1(self.conv1(x))))
+
+    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The four stage outputs, strides 4/8/16/32, channels 256/512/1024/2048."""
+        x = self.stem(x)
+        feats = []
+        for stage in self.stages():
+            x = stage(x)
+            feats.append(x)
+        return feats
+
+    def forward_head(self, last: torch.Tensor) -> torch.Tensor:
+        """Global average pool, then the linear head (identity for an encoder)."""
+        return self.fc(torch.flatten(self.avgpool(last), 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for stage in self.stages():
+            x = stage(x)
+        return self.forward_head(x)
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the head: a fresh `Linear(2048, num_classes)`, or identity for 0."""
+        self.num_classes = num_classes
+        self.fc = nn.Linear(FEATURE_DIM, num_classes) if num_classes > 0 else nn.Identity()
+
+
+def encoder_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict without the head (`fc.*`)."""
+    return {k: v for k, v in model.state_dict().items() if not k.startswith("fc.")}
