@@ -1,0 +1,62 @@
+"""Shared fixtures. Tests that need ../shared/data say so with the `shared` marker and skip without it.
+
+OrganAMNIST comes from ../shared/data when present (CI), else from the project's own MD5-checked fetch
+cache; tests that need it skip only when neither is available.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach out to the Hub
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_hub(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test gets its own empty local hub directory, never the user's ~/.cache."""
+    home = tmp_path_factory.mktemp("cthub_home")
+    monkeypatch.setenv("CTHUB_HOME", str(home))
+    return home
+
+
+def shared_file(*parts: str) -> Path:
+    p = SHARED_DATA.joinpath(*parts)
+    if not p.exists():
+        pytest.skip(f"needs ../shared/data/{'/'.join(parts)} (present in CI)")
+    return p
+
+
+@pytest.fixture(scope="session")
+def organamnist_npz() -> Path:
+    """Real OrganAMNIST: ../shared copy, else the project's fetch cache (~/.cache/ct-ssl-hub/data)."""
+    shared = SHARED_DATA / "organamnist.npz"
+    if shared.is_file():
+        return shared
+    cached = Path.home() / ".cache" / "ct-ssl-hub" / "data" / "organamnist.npz"
+    if cached.is_file():
+        return cached
+    pytest.skip("needs OrganAMNIST: ../shared/data/organamnist.npz or `cthub data fetch organamnist`")
+
+
+@pytest.fixture(scope="session")
+def head_ct_dir() -> Path:
+    return shared_file("head_ct")
+
+
+@pytest.fixture(scope="session")
+def ct_small_dcm() -> Path:
+    from pydicom.data import get_testdata_file
+
+    return Path(get_testdata_file("CT_small.dcm", download=False))
