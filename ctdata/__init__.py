@@ -1,24 +1,37 @@
 """CT data: DICOM reading, the shared preprocessing path, and labeled/unlabeled datasets."""
 
-from ctdata.dicom import CTImage, read_dicom
+from ctdata.datasets import ArraySplit, load_labeled, load_medmnist, load_unlabeled
+from ctdata.dicom import CTImage, DicomError, DicomPolicy, read_dicom
 from ctdata.io import load_image
 from ctdata.preprocess import (
     WINDOW_PRESETS,
     PreprocessConfig,
     finalize,
+    grey_to_unit,
     hu_to_unit,
     prepare,
     prepare_batch,
+    resize_unit,
+    to_unit,
 )
 
 __all__ = [
-    "CTImage",
-    "PreprocessConfig",
     "WINDOW_PRESETS",
+    "ArraySplit",
+    "CTImage",
+    "DicomError",
+    "DicomPolicy",
+    "PreprocessConfig",
     "finalize",
+    "grey_to_unit",
     "hu_to_unit",
     "load_image",
+    "load_labeled",
+    "load_medmnist",
+    "load_unlabeled",
     "prepare",
     "prepare_batch",
     "read_dicom",
+    "resize_unit",
+    "to_unit",
 ]

@@ -15,9 +15,10 @@ mapped: their 0..255 grey is divided by 255 whatever the mapping says.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -85,7 +86,7 @@ class PreprocessConfig:
             raise ConfigError(f"window width must be positive, got {w}")
         return c - w / 2.0, c + w / 2.0
 
-    def replace(self, **changes: Any) -> "PreprocessConfig":
+    def replace(self, **changes: Any) -> PreprocessConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -95,7 +96,7 @@ class PreprocessConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "PreprocessConfig":
+    def from_dict(cls, d: dict[str, Any]) -> PreprocessConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -107,7 +108,7 @@ class PreprocessConfig:
         return cls(**kw)
 
     @classmethod
-    def for_window(cls, preset: str, **kw: Any) -> "PreprocessConfig":
+    def for_window(cls, preset: str, **kw: Any) -> PreprocessConfig:
         return cls(mapping="window", window=preset, **kw)
 
 
@@ -123,7 +124,9 @@ def hu_to_unit(hu: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
         hi = hu.max(axis=(-2, -1), keepdims=True)
         span = np.where(hi > lo, hi - lo, 1.0)
         return np.clip((hu - lo) / span, 0.0, 1.0).astype(np.float32)
-    return np.clip((hu - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+    out = np.subtract(hu, np.float32(lo), dtype=np.float32)  # one new array, then in place
+    out *= np.float32(1.0 / (hi - lo))
+    return np.clip(out, 0.0, 1.0, out=out)
 
 
 def grey_to_unit(grey: np.ndarray) -> np.ndarray:
@@ -150,11 +153,7 @@ def finalize(unit: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
         raise ShapeError(f"expected a grey image batch [B,1,H,W], got shape {tuple(unit.shape)}")
     if x.shape[1] == 3:
         x = x.mean(dim=1, keepdim=True)
-    x = x.float()
-    s = cfg.input_size
-    if x.shape[-2:] != (s, s):
-        x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
-    x = x.clamp_(0.0, 1.0)
+    x = resize_unit(x.float(), cfg.input_size)
     if cfg.in_chans == 3:
         x = x.expand(-1, 3, -1, -1)
     mean = torch.tensor(_per_channel(cfg.mean, cfg.in_chans), dtype=x.dtype).view(1, -1, 1, 1)
@@ -162,11 +161,22 @@ def finalize(unit: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
     return ((x - mean) / std).contiguous()
 
 
+def resize_unit(x: torch.Tensor, size: int) -> torch.Tensor:
+    """THE resize of the pipeline: [B,1,H,W] in [0,1] -> [B,1,size,size], bilinear with antialiasing, clamped.
+
+    `finalize` (serving) and dataset storage (`ctdata.datasets`) both call this, so stored training images
+    and served images are resized identically.
+    """
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return x.clamp(0.0, 1.0)
+
+
 def _per_channel(v: Sequence[float], n: int) -> list[float]:
     return list(v) * n if len(v) == 1 else list(v)
 
 
-def to_unit(image: "ctdata.io.CTImage", cfg: PreprocessConfig) -> np.ndarray:  # noqa: F821
+def to_unit(image: ctdata.io.CTImage, cfg: PreprocessConfig) -> np.ndarray:  # noqa: F821
     """A loaded image's first frame in [0, 1]: HU through the mapping, other images as grey."""
     frame = image.pixels[0] if image.pixels.ndim == 3 else image.pixels
     return hu_to_unit(frame, cfg) if image.is_hu else grey_to_unit(frame)

@@ -41,7 +41,7 @@ class ModelConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         d = dict(d)
         known = {f.name for f in dataclasses.fields(cls)}
         extra = {k: d.pop(k) for k in list(d) if k not in known}
@@ -60,7 +60,7 @@ class ModelConfig:
         return path
 
     @classmethod
-    def load(cls, directory: str | Path) -> "ModelConfig":
+    def load(cls, directory: str | Path) -> ModelConfig:
         path = Path(directory) / CONFIG_NAME
         try:
             return cls.from_dict(json.loads(path.read_text()))

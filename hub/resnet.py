@@ -70,6 +70,8 @@ class ResNet50(nn.Module):
         self._init_weights(zero_init_residual)
 
     def _init_weights(self, zero_init_residual: bool) -> None:
+        if self.conv1.weight.is_meta:  # built on the meta device to be loaded with assign=True: nothing to init
+            return
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

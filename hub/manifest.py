@@ -1,0 +1,114 @@
+"""Checksums that make every load verifiable: a sidecar next to the weights and a manifest in the hub dir.
+
+- Sidecar `model.safetensors.sha256` (the `sha256sum` format) travels with every folder that
+  `save_pretrained` writes, so a folder loaded by explicit path is verified when it carries one.
+- `<hub>/manifest.json` records, outside the model folders, the sha256 of every model published into the hub
+  (`publish_local`, `cthub hub import`, `cthub pretrain --publish`) and of every file pulled from the Hugging
+  Face Hub whose registry entry has no published checksum yet (key `hf:<repo>@<commit>`). Writes are atomic
+  and serialised by a lock file, so parallel publishers do not lose each other's entries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from cthub.errors import IntegrityError
+
+MANIFEST_NAME = "manifest.json"
+SIDECAR_SUFFIX = ".sha256"
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file, read in 4 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sidecar_path(weights: str | Path) -> Path:
+    w = Path(weights)
+    return w.with_name(w.name + SIDECAR_SUFFIX)
+
+
+def write_sidecar(weights: str | Path, sha256: str) -> Path:
+    """Write `<weights>.sha256` as `sha256sum` would (`sha256sum -c` verifies it)."""
+    p = sidecar_path(weights)
+    p.write_text(f"{sha256}  {Path(weights).name}\n")
+    return p
+
+
+def read_sidecar(weights: str | Path) -> str | None:
+    """The checksum recorded beside `weights`, or None when there is no sidecar."""
+    p = sidecar_path(weights)
+    if not p.is_file():
+        return None
+    text = p.read_text().split()
+    if not text or len(text[0]) != 64 or any(c not in "0123456789abcdef" for c in text[0].lower()):
+        raise IntegrityError(f"{p} is not a sha256 sidecar (expected '<64 hex>  {Path(weights).name}')")
+    return text[0].lower()
+
+
+def verify(weights: Path, expected: dict[str, str | None], actual: str | None = None) -> str:
+    """Compare the hash of `weights` (computed unless given) with every expectation (source -> sha256)."""
+    actual = actual or sha256_file(weights)
+    for source, sha in expected.items():
+        if sha is not None and sha.lower() != actual:
+            raise IntegrityError(
+                f"{weights} does not match the sha256 recorded in {source} (expected {sha[:12]}..., "
+                f"found {actual[:12]}...): the file is truncated, corrupted or was replaced. Nothing was loaded; "
+                "delete the folder and pull, import or publish the model again."
+            )
+    return actual
+
+
+def manifest_path(hub: Path) -> Path:
+    return hub / MANIFEST_NAME
+
+
+def read_manifest(hub: Path) -> dict[str, dict[str, Any]]:
+    """All records of the hub dir's manifest (empty when there is none)."""
+    p = manifest_path(hub)
+    if not p.is_file():
+        return {}
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise IntegrityError(f"{p} is not valid JSON ({e}); restore it or delete it and re-publish") from None
+    return dict(data.get("models", {}))
+
+
+@contextlib.contextmanager
+def _locked(hub: Path) -> Iterator[None]:
+    hub.mkdir(parents=True, exist_ok=True)
+    with open(hub / (MANIFEST_NAME + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def record(hub: Path, key: str, sha256: str, **info: Any) -> dict[str, Any]:
+    """Record (or replace) the checksum of `key` in the manifest; returns the record."""
+    entry = {"sha256": sha256, "recorded": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **info}
+    with _locked(hub):
+        models = read_manifest(hub)
+        models[key] = entry
+        tmp = manifest_path(hub).with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"format_version": 1, "models": models}, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, manifest_path(hub))
+    return entry
+
+
+def remote_key(repo_id: str, commit: str) -> str:
+    return f"hf:{repo_id}@{commit}"

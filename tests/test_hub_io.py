@@ -1,0 +1,152 @@
+"""Local hub: publish, resolve by name/alias/path, verify checksums, strict loading, heads and stage features."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from ctdata.preprocess import PreprocessConfig, prepare_batch
+from cthub.errors import IntegrityError, ModelNotFoundError
+from hub import (
+    FeaturesOnly,
+    ModelConfig,
+    ResNet50,
+    from_pretrained,
+    hub_dir,
+    load_dir,
+    manifest,
+    publish_local,
+    save_pretrained,
+)
+
+
+@pytest.fixture(scope="module")
+def encoder() -> ResNet50:
+    torch.manual_seed(0)
+    return ResNet50().eval()
+
+
+def _cfg(**kw: object) -> ModelConfig:
+    pp = PreprocessConfig(input_size=32, mean=(0.3,), std=(0.2,))
+    return ModelConfig(**{"name": "tmp", "method": "spark", "preprocessing": pp, **kw})  # type: ignore[arg-type]
+
+
+def test_publish_then_load_by_name_and_alias(encoder: ResNet50) -> None:
+    folder = publish_local(encoder, "spark-organamnist-cpu", _cfg(), source="pretrain")
+    assert folder == hub_dir() / "spark-organamnist-cpu"
+    rec = manifest.read_manifest(hub_dir())["spark-organamnist-cpu"]
+    assert rec["sha256"] == manifest.sha256_file(folder / "model.safetensors") == manifest.read_sidecar(
+        folder / "model.safetensors")
+    model = from_pretrained("spark-organamnist-cpu")
+    for (k, a), b in zip(encoder.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert model.config.preprocessing.mean == (0.3,)  # the preprocessing travels with the weights
+    assert model.config.name == "spark-organamnist-cpu" and model.config.provenance["license"] == "apache-2.0"
+    assert model.config.provenance["loaded"]["sha256"] == rec["sha256"]
+    assert not any(p.is_meta for p in model.parameters()) and all(p.requires_grad for p in model.parameters())
+
+    publish_local(encoder, "spark-lidc", _cfg(), source="import")  # an alias resolves to the registry name
+    assert from_pretrained("SPARK").config.name == "spark-lidc"
+
+
+def test_tampered_or_truncated_weights_are_refused(encoder: ResNet50) -> None:
+    folder = publish_local(encoder, "byol-organamnist-cpu", _cfg(method="byol"))
+    w = folder / "model.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-100] ^= 0xFF  # one flipped bit pattern inside a tensor
+    w.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="hub manifest"):
+        from_pretrained("byol-organamnist-cpu")
+    w.write_bytes(bytes(data[: len(data) // 2]))
+    with pytest.raises(IntegrityError):
+        from_pretrained("byol-organamnist-cpu")
+    # replacing both the weights and the sidecar is still caught by the manifest outside the folder
+    manifest.write_sidecar(w, manifest.sha256_file(w))
+    with pytest.raises(IntegrityError, match="hub manifest"):
+        from_pretrained("byol-organamnist-cpu")
+
+
+def test_explicit_path_verifies_sidecar_and_is_strict(encoder: ResNet50, tmp_path: Path) -> None:
+    d = save_pretrained(encoder, tmp_path / "m", _cfg())
+    assert load_dir(d).config.provenance["loaded"]["sha256"] == manifest.read_sidecar(d / "model.safetensors")
+    assert isinstance(from_pretrained(str(d)), ResNet50)
+    manifest.write_sidecar(d / "model.safetensors", "0" * 64)
+    with pytest.raises(IntegrityError, match="sidecar"):
+        from_pretrained(d)
+    # an unexpected key is an error, not silently ignored
+    state = load_file(str(d / "model.safetensors"))
+    state["extra.weight"] = torch.zeros(2)
+    save_file(state, str(d / "model.safetensors"))
+    (d / "model.safetensors.sha256").unlink()
+    with pytest.raises(IntegrityError, match="unexpected"):
+        load_dir(d)
+    with pytest.raises(ModelNotFoundError, match="not a model folder"):
+        from_pretrained(tmp_path / "nope")
+
+
+def test_fresh_head_and_features_only_on_real_images(encoder: ResNet50, organamnist_npz: Path) -> None:
+    clf = ResNet50(num_classes=11)
+    clf.load_state_dict(encoder.state_dict(), strict=False)
+    publish_local(clf, "organ-clf", _cfg(num_classes=11, labels=[str(i) for i in range(11)]))
+    ft = from_pretrained("organ-clf", num_classes=4)  # the deliberately dropped head: replaced, not loaded
+    assert ft.fc.out_features == 4 and ft.config.num_classes == 4 and ft.config.labels == []
+    enc = from_pretrained("organ-clf", num_classes=0)
+    assert isinstance(enc.fc, torch.nn.Identity)
+    with np.load(organamnist_npz) as z:
+        images = z["test_images"][:2]
+    x = prepare_batch(images, enc.config.preprocessing)
+    feats = from_pretrained("organ-clf", features_only=True)
+    assert isinstance(feats, FeaturesOnly)
+    with torch.no_grad():
+        maps = feats(x)
+        pooled = enc(x)
+    assert [m.shape[1] for m in maps] == feats.channels() == [256, 512, 1024, 2048]
+    assert [32 // m.shape[-1] for m in maps] == feats.reduction()
+    assert torch.allclose(maps[-1].mean((2, 3)), pooled, atol=1e-5)
+
+
+def test_offline_unpublished_name_gives_one_clear_error() -> None:
+    with pytest.raises(ModelNotFoundError) as e:
+        from_pretrained("swav")
+    msg = str(e.value)
+    assert "swav-lidc" in msg and str(hub_dir() / "swav-lidc") in msg and "HF_HUB_OFFLINE" in msg
+    assert "cthub hub pull swav-lidc" in msg and "cthub hub import" in msg and "--method swav" in msg
+    assert "cthub pretrain" in msg and "not yet published" in msg
+
+
+def test_local_only_entry_and_unknown_name() -> None:
+    with pytest.raises(ModelNotFoundError, match="no remote copy") as e:
+        from_pretrained("mocov2-organamnist-cpu")
+    assert "cthub pretrain --method mocov2 --publish mocov2-organamnist-cpu" in str(e.value)
+    with pytest.raises(ModelNotFoundError, match="known: .*spark-lidc"):
+        from_pretrained("no-such-model")
+
+
+def test_unreachable_hub_fails_fast_without_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Online mode, but the endpoint is a closed local port: the probe is refused at once (no outside network).
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.delenv("HTTPS_PROXY", raising=False)
+    monkeypatch.delenv("https_proxy", raising=False)
+    with pytest.raises(ModelNotFoundError, match="did not answer"):
+        from_pretrained("byol-lidc")
+
+
+def test_save_into_hub_dir_records_manifest_and_first_load_records(encoder: ResNet50) -> None:
+    save_pretrained(encoder, hub_dir() / "swav-organamnist-cpu", _cfg(method="swav"))
+    assert manifest.read_manifest(hub_dir())["swav-organamnist-cpu"]["source"] == "save_pretrained"
+    # a folder copied in by hand (no manifest record): trust on first load, then verified
+    d = hub_dir() / "hand-copied"
+    save_pretrained(encoder, d.parent / "elsewhere", _cfg())
+    (d.parent / "elsewhere").rename(d)
+    from_pretrained("hand-copied")
+    assert manifest.read_manifest(hub_dir())["hand-copied"]["source"] == "first-load"
+    assert json.loads((d / "config.json").read_text())["method"] == "spark"
