@@ -52,3 +52,10 @@ class ConfigError(CTHubError):
     """An option or configuration value is invalid."""
 
     code = "config_error"
+
+
+class PayloadTooLargeError(InputError):
+    """An upload exceeds the configured size limit."""
+
+    http_status = 413
+    code = "payload_too_large"

@@ -1,0 +1,116 @@
+"""`cthub serve --model DIR` (BentoML API + demo at /ui) and `cthub demo --model DIR` (Gradio alone)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from cthub.errors import ConfigError
+from hub.config import ModelConfig
+from serving.predictor import BACKEND_ENV, BACKENDS, MODEL_ENV, resolve_model_dir
+
+SERVICE = "serving.service:CTHubService"
+QUIET_ENV = {"BENTOML_DO_NOT_TRACK": "True", "GRADIO_ANALYTICS_ENABLED": "False", "ORT_DISABLE_TELEMETRY": "1"}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("serve", help="serve a classifier: REST API (BentoML) + demo at /ui",
+                              description="Starts the BentoML service for MODEL (ONNX Runtime when model.onnx is "
+                                          "fresh, else torch) with the Gradio demo mounted at /ui.")
+    _model_args(p)
+    p.add_argument("--port", type=int, default=3000)
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the server to be ready")
+    p.set_defaults(func=serve)
+    d = subparsers.add_parser("demo", help="run the Gradio demo alone (no REST API)")
+    _model_args(d)
+    d.add_argument("--port", type=int, default=7860)
+    d.set_defaults(func=demo)
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model folder (safetensors + config.json) or local hub name")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="auto: ONNX Runtime when model.onnx matches the weights, else torch")
+
+
+def urls(host: str, port: int) -> dict[str, str]:
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    base = f"http://{shown}:{port}"
+    return {"base": base, "docs": f"{base}/", "openapi": f"{base}/docs.json", "predict": f"{base}/predict",
+            "predict_batched": f"{base}/predict_batched", "ui": f"{base}/ui/", "ready": f"{base}/readyz"}
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> bool:
+    """Poll `url` until it answers 200, the process exits, or `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.5)
+    return False
+
+
+def serve(args: argparse.Namespace) -> int:
+    from export.exporter import onnx_is_fresh
+
+    model_dir = resolve_model_dir(args.model)
+    config = ModelConfig.load(model_dir)  # a broken config.json fails here, before any server starts
+    if config.num_classes <= 0:
+        raise ConfigError(f"{model_dir} is an encoder without a classification head; fine-tune it first")
+    fresh = onnx_is_fresh(model_dir)
+    backend = args.backend if args.backend != "auto" else ("onnx" if fresh else "torch")
+    print(f"cthub: serving {model_dir} with {backend}"
+          + ("" if fresh or backend == "torch" else " (model.onnx missing or stale)"), file=sys.stderr)
+    env = os.environ | QUIET_ENV | {MODEL_ENV: str(model_dir), BACKEND_ENV: args.backend}
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    cmd = [sys.executable, "-m", "bentoml", "serve", SERVICE, "--host", args.host, "--port", str(args.port),
+           "--working-dir", root]
+    u = urls(args.host, args.port)
+    proc = subprocess.Popen(cmd, env=env)
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the server like Ctrl+C does
+    try:
+        if wait_ready(u["ready"], proc, args.timeout):
+            print(f"\ncthub is ready:\n  API docs   {u['docs']}\n  predict    POST {u['predict']} "
+                  f"(multipart field 'file')\n  demo       {u['ui']}\n  health     {u['ready']}\n"
+                  f"Try: curl -F file=@slice.dcm {u['predict']}\n", flush=True)
+        elif proc.poll() is None:
+            print(f"cthub: server not ready after {args.timeout:.0f} s; still waiting", file=sys.stderr)
+        else:
+            print("cthub: the server stopped before it was ready (see its log above)", file=sys.stderr)
+            return proc.returncode or 1
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        return 130
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def demo(args: argparse.Namespace) -> int:
+    from serving.demo import build_demo
+    from serving.predictor import get_predictor
+
+    os.environ.update({k: v for k, v in QUIET_ENV.items() if k not in os.environ})
+    model_dir = resolve_model_dir(args.model)
+    predictor = get_predictor(str(model_dir), args.backend)  # load now: errors before the server starts
+    print(f"cthub: demo for {predictor.config.name} ({predictor.backend})", file=sys.stderr)
+    build_demo(lambda: predictor).launch(server_name=args.host, server_port=args.port)
+    return 0

@@ -1,0 +1,39 @@
+"""The one command line: every stage registers its subcommands and each answers --help."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from cthub.cli import build_parser, main
+
+EXPECTED = ["data", "hub", "pretrain", "finetune", "study", "cam", "export", "serve", "demo"]
+
+
+def _subcommands() -> list[str]:
+    parser = build_parser()
+    action = next(a for a in parser._actions if a.dest == "command")
+    return sorted(action.choices)
+
+
+def test_all_stage_commands_registered() -> None:
+    assert set(EXPECTED) <= set(_subcommands())
+
+
+@pytest.mark.parametrize("cmd", EXPECTED)
+def test_each_subcommand_has_help(cmd: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        main([cmd, "--help"])
+    assert e.value.code == 0
+    assert "usage: cthub " + cmd in capsys.readouterr().out
+
+
+def test_python_dash_m_and_user_error_exit_code() -> None:
+    out = subprocess.run([sys.executable, "-m", "cthub", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and "ct-ssl-hub" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "cthub", "hub", "show", "no-such-model-xyz"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2
+    assert "no-such-model-xyz" in bad.stderr and "Traceback" not in bad.stderr
