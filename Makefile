@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-CTHUB := $(VENV)/bin/cthub
+CTHUB := $(PY) -m cthub
 STAMP := $(VENV)/.installed
 EXTRAS ?= cpu,serve,dev,tensorboard
 export BENTOML_DO_NOT_TRACK := True
@@ -36,7 +36,7 @@ data/organamnist.npz: | $(STAMP)
 # A short, bounded, honestly labeled fine-tune (see the model card it writes), then export.
 $(DEMO)/model.safetensors: | $(STAMP) $(ORGAN_NPZ)
 	$(CTHUB) finetune --data $(ORGAN_NPZ) --encoder scratch --out $(DEMO) \
-	  --image-size 64 --epochs 4 --head-epochs 1 --max-train 4000 --seed 42
+	  --image-size 64 --epochs 4 --head-epochs 1 --max-train 4000 --backbone-lr-ratio 1 --max-test 5000 --seed 42
 
 $(DEMO)/model.onnx: $(DEMO)/model.safetensors
 	$(CTHUB) export $(DEMO)
@@ -46,6 +46,19 @@ run: $(DEMO)/model.onnx
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The four CPU-scale encoders from unlabeled OrganAMNIST (pretrain/recipes/cpu-organamnist.yaml), two at a
+# time, 1 thread each, published to the local hub as <method>-organamnist-cpu.
+pretrain: $(STAMP) | $(ORGAN_NPZ)
+	for pair in "spark mocov2" "byol swav"; do \
+	  for m in $$pair; do $(CTHUB) pretrain --method $$m --data $(ORGAN_NPZ) --recipe cpu-organamnist \
+	    --out runs/$$m-cpu --publish $$m-organamnist-cpu & done; wait; done
+
+# The label-reduction study (paper Table 2 / Fig. 5) over the encoders that exist locally; resumable.
+STUDY_ENCODERS ?= scratch,spark-organamnist-cpu,mocov2-organamnist-cpu,byol-organamnist-cpu,swav-organamnist-cpu
+study: $(STAMP) | $(ORGAN_NPZ)
+	$(CTHUB) study --data $(ORGAN_NPZ) --encoders $(STUDY_ENCODERS) --fractions 0.01,0.05 --seeds 3 \
+	  --image-size 64 --epochs 15 --head-epochs 2 --max-test 3000 --workers 2 --out runs/study-organamnist
 
 bench: $(STAMP)
 	$(PY) -m bench

@@ -1,0 +1,124 @@
+"""Fine-tuning benchmarks: training throughput by precision/layout, and the brain-task 5-fold protocol.
+
+1. Training images/s of the real fine-tune step (preprocessing + augmentation + ResNet50 + Adam) on
+   OrganAMNIST at 64 px: fp32 eager (contiguous) vs fp32 channels_last vs bf16 autocast + channels_last.
+2. Wall time of the paper's brain protocol (5-fold stratified CV, 10% of training for validation) on
+   ../shared/data/head_ct at 224 px, with a short recipe (BENCH_FT_EPOCHS, default 2: 1 head-only + 1 full);
+   the per-epoch cost is extrapolated to the paper's 70 epochs and labeled as such.
+
+Environment: BENCH_FT_THREADS (default 2), BENCH_FT_STEPS (default 6), BENCH_FT_EPOCHS, BENCH_FT_SKIP_BRAIN=1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+OUT = Path(__file__).resolve().parent / "results" / "finetune.json"
+
+
+def train_throughput(images: np.ndarray, labels: np.ndarray, *, size: int, batch: int, steps: int,
+                     amp: bool, channels_last: bool) -> float:
+    """Training images/s of the fine-tune step (after one warm-up step)."""
+    from ctdata.preprocess import PreprocessConfig
+    from cthub.runtime import autocast
+    from finetune.augment import AugmentConfig
+    from finetune.train import _inputs
+    from hub.resnet import ResNet50
+
+    torch.manual_seed(0)
+    mf = torch.channels_last if channels_last else torch.contiguous_format
+    model = ResNet50(num_classes=11).to(memory_format=mf).train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4, weight_decay=5e-4)
+    pp, aug, g = PreprocessConfig(input_size=size), AugmentConfig(), torch.Generator().manual_seed(0)
+    dev = torch.device("cpu")
+    t0, n = 0.0, 0
+    for i in range(steps + 1):
+        if i == 1:
+            t0, n = time.perf_counter(), 0
+        idx = np.arange(i * batch, (i + 1) * batch) % len(images)
+        x = _inputs(images[idx], pp, aug, g).to(memory_format=mf)
+        y = torch.from_numpy(labels[idx])
+        with autocast(dev, amp):
+            logits = model(x)
+        loss = torch.nn.functional.cross_entropy(logits.float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        n += batch
+    return n / (time.perf_counter() - t0)
+
+
+def brain_protocol(epochs: int, threads: int) -> dict:
+    from ctdata.datasets import load_labeled
+    from ctdata.preprocess import PreprocessConfig
+    from finetune.config import FinetuneConfig
+    from finetune.protocols import run_kfold
+
+    folder = SHARED / "head_ct"
+    t0 = time.perf_counter()
+    data = load_labeled(folder, preprocessing=PreprocessConfig(input_size=224), split="all", progress=False)
+    load_s = time.perf_counter() - t0
+    cfg = FinetuneConfig(image_size=224, epochs=epochs, head_epochs=min(1, epochs - 1), threads=threads,
+                         batch_size=32, eval_batch_size=32)
+    t0 = time.perf_counter()
+    res = run_kfold("scratch", data, cfg, k=5, val_fraction=0.1)
+    wall = time.perf_counter() - t0
+    per_epoch = wall / (5 * epochs)
+    return {"images": len(data), "class_counts": np.bincount(data.labels).tolist(), "load_s": round(load_s, 1),
+            "epochs_per_fold": epochs, "wall_s": round(wall, 1), "s_per_fold_epoch": round(per_epoch, 1),
+            "extrapolated_70_epochs_min": round(per_epoch * 5 * 70 / 60, 1),
+            "cv_test": res["table"], "note": "scratch encoder, short recipe: a timing, not a result"}
+
+
+def main() -> dict:
+    from ctdata.datasets import load_medmnist
+    from cthub.runtime import cpu_has_native_bf16
+
+    threads = int(os.environ.get("BENCH_FT_THREADS", "2"))
+    steps = int(os.environ.get("BENCH_FT_STEPS", "6"))
+    torch.set_num_threads(threads)
+    result: dict = {"threads": threads, "cpu_native_bf16": cpu_has_native_bf16(), "torch": torch.__version__}
+    npz = SHARED / "organamnist.npz"
+    if npz.is_file():
+        tr = load_medmnist(npz, "train")
+        imgs, labels = tr.images[:4096], tr.labels[:4096]
+        tp = {}
+        for name, amp, cl, n in (("fp32_eager", False, False, steps), ("fp32_channels_last", False, True, steps),
+                                 ("bf16_channels_last", True, True, max(2, steps // 3))):
+            tp[name] = round(train_throughput(imgs, labels, size=64, batch=32, steps=n, amp=amp,
+                                              channels_last=cl), 1)
+            print(f"train 64px batch 32 {name:20s} {tp[name]:7.1f} img/s", flush=True)
+        base = tp["fp32_eager"]
+        result["train_images_per_s_64px"] = tp
+        result["ratio_vs_fp32_eager"] = {k: round(v / base, 2) for k, v in tp.items()}
+        print("ratios vs fp32 eager:", result["ratio_vs_fp32_eager"], flush=True)
+        _write(result)  # the brain protocol below is long: keep these figures if it is interrupted
+    else:
+        result["train_images_per_s_64px"] = "skipped: needs ../shared/data/organamnist.npz"
+    if (SHARED / "head_ct").is_dir() and not os.environ.get("BENCH_FT_SKIP_BRAIN"):
+        epochs = int(os.environ.get("BENCH_FT_EPOCHS", "2"))
+        result["brain_5fold_224px"] = b = brain_protocol(epochs, threads)
+        print(f"brain 5-fold @224px, {epochs} epochs/fold: {b['wall_s']} s "
+              f"({b['s_per_fold_epoch']} s per fold-epoch; 70 epochs ≈ {b['extrapolated_70_epochs_min']} min); "
+              f"test AUC {b['cv_test']['auc']}", flush=True)
+    else:
+        result["brain_5fold_224px"] = "skipped: needs ../shared/data/head_ct"
+    _write(result)
+    return result
+
+
+def _write(result: dict) -> None:
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

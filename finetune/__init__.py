@@ -1,0 +1,33 @@
+"""Fine-tuning and evaluation: the seed paper's recipe and protocols, label-reduction studies, CAMs.
+
+Stable public API (other stages call it):
+    fit(encoder, train, val, test, cfg) -> FitResult      full recipe, selection on validation
+    linear_probe(encoder, train, val, test) -> dict       frozen features + logistic regression
+    FinetuneConfig, FitResult, classification_metrics, save_classifier
+
+Names are imported on first use (PEP 562) so that `cthub --help` does not load scikit-learn.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS: dict[str, str] = {
+    "FinetuneConfig": "finetune.config",
+    "FitResult": "finetune.train",
+    "choose_threshold": "finetune.metrics",
+    "classification_metrics": "finetune.metrics",
+    "extract_features": "finetune.probe",
+    "fit": "finetune.train",
+    "linear_probe": "finetune.probe",
+    "predict_proba": "finetune.train",
+    "save_classifier": "finetune.artifact",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'finetune' has no attribute {name!r}")

@@ -1,0 +1,71 @@
+"""The classifier artifact: encoder + head + labels + threshold + preprocessing + metrics + the command."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from finetune.train import FitResult
+from hub import ModelConfig, save_pretrained
+
+
+def _round(v: Any) -> Any:
+    if isinstance(v, float):
+        return round(v, 6)
+    if isinstance(v, dict):
+        return {k: _round(x) for k, x in v.items()}
+    return v
+
+
+def classifier_config(result: FitResult, *, name: str, command: str, data: str, note: str,
+                      task: str | None = None, extra_metrics: dict[str, Any] | None = None,
+                      extra_provenance: dict[str, Any] | None = None) -> ModelConfig:
+    """The ModelConfig of a fine-tuned classifier, stating only what was measured and how."""
+    enc = result.encoder_config
+    metrics: dict[str, Any] = {"val": _round(result.val_metrics),
+                               "selected_on": f"validation {result.config.select_metric}"}
+    if result.test_metrics is not None:  # flat numbers are what the model card lists
+        metrics.update({f"test_{m}": round(result.test_metrics[m], 4) for m in ("accuracy", "auc", "f1")})
+        metrics["test"] = _round(result.test_metrics)
+    metrics.update(extra_metrics or {})
+    prov: dict[str, Any] = {
+        "command": command,
+        "data": data,
+        "note": note,
+        "encoder": result.encoder,
+        "encoder_method": enc.get("method", "random"),
+        "wall_time_s": round(result.wall_time_s, 1),
+        "epochs": len(result.history),
+        "best_epoch": result.best_epoch,
+        "n_train": result.n_train,
+        "n_val": result.n_val,
+        "finetune": result.config.to_dict(),
+        "history": [_round(h) for h in result.history],
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    prov.update(extra_provenance or {})
+    return ModelConfig(
+        name=name,
+        architecture="resnet50",
+        method=enc.get("method", "random"),
+        pretraining_data=enc.get("pretraining_data", "none"),
+        num_classes=len(result.class_names),
+        labels=list(result.class_names),
+        threshold=result.threshold,
+        task=task,
+        preprocessing=result.preprocessing,
+        metrics=metrics,
+        provenance=prov,
+    )
+
+
+def save_classifier(result: FitResult, out: str | Path, **kw: Any) -> Path:
+    """`hub.save_pretrained` of the selected model with its `classifier_config`."""
+    kw.setdefault("name", Path(out).name)
+    return save_pretrained(result.model, out, classifier_config(result, **kw))

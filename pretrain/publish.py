@@ -1,0 +1,89 @@
+"""Turn a finished run into a hub model: encoder weights, config with provenance, card with a probe score."""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import logging
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hub.config import ModelConfig
+from pretrain.config import TrainConfig
+from pretrain.trainer import RunResult
+
+log = logging.getLogger("pretrain")
+
+
+def model_config(result: RunResult, cfg: TrainConfig, *, name: str, data_desc: str, command: str,
+                 probe: dict[str, Any] | None = None) -> ModelConfig:
+    """The encoder's config.json: method, data, the training preprocessing, and what was measured."""
+    prov: dict[str, Any] = {
+        "command": command, "data": data_desc, "wall_time_s": round(result.wall_time_s, 1),
+        "epochs": round(result.epochs, 3), "steps": result.steps, "planned_steps": result.planned_steps,
+        "final_loss": round(result.final_loss, 5), "images_per_s": round(result.images_per_s, 2),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__, "machine": platform.machine(),
+        "recipe": {k: v for k, v in cfg.to_dict().items() if k not in ("data", "out")},
+    }
+    if result.steps < result.planned_steps:
+        prov["note"] = (f"stopped by the time budget after {result.steps} of {result.planned_steps} planned "
+                        "steps; the schedule had not finished")
+    metrics: dict[str, Any] = {"pretrain_final_loss": round(result.final_loss, 5)}
+    if probe is not None:
+        metrics["linear_probe"] = probe
+    return ModelConfig(name=name, method=cfg.method, pretraining_data=data_desc, num_classes=0,
+                       preprocessing=result.preprocessing, metrics=metrics, provenance=prov)
+
+
+def linear_probe_score(encoder: torch.nn.Module, config: ModelConfig, source: str | Path,
+                       max_train: int | None = 2000, seed: int = 42, threads: int | None = None
+                       ) -> dict[str, Any] | None:
+    """Linear-probe metrics by the fine-tune package's own `finetune.linear_probe` on labeled `source`.
+
+    HOOK: returns None (and the card says "not measured") while `finetune.linear_probe` does not exist.
+    """
+    import finetune
+
+    probe = getattr(finetune, "linear_probe", None)
+    if probe is None:
+        log.warning("linear probe not measured: finetune.linear_probe is not available yet")
+        return None
+    from finetune.data import limit, load_splits
+
+    splits = load_splits(source, config.preprocessing)
+    if not {"train", "val", "test"} <= set(splits):
+        log.warning("linear probe not measured: %s has no train/val/test splits", Path(source).name)
+        return None
+    encoder = copy.deepcopy(encoder)  # the probe attaches a head; the published encoder stays headless
+    encoder.config = config  # type: ignore[attr-defined]  # carries the preprocessing to finetune
+    train = limit(splits["train"], max_train, seed)
+    val = limit(splits["val"], max_train, seed)
+    test = limit(splits["test"], max_train * 2 if max_train else None, seed)
+    out = probe(encoder, train, val, test, image_size=config.preprocessing.input_size, seed=seed,
+                threads=threads)
+    out = dict(out) if isinstance(out, dict) else {"result": out}
+    out.update({"data": Path(source).name, "n_train": len(train), "n_test": len(test), "seed": seed})
+    return out
+
+
+def publish(result: RunResult, cfg: TrainConfig, name: str, *, data_desc: str, command: str,
+            probe_source: str | Path | None = None, probe_max_train: int | None = 2000,
+            hub_dir_override: str | Path | None = None) -> Path:
+    """Write the encoder into the local hub as `name` (sha256 recorded) with a model card."""
+    probe = None
+    if probe_source is not None:
+        base = model_config(result, cfg, name=name, data_desc=data_desc, command=command)
+        probe = linear_probe_score(result.encoder, base, probe_source, probe_max_train, threads=cfg.threads)
+    mc = model_config(result, cfg, name=name, data_desc=data_desc, command=command, probe=probe)
+    if probe is None:
+        mc.metrics["linear_probe"] = "not measured (finetune.linear_probe unavailable or no labeled splits)"
+    import hub.io as hio
+
+    publish_local = getattr(hio, "publish_local", None)
+    if publish_local is not None:
+        return publish_local(result.encoder, name, mc, source="pretrain", hub_dir_override=hub_dir_override)
+    return hio.save_pretrained(result.encoder, hio.hub_dir(hub_dir_override) / name, mc)
