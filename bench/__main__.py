@@ -24,7 +24,7 @@ def main(argv: list[str]) -> int:
         try:
             result = importlib.import_module(f"bench.bench_{name}").main()
             summary[name] = {"ok": True, "wall_s": round(time.perf_counter() - t0, 1), "result": result}
-        except Exception as e:  # one broken benchmark must not hide the others' figures
+        except Exception as e:  # noqa: BLE001 - one broken benchmark must not hide the others' figures
             print(f"bench {name} failed: {type(e).__name__}: {e}", file=sys.stderr)
             summary[name] = {"ok": False, "error": f"{type(e).__name__}: {e}"}
             failed.append(name)

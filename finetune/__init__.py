@@ -24,7 +24,10 @@ _EXPORTS: dict[str, str] = {
     "predict_proba": "finetune.train",
     "save_classifier": "finetune.artifact",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "FinetuneConfig", "FitResult", "choose_threshold", "classification_metrics", "extract_features", "fit",
+    "linear_probe", "predict_proba", "save_classifier",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -42,16 +42,9 @@ def model_config(result: RunResult, cfg: TrainConfig, *, name: str, data_desc: s
 def linear_probe_score(encoder: torch.nn.Module, config: ModelConfig, source: str | Path,
                        max_train: int | None = 2000, seed: int = 42, threads: int | None = None
                        ) -> dict[str, Any] | None:
-    """Linear-probe metrics by the fine-tune package's own `finetune.linear_probe` on labeled `source`.
-
-    HOOK: returns None (and the card says "not measured") while `finetune.linear_probe` does not exist.
-    """
-    import finetune
-
-    probe = getattr(finetune, "linear_probe", None)
-    if probe is None:
-        log.warning("linear probe not measured: finetune.linear_probe is not available yet")
-        return None
+    """Linear-probe metrics by the fine-tune package's own `finetune.linear_probe` on labeled `source`
+    (None when the source has no train/val/test splits)."""
+    from finetune import linear_probe
     from finetune.data import limit, load_splits
 
     splits = load_splits(source, config.preprocessing)
@@ -63,7 +56,7 @@ def linear_probe_score(encoder: torch.nn.Module, config: ModelConfig, source: st
     train = limit(splits["train"], max_train, seed)
     val = limit(splits["val"], max_train, seed)
     test = limit(splits["test"], max_train * 2 if max_train else None, seed)
-    out = probe(encoder, train, val, test, image_size=config.preprocessing.input_size, seed=seed,
+    out = linear_probe(encoder, train, val, test, image_size=config.preprocessing.input_size, seed=seed,
                 threads=threads)
     out = dict(out) if isinstance(out, dict) else {"result": out}
     out.update({"data": Path(source).name, "n_train": len(train), "n_test": len(test), "seed": seed})
@@ -80,10 +73,7 @@ def publish(result: RunResult, cfg: TrainConfig, name: str, *, data_desc: str, c
         probe = linear_probe_score(result.encoder, base, probe_source, probe_max_train, threads=cfg.threads)
     mc = model_config(result, cfg, name=name, data_desc=data_desc, command=command, probe=probe)
     if probe is None:
-        mc.metrics["linear_probe"] = "not measured (finetune.linear_probe unavailable or no labeled splits)"
-    import hub.io as hio
+        mc.metrics["linear_probe"] = "not measured (no labeled train/val/test splits given)"
+    from hub import publish_local
 
-    publish_local = getattr(hio, "publish_local", None)
-    if publish_local is not None:
-        return publish_local(result.encoder, name, mc, source="pretrain", hub_dir_override=hub_dir_override)
-    return hio.save_pretrained(result.encoder, hio.hub_dir(hub_dir_override) / name, mc)
+    return publish_local(result.encoder, name, mc, source="pretrain", hub_dir_override=hub_dir_override)
