@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from ctdata.datasets import ArraySplit
 from ctdata.preprocess import PreprocessConfig, finalize
@@ -168,7 +170,10 @@ def fit(encoder: str | Path | nn.Module | None, train: ArraySplit, val: ArraySpl
             t0 = time.perf_counter()
             order = _epoch_order(y_train, cfg.balance, g)
             losses, correct, count = [], 0, 0
-            for s in range(0, len(order), cfg.batch_size):
+            starts = range(0, len(order), cfg.batch_size)
+            bar = tqdm(starts, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False,
+                       disable=None, file=sys.stderr)  # disable=None: shown on a terminal only
+            for s in bar:
                 idx = np.sort(order[s:s + cfg.batch_size])
                 if len(idx) < 2:
                     continue  # BatchNorm cannot train on one image
