@@ -7,12 +7,17 @@ from pathlib import Path
 from typing import Any
 
 
+def pct(fraction: float) -> str:
+    """0.05 -> '5%', 0.005 -> '0.5%' (never rounds a small fraction to '0%')."""
+    return f"{fraction * 100:.4g}%"
+
+
 def table2_markdown(rows: list[dict[str, Any]], title: str = "") -> str:
     """Rows = pretraining (encoder); per training fraction an AUC and an F1 column, mean ± std of runs."""
     fracs = sorted({r["fraction"] for r in rows}, reverse=True)
     encoders = list(dict.fromkeys(r["encoder"] for r in rows))
     by = {(r["encoder"], r["fraction"]): r for r in rows}
-    head = ["pretraining"] + [f"{f:.0%} {m}" for f in fracs for m in ("AUC", "F1")]
+    head = ["pretraining"] + [f"{pct(f)} {m}" for f in fracs for m in ("AUC", "F1")]
     lines = [f"### {title}", ""] if title else []
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for e in encoders:
@@ -23,8 +28,9 @@ def table2_markdown(rows: list[dict[str, Any]], title: str = "") -> str:
         lines.append("| " + " | ".join(cells) + " |")
     runs = sorted({r["runs"] for r in rows})
     ntrain = {f: max(r["n_train"] for r in rows if r["fraction"] == f) for f in fracs}
-    lines += ["", "Test AUC / F1, mean ± std over " + "/".join(map(str, runs)) + " runs; training images per "
-              "fraction: " + ", ".join(f"{f:.0%} = {ntrain[f]:,}" for f in fracs) + "."]
+    spread = "mean ± std over " + "/".join(map(str, runs)) + " runs" if max(runs) > 1 else "one run each (no spread)"
+    lines += ["", "Test AUC / F1, " + spread + "; training images per "
+              "fraction: " + ", ".join(f"{pct(f)} = {ntrain[f]:,}" for f in fracs) + "."]
     return "\n".join(lines) + "\n"
 
 

@@ -199,7 +199,8 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                                "n_train": round(sum(r["n_train"] for r in rs) / len(rs))}
         for m in METRICS:
             row[f"{m}_mean"], row[f"{m}_std"] = mean_std(r["test"][m] for r in rs)
-            row[m] = format_pm(row[f"{m}_mean"], row[f"{m}_std"])
+            # one run has no spread to report: the value alone, not "± .000"
+            row[m] = format_pm(row[f"{m}_mean"], row[f"{m}_std"]) if len(rs) > 1 else f"{row[f'{m}_mean']:.3f}"
         rows.append(row)
     return rows
 
