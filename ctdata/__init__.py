@@ -13,6 +13,7 @@ from ctdata.preprocess import (
     prepare_batch,
     resize_unit,
     to_unit,
+    unit_to_input,
 )
 
 __all__ = [
@@ -34,4 +35,5 @@ __all__ = [
     "read_dicom",
     "resize_unit",
     "to_unit",
+    "unit_to_input",
 ]

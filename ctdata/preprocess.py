@@ -18,13 +18,16 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from cthub.errors import ConfigError, ShapeError
+
+if TYPE_CHECKING:
+    from ctdata.dicom import CTImage
 
 # (center, width) in HU. Brain 35/80 is the seed paper's brain-hemorrhage window.
 WINDOW_PRESETS: dict[str, tuple[float, float]] = {
@@ -176,7 +179,7 @@ def _per_channel(v: Sequence[float], n: int) -> list[float]:
     return list(v) * n if len(v) == 1 else list(v)
 
 
-def to_unit(image: ctdata.io.CTImage, cfg: PreprocessConfig) -> np.ndarray:  # noqa: F821
+def to_unit(image: CTImage, cfg: PreprocessConfig) -> np.ndarray:
     """A loaded image's first frame in [0, 1]: HU through the mapping, other images as grey."""
     frame = image.pixels[0] if image.pixels.ndim == 3 else image.pixels
     return hu_to_unit(frame, cfg) if image.is_hu else grey_to_unit(frame)
@@ -192,6 +195,11 @@ def prepare(source: bytes | str | Path | np.ndarray, cfg: PreprocessConfig) -> t
         unit = grey_to_unit(source)
     else:
         unit = to_unit(load_image(source), cfg)
+    return unit_to_input(unit, cfg)
+
+
+def unit_to_input(unit: np.ndarray, cfg: PreprocessConfig) -> torch.Tensor:
+    """One [H,W] slice in [0,1] -> one normalized model input [C,S,S]."""
     return finalize(torch.from_numpy(np.ascontiguousarray(unit)), cfg)[0]
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ctdata import PreprocessConfig, finalize, load_image, to_unit
+from ctdata import PreprocessConfig, load_image, to_unit, unit_to_input
 from cthub.errors import ConfigError, CTHubError, InputError, ModelNotFoundError, PayloadTooLargeError
 from hub.config import CONFIG_NAME, WEIGHTS_NAME, ModelConfig
 from hub.io import hub_dir, sha256_file
@@ -163,7 +163,7 @@ class Predictor:
         if image.pixels.ndim == 3 and image.pixels.shape[0] > 1:
             notes.append(f"multi-frame image ({image.pixels.shape[0]} frames): only the first frame was used")
         unit = to_unit(image, cfg)
-        x = finalize(torch.from_numpy(np.ascontiguousarray(unit)), cfg)[0]
+        x = unit_to_input(unit, cfg)
         shell = Prediction(label="", probabilities={}, preprocessing=cfg.to_dict(), warnings=notes, unit=unit,
                            image={"source": image.source, "rows": int(unit.shape[-2]), "columns": int(unit.shape[-1]),
                                   "hounsfield": bool(image.is_hu)})
