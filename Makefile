@@ -18,7 +18,7 @@ DEMO := models/organamnist-demo
 HOST ?= 127.0.0.1
 PORT ?= 3000
 
-.PHONY: venv run test bench study pretrain clean lint
+.PHONY: venv run test bench study pretrain evaluate clean lint
 
 venv: $(STAMP)
 $(STAMP): pyproject.toml
@@ -47,24 +47,51 @@ run: $(DEMO)/model.onnx
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# The four CPU-scale encoders from unlabeled OrganAMNIST (pretrain/recipes/cpu-organamnist.yaml), two at a
-# time, 1 thread each, published to the local hub as <method>-organamnist-cpu.
+# The four CPU-scale encoders from unlabeled OrganAMNIST (pretrain/recipes/cpu-organamnist.yaml): two at a
+# time, 1 thread each, ~80-90 min of one core per method. Resumable: run it again after an interruption and
+# every run continues from its last checkpoint; finished encoders are published to the local hub as
+# <method>-organamnist-cpu (card: steps, minutes, weight change, kNN monitor, frozen-feature scores).
+# Runs live outside the checkout ($(RUNS)), beside the hub, so a fresh clone finds and resumes them.
+CTHUB_HOME ?= $(HOME)/.cache/ct-ssl-hub
+RUNS ?= $(CTHUB_HOME)/runs
+HUB_MODELS := $(CTHUB_HOME)/models
+PRETRAIN_PAIRS ?= "spark byol" "mocov2 swav"
 pretrain: $(STAMP) | $(ORGAN_NPZ)
-	for pair in "spark mocov2" "byol swav"; do \
-	  for m in $$pair; do $(CTHUB) pretrain --method $$m --data $(ORGAN_NPZ) --recipe cpu-organamnist \
-	    --out runs/$$m-cpu --publish $$m-organamnist-cpu & done; wait; done
+	@mkdir -p $(RUNS)
+	@for pair in $(PRETRAIN_PAIRS); do \
+	  for m in $$pair; do \
+	    $(CTHUB) pretrain --method $$m --data $(ORGAN_NPZ) --recipe cpu-organamnist --out $(RUNS)/$$m-cpu \
+	      --resume --publish $$m-organamnist-cpu > $(RUNS)/$$m-cpu.log 2>&1 & \
+	  done; wait; done
+	$(CTHUB) pretrain-report $(RUNS)/spark-cpu $(RUNS)/byol-cpu $(RUNS)/mocov2-cpu $(RUNS)/swav-cpu --out docs/results
 
-# The label-reduction study (paper Table 2 / Fig. 5) over the encoders that exist locally; resumable.
+comma := ,
 STUDY_ENCODERS ?= scratch,spark-organamnist-cpu,mocov2-organamnist-cpu,byol-organamnist-cpu,swav-organamnist-cpu
+
+# Frozen-feature evaluation of every local encoder beside a random init (BN stored and recalibrated).
+evaluate: $(STAMP) | $(ORGAN_NPZ)
+	$(CTHUB) evaluate $(subst $(comma), ,$(STUDY_ENCODERS)) --data $(ORGAN_NPZ) --threads 1 \
+	  --json docs/results/frozen-features.json
+
+# The label-reduction study (paper Table 2 / Fig. 5) over the encoders that exist locally: the paper's recipe
+# (head-only warm-up, then everything), one budget for every init with early stopping counted after
+# unfreezing and selection on validation AUC, 3 seeds; resumable, independent cells in parallel at one thread
+# each. Tables and the figure are copied to docs/results/study-organamnist/.
+STUDY_FRACTIONS ?= 0.01,0.05
 study: $(STAMP) | $(ORGAN_NPZ)
-	$(CTHUB) study --data $(ORGAN_NPZ) --encoders $(STUDY_ENCODERS) --fractions 0.01,0.05 --seeds 3 \
-	  --image-size 64 --epochs 15 --head-epochs 2 --max-test 3000 --workers 2 --out runs/study-organamnist
+	$(CTHUB) study --data $(ORGAN_NPZ) --encoders $(STUDY_ENCODERS) --fractions $(STUDY_FRACTIONS) --seeds 3 \
+	  --image-size 64 --epochs 60 --head-epochs 2 --patience 10 --select auc --max-val 1000 --max-test 3000 \
+	  --workers 2 --threads 1 --out $(RUNS)/study-organamnist
+	@mkdir -p docs/results/study-organamnist
+	cp $(RUNS)/study-organamnist/*.md $(RUNS)/study-organamnist/*.csv $(RUNS)/study-organamnist/*.png \
+	  docs/results/study-organamnist/
 
 bench: $(STAMP)
 	$(PY) -m bench
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf models .pytest_cache build *.egg-info

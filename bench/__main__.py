@@ -1,4 +1,5 @@
-"""`make bench`: run every bench/bench_*.py `main()`; each prints its figures and writes bench/results/<topic>.json.
+"""`make bench`: run every bench/bench_*.py `main()`; each prints its figures and writes
+bench/results/<topic>.json.
 
 `python -m bench` runs all; `python -m bench hub export` runs the named ones.
 """

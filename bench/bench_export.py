@@ -52,8 +52,12 @@ def main(argv: list[str] | None = None) -> dict:
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
-        cfg = ModelConfig(name="bench-resnet50", num_classes=11, labels=[f"organ_{i}" for i in range(11)],
-                          preprocessing=PreprocessConfig(input_size=args.size))
+        cfg = ModelConfig(
+            name="bench-resnet50",
+            num_classes=11,
+            labels=[f"organ_{i}" for i in range(11)],
+            preprocessing=PreprocessConfig(input_size=args.size),
+        )
         model_dir = save_pretrained(ResNet50(num_classes=11), Path(tmp) / "m", cfg)
         print(f"exporting ResNet50 at {args.size} px ...", file=sys.stderr, flush=True)
         report = export_onnx(model_dir)
@@ -78,18 +82,30 @@ def main(argv: list[str] | None = None) -> dict:
             row["ort_vs_eager"] = round(row["ort_fp32"] / row["torch_eager"], 2)
             row["ort_vs_channels_last"] = round(row["ort_fp32"] / row["torch_channels_last"], 2)
             rows.append(row)
-    result = {"size": args.size, "threads": args.threads, "providers": clf.providers,
-              "parity_max_abs_diff": report.max_abs_diff, "onnx_mb": report.size_mb,
-              "export_seconds": report.seconds, "images_per_s": rows, "torch": torch.__version__,
-              "cpu_count": os.cpu_count(), "load_avg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
+    result = {
+        "size": args.size,
+        "threads": args.threads,
+        "providers": clf.providers,
+        "parity_max_abs_diff": report.max_abs_diff,
+        "onnx_mb": report.size_mb,
+        "export_seconds": report.seconds,
+        "images_per_s": rows,
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "load_avg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+    }
     print(f"\nResNet50 {args.size} px, {args.threads} threads, images/s ({', '.join(clf.providers)}):")
     print(f"{'batch':>5} {'eager':>8} {'ch_last':>8} {'ORT fp32':>9} {'ORT/eager':>10} {'ORT/ch_last':>12}")
     for r in rows:
-        print(f"{r['batch']:>5} {r['torch_eager']:>8} {r['torch_channels_last']:>8} {r['ort_fp32']:>9} "
-              f"{r['ort_vs_eager']:>9}x {r['ort_vs_channels_last']:>11}x")
-    print(f"parity max |Δ logits| {report.max_abs_diff:.2e}; export {report.seconds} s, {report.size_mb} MB; "
-          f"1-min load average before/after {result['load_avg_1min']} on {os.cpu_count()} CPUs "
-          "(figures are only comparable on an otherwise idle machine)")
+        print(
+            f"{r['batch']:>5} {r['torch_eager']:>8} {r['torch_channels_last']:>8} {r['ort_fp32']:>9} "
+            f"{r['ort_vs_eager']:>9}x {r['ort_vs_channels_last']:>11}x"
+        )
+    print(
+        f"parity max |Δ logits| {report.max_abs_diff:.2e}; export {report.seconds} s, {report.size_mb} MB; "
+        f"1-min load average before/after {result['load_avg_1min']} on {os.cpu_count()} CPUs "
+        "(figures are only comparable on an otherwise idle machine)"
+    )
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -24,13 +24,21 @@ SHARED = ROOT.parent / "shared" / "data"
 OUT = Path(__file__).resolve().parent / "results" / "finetune.json"
 
 
-def train_throughput(images: np.ndarray, labels: np.ndarray, *, size: int, batch: int, steps: int,
-                     amp: bool, channels_last: bool) -> float:
+def train_throughput(
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    size: int,
+    batch: int,
+    steps: int,
+    amp: bool,
+    channels_last: bool,
+) -> float:
     """Training images/s of the fine-tune step (after one warm-up step)."""
     from ctdata.preprocess import PreprocessConfig
     from cthub.runtime import autocast
     from finetune.augment import AugmentConfig
-    from finetune.train import _inputs
+    from finetune.train import model_inputs
     from hub.resnet import ResNet50
 
     torch.manual_seed(0)
@@ -44,7 +52,7 @@ def train_throughput(images: np.ndarray, labels: np.ndarray, *, size: int, batch
         if i == 1:
             t0, n = time.perf_counter(), 0
         idx = np.arange(i * batch, (i + 1) * batch) % len(images)
-        x = _inputs(images[idx], pp, aug, g).to(memory_format=mf)
+        x = model_inputs(images[idx], pp, aug, g).to(memory_format=mf)
         y = torch.from_numpy(labels[idx])
         with autocast(dev, amp):
             logits = model(x)
@@ -66,16 +74,29 @@ def brain_protocol(epochs: int, threads: int) -> dict:
     t0 = time.perf_counter()
     data = load_labeled(folder, preprocessing=PreprocessConfig(input_size=224), split="all", progress=False)
     load_s = time.perf_counter() - t0
-    cfg = FinetuneConfig(image_size=224, epochs=epochs, head_epochs=min(1, epochs - 1), threads=threads,
-                         batch_size=32, eval_batch_size=32)
+    cfg = FinetuneConfig(
+        image_size=224,
+        epochs=epochs,
+        head_epochs=min(1, epochs - 1),
+        threads=threads,
+        batch_size=32,
+        eval_batch_size=32,
+    )
     t0 = time.perf_counter()
     res = run_kfold("scratch", data, cfg, k=5, val_fraction=0.1)
     wall = time.perf_counter() - t0
     per_epoch = wall / (5 * epochs)
-    return {"images": len(data), "class_counts": np.bincount(data.labels).tolist(), "load_s": round(load_s, 1),
-            "epochs_per_fold": epochs, "wall_s": round(wall, 1), "s_per_fold_epoch": round(per_epoch, 1),
-            "extrapolated_70_epochs_min": round(per_epoch * 5 * 70 / 60, 1),
-            "cv_test": res["table"], "note": "scratch encoder, short recipe: a timing, not a result"}
+    return {
+        "images": len(data),
+        "class_counts": np.bincount(data.labels).tolist(),
+        "load_s": round(load_s, 1),
+        "epochs_per_fold": epochs,
+        "wall_s": round(wall, 1),
+        "s_per_fold_epoch": round(per_epoch, 1),
+        "extrapolated_70_epochs_min": round(per_epoch * 5 * 70 / 60, 1),
+        "cv_test": res["table"],
+        "note": "scratch encoder, short recipe: a timing, not a result",
+    }
 
 
 def main() -> dict:
@@ -91,10 +112,14 @@ def main() -> dict:
         tr = load_medmnist(npz, "train")
         imgs, labels = tr.images[:4096], tr.labels[:4096]
         tp = {}
-        for name, amp, cl, n in (("fp32_eager", False, False, steps), ("fp32_channels_last", False, True, steps),
-                                 ("bf16_channels_last", True, True, max(2, steps // 3))):
-            tp[name] = round(train_throughput(imgs, labels, size=64, batch=32, steps=n, amp=amp,
-                                              channels_last=cl), 1)
+        for name, amp, cl, n in (
+            ("fp32_eager", False, False, steps),
+            ("fp32_channels_last", False, True, steps),
+            ("bf16_channels_last", True, True, max(2, steps // 3)),
+        ):
+            tp[name] = round(
+                train_throughput(imgs, labels, size=64, batch=32, steps=n, amp=amp, channels_last=cl), 1
+            )
             print(f"train 64px batch 32 {name:20s} {tp[name]:7.1f} img/s", flush=True)
         base = tp["fp32_eager"]
         result["train_images_per_s_64px"] = tp
@@ -106,9 +131,12 @@ def main() -> dict:
     if (SHARED / "head_ct").is_dir() and not os.environ.get("BENCH_FT_SKIP_BRAIN"):
         epochs = int(os.environ.get("BENCH_FT_EPOCHS", "2"))
         result["brain_5fold_224px"] = b = brain_protocol(epochs, threads)
-        print(f"brain 5-fold @224px, {epochs} epochs/fold: {b['wall_s']} s "
-              f"({b['s_per_fold_epoch']} s per fold-epoch; 70 epochs ≈ {b['extrapolated_70_epochs_min']} min); "
-              f"test AUC {b['cv_test']['auc']}", flush=True)
+        print(
+            f"brain 5-fold @224px, {epochs} epochs/fold: {b['wall_s']} s "
+            f"({b['s_per_fold_epoch']} s per fold-epoch; 70 epochs ≈ {b['extrapolated_70_epochs_min']} min); "
+            f"test AUC {b['cv_test']['auc']}",
+            flush=True,
+        )
     else:
         result["brain_5fold_224px"] = "skipped: needs ../shared/data/head_ct"
     _write(result)

@@ -59,8 +59,15 @@ def _ort_ms(cfg: PreprocessConfig, reps: int, threads: int) -> tuple[float, floa
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         path = Path(tmp) / "m.onnx"
-        torch.onnx.export(model, (x,), str(path), input_names=["input"], output_names=["logits"],
-                          opset_version=17, dynamo=False)
+        torch.onnx.export(
+            model,
+            (x,),
+            str(path),
+            input_names=["input"],
+            output_names=["logits"],
+            opset_version=17,
+            dynamo=False,
+        )
         ort.set_default_logger_severity(3)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
@@ -85,10 +92,13 @@ def main(reps: int = 30, threads: int = 2) -> dict[str, Any]:
         img = load_image(data)
         unit = torch.from_numpy(to_unit(img, cfg))
         assert prepare(data, cfg).shape == (3, 224, 224)
-        rows[name] = {"what": what, "total_ms": _ms(lambda d=data: prepare(d, cfg), reps),
-                      "read_decode_hu_ms": _ms(lambda d=data: load_image(d), reps),
-                      "map_ms": _ms(lambda i=img: to_unit(i, cfg), reps),
-                      "resize_norm_ms": _ms(lambda u=unit: finalize(u, cfg), reps)}
+        rows[name] = {
+            "what": what,
+            "total_ms": _ms(lambda d=data: prepare(d, cfg), reps),
+            "read_decode_hu_ms": _ms(lambda d=data: load_image(d), reps),
+            "map_ms": _ms(lambda i=img: to_unit(i, cfg), reps),
+            "resize_norm_ms": _ms(lambda u=unit: finalize(u, cfg), reps),
+        }
     png = sorted((SHARED / "head_ct").glob("*.png"))[:1] if (SHARED / "head_ct").is_dir() else []
     if png:
         data = png[0].read_bytes()
@@ -96,21 +106,35 @@ def main(reps: int = 30, threads: int = 2) -> dict[str, Any]:
     torch.set_num_threads(threads)
     ort_med, ort_min = _ort_ms(cfg, reps, threads)
     print(f"ORT fp32 ResNet50 batch 1 @224, {threads} threads: median {ort_med:.1f} ms, min {ort_min:.1f} ms")
-    print(f"(reference ORT on a quiet machine: {ORT_REFERENCE_MS:.1f} ms; load average now {os.getloadavg()[0]:.1f})")
-    print(f"{'input':18s} {'prep med/min ms':>16s} {'ratio med/min':>14s}  read+HU  map  resize+norm (min ms)")
+    print(
+        f"(reference ORT on a quiet machine: {ORT_REFERENCE_MS:.1f} ms; "
+        f"load average now {os.getloadavg()[0]:.1f})"
+    )
+    print(
+        f"{'input':18s} {'prep med/min ms':>16s} {'ratio med/min':>14s}  read+HU  map  resize+norm (min ms)"
+    )
     for name, r in rows.items():
         med, mn = r["total_ms"]
         r["ratio_median"], r["ratio_min"] = med / ort_med, mn / ort_min
         parts = [r.get(k, (float("nan"),) * 2)[1] for k in ("read_decode_hu_ms", "map_ms", "resize_norm_ms")]
-        print(f"{name:18s} {med:7.2f} / {mn:6.2f} {r['ratio_median']:6.1%} / {r['ratio_min']:5.1%}  "
-              f"{parts[0]:7.2f} {parts[1]:5.2f} {parts[2]:7.2f}   min vs reference {mn / ORT_REFERENCE_MS:6.1%}")
-    result = {"ort_fp32_batch1_ms": {"median": ort_med, "min": ort_min}, "ort_threads": threads,
-              "prep_threads": 1, "reps": reps, "goal_ratio": 0.10, "slices": rows,
-              "meets_goal_min": {k: r["ratio_min"] <= 0.10 for k, r in rows.items()},
-              "load_average": os.getloadavg()[0],
-              "ort_reference_unloaded_ms": ORT_REFERENCE_MS,
-              "ratio_min_to_reference": {k: r["total_ms"][1] / ORT_REFERENCE_MS for k, r in rows.items()},
-              "note": "shared 2-core CPU: compare min with min; medians include other jobs' load"}
+        print(
+            f"{name:18s} {med:7.2f} / {mn:6.2f} {r['ratio_median']:6.1%} / {r['ratio_min']:5.1%}  "
+            f"{parts[0]:7.2f} {parts[1]:5.2f} {parts[2]:7.2f}   "
+            f"min vs reference {mn / ORT_REFERENCE_MS:6.1%}"
+        )
+    result = {
+        "ort_fp32_batch1_ms": {"median": ort_med, "min": ort_min},
+        "ort_threads": threads,
+        "prep_threads": 1,
+        "reps": reps,
+        "goal_ratio": 0.10,
+        "slices": rows,
+        "meets_goal_min": {k: r["ratio_min"] <= 0.10 for k, r in rows.items()},
+        "load_average": os.getloadavg()[0],
+        "ort_reference_unloaded_ms": ORT_REFERENCE_MS,
+        "ratio_min_to_reference": {k: r["total_ms"][1] / ORT_REFERENCE_MS for k, r in rows.items()},
+        "note": "shared 2-core CPU: compare min with min; medians include other jobs' load",
+    }
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / "preprocess.json").write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -1,28 +1,39 @@
-"""Pretraining throughput: each method's training step vs a plain supervised ResNet50 step on the same input
-(overhead ratio), and bf16 autocast + channels_last vs fp32 eager for the supervised step.
+"""Pretraining throughput on this CPU, measured side by side in one run:
 
-    .venv/bin/python -m bench.bench_pretrain      (env: BENCH_SIZE=64 BENCH_BATCH=16 BENCH_STEPS=3 BENCH_THREADS=1)
+- per method: images/s of a full training step (views from uint8 slices + forward + backward + optimizer +
+  EMA/queue), split into view building and compute, with views built on the training thread and with the
+  trainer's prefetch thread; overhead vs a plain supervised ResNet50 step on the same input;
+- the top operators of one step per method (torch.profiler), so the cost is visible where it sits;
+- one 2-thread process vs two 1-thread processes side by side (aggregate images/s of the supervised step),
+  which decides how `make pretrain` and `make study` use the two cores.
 
-A step = make the views from uint8 slices (augment + finalize) + forward + backward + optimizer step (+ EMA /
-queue updates): what the training loop does per batch. Images/s counts source slices, not views.
+    .venv/bin/python -m bench pretrain     (env: BENCH_SIZE=64 BENCH_BATCH=64 BENCH_STEPS=3)
+
+Images/s counts source slices, not views. fp32 unless the CPU has native bf16 (`cthub.runtime.resolve_amp`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bench.common import cpu_info
 from ctdata.preprocess import PreprocessConfig, grey_to_unit
-from cthub.runtime import autocast
-from cthub.runtime import cpu_has_native_bf16 as cpu_has_bf16
 from hub.resnet import ResNet50
-from pretrain.config import build_method, config_for
+from pretrain.augment import ViewSpec
+from pretrain.base import to_channels_last
+from pretrain.config import METHODS, build_method, config_for
 from pretrain.data import make_views
 from pretrain.optim import build_optimizer
 
@@ -39,90 +50,170 @@ def _images(n: int) -> np.ndarray:
     return np.random.default_rng(0).integers(0, 256, (n, 28, 28), dtype=np.uint8)
 
 
-def _timed(step, steps: int) -> float:
-    step()  # warm-up (allocations, kernel selection)
+class Stepper:
+    """One method's (or the supervised baseline's) training step with separately timed parts."""
+
+    def __init__(self, method: str, unit: torch.Tensor, size: int) -> None:
+        self.unit, self.size, self.it = unit, size, 0
+        self.g = torch.Generator().manual_seed(0)
+        self.pp = PreprocessConfig(input_size=size)
+        if method == "supervised":
+            self.model: torch.nn.Module = to_channels_last(ResNet50(num_classes=11)).train()
+            self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-4)
+            self.specs = [ViewSpec(size)]
+            self.labels = torch.arange(unit.shape[0]) % 11
+            self.supervised = True
+        else:
+            cfg = config_for(method, "cpu-organamnist", image_size=size, batch_size=unit.shape[0], amp=False)
+            self.model = to_channels_last(build_method(cfg)).train()
+            self.opt = build_optimizer(
+                cfg.optimizer, self.model.param_groups(cfg.weight_decay), 1e-3, cfg.weight_decay
+            )
+            self.specs = self.model.view_specs(size, False)
+            self.supervised = False
+
+    def views(self) -> list[torch.Tensor]:
+        return make_views(self.unit, self.specs, self.pp, self.g, CPU, True)
+
+    def compute(self, views: list[torch.Tensor]) -> None:
+        loss = F.cross_entropy(self.model(views[0]), self.labels) if self.supervised else self.model(views)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if not self.supervised:
+            self.model.before_optimizer_step(self.it)
+        self.opt.step()
+        if not self.supervised:
+            self.model.after_optimizer_step(self.it, 1000)
+        self.it += 1
+
+
+def _timed(fn: Callable[[], Any], steps: int) -> float:
+    fn()  # warm-up: allocations, kernel selection
     t0 = time.perf_counter()
     for _ in range(steps):
-        step()
+        fn()
     return (time.perf_counter() - t0) / steps
 
 
-def supervised_step_time(unit: torch.Tensor, size: int, steps: int, *, amp: bool, channels_last: bool) -> float:
-    model = ResNet50(num_classes=11)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(memory_format=fmt).train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    pp = PreprocessConfig(input_size=size)
-    g = torch.Generator().manual_seed(0)
-    from pretrain.augment import ViewSpec
+def measure_method(method: str, unit: torch.Tensor, size: int, steps: int) -> dict[str, Any]:
+    s = Stepper(method, unit, size)
+    t_views = _timed(s.views, steps)
+    v = s.views()
+    t_compute = _timed(lambda: s.compute(v), steps)
+    t_serial = _timed(lambda: s.compute(s.views()), steps)
+    pool = ThreadPoolExecutor(max_workers=1)
+    pending = [pool.submit(s.views)]
 
-    spec = ViewSpec(size)
-    labels = torch.arange(unit.shape[0]) % 11
+    def prefetched() -> None:
+        views = pending[0].result()
+        pending[0] = pool.submit(s.views)
+        s.compute(views)
 
-    def step() -> None:
-        x = make_views(unit, [spec], pp, g, CPU, channels_last)[0]
-        with autocast(CPU, amp):
-            loss = F.cross_entropy(model(x).float(), labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    t_prefetch = _timed(prefetched, steps)
+    pending[0].result()
+    pool.shutdown()
+    b = unit.shape[0]
+    return {
+        "views_s": t_views,
+        "compute_s": t_compute,
+        "images_per_s_serial": b / t_serial,
+        "images_per_s_prefetch": b / t_prefetch,
+        "views_share": t_views / t_serial,
+        "top_ops": profile_step(s),
+    }
 
-    return _timed(step, steps)
+
+def profile_step(s: Stepper, top: int = 8) -> list[dict[str, Any]]:
+    """The operators of one serial step with the largest self CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        s.compute(s.views())
+    rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    total = sum(e.self_cpu_time_total for e in prof.key_averages()) or 1
+    return [
+        {
+            "op": e.key,
+            "self_ms": round(e.self_cpu_time_total / 1000, 1),
+            "share": round(e.self_cpu_time_total / total, 3),
+        }
+        for e in rows
+    ]
 
 
-def method_step_time(method: str, unit: torch.Tensor, size: int, steps: int) -> float:
-    kw = {"mocov2": {"queue_size": 4096}, "swav": {"n_prototypes": 300}, "spark": {"decoder_width": 256}}
-    cfg = config_for(method, "cpu-organamnist", image_size=size, batch_size=unit.shape[0], steps=10, amp=False)
-    cfg.method_kwargs.update(kw.get(method, {}))
-    m = build_method(cfg).to(memory_format=torch.channels_last).train()
-    opt = build_optimizer(cfg.optimizer, m.param_groups(cfg.weight_decay), 0.01, cfg.weight_decay)
-    specs = m.view_specs(size, False)
-    pp = PreprocessConfig(input_size=size)
-    g = torch.Generator().manual_seed(0)
-    it = [0]
+def _supervised_ips(threads: int, size: int, batch: int, steps: int) -> float:
+    torch.set_num_threads(threads)
+    unit = torch.from_numpy(grey_to_unit(_images(batch)))[:, None]
+    s = Stepper("supervised", unit, size)
+    return batch / _timed(lambda: s.compute(s.views()), steps)
 
-    def step() -> None:
-        views = make_views(unit, specs, pp, g, CPU, True)
-        loss = m(views)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        m.before_optimizer_step(it[0])
-        opt.step()
-        m.after_optimizer_step(it[0], 10)
-        it[0] += 1
 
-    return _timed(step, steps)
+def threads_layout(size: int, batch: int, steps: int) -> dict[str, float]:
+    """Aggregate supervised images/s: one 2-thread process vs two 1-thread processes at the same time."""
+    code = (
+        f"from bench.bench_pretrain import _supervised_ips; "
+        f"print(_supervised_ips({{t}}, {size}, {batch}, {steps}))"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def run(threads: int, n: int) -> float:
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", code.format(t=threads)],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(n)
+        ]
+        return sum(float(p.communicate()[0].strip().splitlines()[-1]) for p in procs)
+
+    one = run(2, 1)
+    two = run(1, 2)
+    return {"one_process_2_threads": one, "two_processes_1_thread": two, "ratio_two_by_one": two / one}
 
 
 def main() -> dict:
     size = int(os.environ.get("BENCH_SIZE", "64"))
-    batch = int(os.environ.get("BENCH_BATCH", "16"))
+    batch = int(os.environ.get("BENCH_BATCH", "64"))
     steps = int(os.environ.get("BENCH_STEPS", "3"))
-    threads = int(os.environ.get("BENCH_THREADS", "1"))  # 1: the cores are shared
-    torch.set_num_threads(threads)
+    torch.set_num_threads(1)
     torch.manual_seed(0)
     unit = torch.from_numpy(grey_to_unit(_images(batch)))[:, None]
-    res: dict = {"image_size": size, "batch": batch, "steps": steps, "threads": threads,
-                 "cpu_native_bf16": cpu_has_bf16(), "torch": torch.__version__, "images_per_s": {}}
-    ips = res["images_per_s"]
-    t_sup = supervised_step_time(unit, size, steps, amp=False, channels_last=True)
-    ips["supervised_fp32_channels_last"] = batch / t_sup
-    print(f"supervised ResNet50 step (fp32, channels_last): {batch / t_sup:7.1f} img/s")
-    res["overhead_vs_supervised"] = {}
-    for method in ("mocov2", "swav", "byol", "spark"):
-        t = method_step_time(method, unit, size, steps)
-        ips[method] = batch / t
-        res["overhead_vs_supervised"][method] = t / t_sup
-        print(f"{method:>7}: {batch / t:7.1f} img/s   overhead x{t / t_sup:4.2f} vs supervised")
-    t_fp32 = supervised_step_time(unit, size, steps, amp=False, channels_last=False)
-    t_bf16 = supervised_step_time(unit, size, steps, amp=True, channels_last=True)
-    ips["supervised_fp32_eager"], ips["supervised_bf16_channels_last"] = batch / t_fp32, batch / t_bf16
-    res["speedup_channels_last_fp32_vs_fp32_eager"] = t_fp32 / t_sup
-    res["speedup_bf16_channels_last_vs_fp32_eager"] = t_fp32 / t_bf16
-    res["goal_bf16_speedup"] = 3.0
-    print(f"supervised fp32 eager {batch / t_fp32:.1f} img/s | fp32 channels_last {batch / t_sup:.1f} "
-          f"(x{t_fp32 / t_sup:.2f}) | bf16+channels_last {batch / t_bf16:.1f} (x{t_fp32 / t_bf16:.2f}, goal x3; "
-          f"native bf16 on this CPU: {cpu_has_bf16()})")
+    res: dict[str, Any] = {
+        "image_size": size,
+        "batch": batch,
+        "steps": steps,
+        "threads": 1,
+        "cpu": cpu_info(),
+        "torch": torch.__version__,
+        "methods": {},
+    }
+    sup = measure_method("supervised", unit, size, steps)
+    res["supervised"] = sup
+    print(
+        f"{'':>10} {'serial':>8} {'prefetch':>9} {'views':>6} {'vs supervised':>14}   "
+        f"(img/s, 1 thread, {size} px)"
+    )
+    print(
+        f"{'supervised':>10} {sup['images_per_s_serial']:8.1f} {sup['images_per_s_prefetch']:9.1f} "
+        f"{sup['views_share']:6.0%}"
+    )
+    for method in METHODS:
+        r = measure_method(method, unit, size, steps)
+        r["overhead_vs_supervised"] = sup["images_per_s_serial"] / r["images_per_s_serial"]
+        res["methods"][method] = r
+        print(
+            f"{method:>10} {r['images_per_s_serial']:8.1f} {r['images_per_s_prefetch']:9.1f} "
+            f"{r['views_share']:6.0%} {r['overhead_vs_supervised']:13.2f}x   top op: {r['top_ops'][0]['op']}"
+        )
+    res["threads_layout"] = threads_layout(size, batch, steps)
+    t = res["threads_layout"]
+    print(
+        f"supervised, aggregate img/s: 1 process x 2 threads {t['one_process_2_threads']:.1f} | "
+        f"2 processes x 1 thread {t['two_processes_1_thread']:.1f} (x{t['ratio_two_by_one']:.2f})"
+    )
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(res, indent=2) + "\n")
     return res

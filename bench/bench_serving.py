@@ -49,11 +49,20 @@ def _samples() -> list[bytes]:
 
 
 def _start(model_dir: Path, port: int, log: Path) -> subprocess.Popen:
-    env = os.environ | {"PYTHONPATH": str(ROOT), "BENTOML_DO_NOT_TRACK": "True", "GRADIO_ANALYTICS_ENABLED": "False"}
+    env = os.environ | {
+        "PYTHONPATH": str(ROOT),
+        "BENTOML_DO_NOT_TRACK": "True",
+        "GRADIO_ANALYTICS_ENABLED": "False",
+    }
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "cthub", "serve", "--model", str(model_dir), "--port",
-                                 str(port)], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cthub", "serve", "--model", str(model_dir), "--port", str(port)],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     deadline = time.monotonic() + 300
     while "cthub is ready" not in log.read_text():
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -80,8 +89,8 @@ def _timed(fn, items: list, concurrency: int) -> tuple[float, list[float]]:
 def _mean_batch(metrics: str) -> float | None:
     vals = {}
     for kind in ("sum", "count"):
-        m = re.search(rf'adaptive_batch_size_{kind}\{{[^}}]*method_name="predict_batched"[^}}]*\}} ([0-9.e+]+)',
-                      metrics)
+        pattern = rf'adaptive_batch_size_{kind}\{{[^}}]*method_name="predict_batched"[^}}]*\}} ([0-9.e+]+)'
+        m = re.search(pattern, metrics)
         vals[kind] = float(m.group(1)) if m else None
     return round(vals["sum"] / vals["count"], 2) if vals["sum"] and vals["count"] else None
 
@@ -97,8 +106,12 @@ def main(argv: list[str] | None = None) -> dict:
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
-        cfg = ModelConfig(name="bench-serving", num_classes=11, labels=[f"organ_{i}" for i in range(11)],
-                          preprocessing=PreprocessConfig(input_size=args.size))
+        cfg = ModelConfig(
+            name="bench-serving",
+            num_classes=11,
+            labels=[f"organ_{i}" for i in range(11)],
+            preprocessing=PreprocessConfig(input_size=args.size),
+        )
         model_dir = save_pretrained(ResNet50(num_classes=11), Path(tmp) / "m", cfg)
         print(f"exporting ResNet50 at {args.size} px ...", file=sys.stderr, flush=True)
         export_onnx(model_dir)
@@ -115,6 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
         base = f"http://127.0.0.1:{port}"
         try:
             with httpx.Client(timeout=300) as c:
+
                 def single(d: bytes) -> httpx.Response:
                     return c.post(base + "/predict", files={"file": ("x.dcm", d)})
 
@@ -132,22 +146,32 @@ def main(argv: list[str] | None = None) -> dict:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=60)
     result = {
-        "size": args.size, "requests": args.requests, "concurrency": args.concurrency,
-        "in_process_img_s": round(inproc, 2), "http_sequential_img_s": round(seq, 2),
+        "size": args.size,
+        "requests": args.requests,
+        "concurrency": args.concurrency,
+        "in_process_img_s": round(inproc, 2),
+        "http_sequential_img_s": round(seq, 2),
         "http_latency_ms_p50": round(1000 * float(np.percentile(lat, 50)), 1),
         "http_latency_ms_p95": round(1000 * float(np.percentile(lat, 95)), 1),
-        "http_concurrent_img_s": round(conc, 2), "http_batched_concurrent_img_s": round(conc_b, 2),
+        "http_concurrent_img_s": round(conc, 2),
+        "http_batched_concurrent_img_s": round(conc_b, 2),
         "batched_mean_batch_size": mean_batch,
-        "http_overhead_ratio": round(inproc / seq, 2), "batched_vs_concurrent": round(conc_b / conc, 2),
-        "cpu_count": os.cpu_count(), "load_avg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "http_overhead_ratio": round(inproc / seq, 2),
+        "batched_vs_concurrent": round(conc_b / conc, 2),
+        "cpu_count": os.cpu_count(),
+        "load_avg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
     print(f"\nserving ResNet50 {args.size} px, ONNX Runtime, {args.requests} real DICOM uploads (img/s):")
-    print(f"  in-process {result['in_process_img_s']}  |  HTTP sequential {result['http_sequential_img_s']} "
-          f"(p50 {result['http_latency_ms_p50']} ms, p95 {result['http_latency_ms_p95']} ms; in-process/HTTP "
-          f"{result['http_overhead_ratio']}x)")
-    print(f"  HTTP x{args.concurrency} concurrent: /predict {result['http_concurrent_img_s']}  |  /predict_batched "
-          f"{result['http_batched_concurrent_img_s']} (mean batch {mean_batch}; ratio "
-          f"{result['batched_vs_concurrent']}x)")
+    print(
+        f"  in-process {result['in_process_img_s']}  |  HTTP sequential {result['http_sequential_img_s']} "
+        f"(p50 {result['http_latency_ms_p50']} ms, p95 {result['http_latency_ms_p95']} ms; in-process/HTTP "
+        f"{result['http_overhead_ratio']}x)"
+    )
+    print(
+        f"  HTTP x{args.concurrency} concurrent: /predict {result['http_concurrent_img_s']}  |  "
+        f"/predict_batched {result['http_batched_concurrent_img_s']} (mean batch {mean_batch}; ratio "
+        f"{result['batched_vs_concurrent']}x)"
+    )
     print(f"  1-min load average before/after {result['load_avg_1min']} on {os.cpu_count()} CPUs")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")

@@ -9,11 +9,13 @@ from ctdata.preprocess import (
     finalize,
     grey_to_unit,
     hu_to_unit,
+    intensities_to_unit,
     prepare,
     prepare_batch,
     resize_unit,
     to_unit,
     unit_to_input,
+    unit_to_uint8,
 )
 
 __all__ = [
@@ -26,6 +28,7 @@ __all__ = [
     "finalize",
     "grey_to_unit",
     "hu_to_unit",
+    "intensities_to_unit",
     "load_image",
     "load_labeled",
     "load_medmnist",
@@ -36,4 +39,5 @@ __all__ = [
     "resize_unit",
     "to_unit",
     "unit_to_input",
+    "unit_to_uint8",
 ]

@@ -43,8 +43,15 @@ def register(subparsers: Any) -> None:
 def _fetch(args: argparse.Namespace) -> int:
     from ctdata.fetch import fetch_medmnist
 
-    p = fetch_medmnist(args.name, args.root, size=args.size, path=args.path, symlink=args.symlink,
-                       timeout=args.timeout, mirror=not args.no_mirror)
+    p = fetch_medmnist(
+        args.name,
+        args.root,
+        size=args.size,
+        path=args.path,
+        symlink=args.symlink,
+        timeout=args.timeout,
+        mirror=not args.no_mirror,
+    )
     print(p)
     return 0
 
@@ -69,13 +76,31 @@ def inspect_summary(path: str | Path, *, reject_non_ct: bool = False) -> dict[st
     p = Path(path)
     if p.is_dir() or (p.is_file() and p.suffix.lower() == ".zip"):
         s = read_series(p, policy=policy)
-        return {"kind": "series", "slices": len(s.pixels), "size": list(s.pixels.shape[1:]), "is_hu": s.is_hu,
-                "value_range": [float(s.pixels.min()), float(s.pixels.max())], "skipped_files": s.skipped,
-                "sorted_by_position": all(z is not None for z in s.positions), "warnings": s.warnings}
+        return {
+            "kind": "series",
+            "slices": len(s.pixels),
+            "size": list(s.pixels.shape[1:]),
+            "is_hu": s.is_hu,
+            "value_range": [float(s.pixels.min()), float(s.pixels.max())],
+            "skipped_files": s.skipped,
+            "sorted_by_position": all(z is not None for z in s.positions),
+            "warnings": s.warnings,
+        }
     head = p.read_bytes()[:132] if p.is_file() else b""
     img = read_dicom(p, policy=policy) if is_dicom(head) else load_image(p)
-    keep = ("modality", "sop_class", "transfer_syntax", "photometric", "rows", "columns", "frames",
-            "bits_stored", "pixel_representation", "padding_fraction", "value_range")
+    keep = (
+        "modality",
+        "sop_class",
+        "transfer_syntax",
+        "photometric",
+        "rows",
+        "columns",
+        "frames",
+        "bits_stored",
+        "pixel_representation",
+        "padding_fraction",
+        "value_range",
+    )
     out = {"kind": img.source, "is_hu": img.is_hu, "shape": list(img.pixels.shape)}
     out.update({k: img.meta[k] for k in keep if k in img.meta})
     if "value_range" not in out:  # HU range computed here, not on the serving path

@@ -18,7 +18,7 @@ def codestream_size(data: bytes) -> tuple[int, int] | None:
     j2k = data.find(_SOC_SIZ)
     if j2k >= 0 and len(data) >= j2k + 4 + 2 + 2 + 16:
         # SIZ: Lsiz(2) Rsiz(2) Xsiz(4) Ysiz(4) XOsiz(4) YOsiz(4)
-        xsiz, ysiz, xo, yo = struct.unpack(">IIII", data[j2k + 8:j2k + 24])
+        xsiz, ysiz, xo, yo = struct.unpack(">IIII", data[j2k + 8 : j2k + 24])
         return max(ysiz - yo, 0), max(xsiz - xo, 0)
     soi = data.find(b"\xff\xd8\xff")
     if soi < 0:
@@ -31,11 +31,11 @@ def codestream_size(data: bytes) -> tuple[int, int] | None:
         if marker == 0xFF:  # fill byte
             pos += 1
             continue
-        (length,) = struct.unpack(">H", data[pos + 2:pos + 4])
+        (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
         if marker in _SOF:
             if pos + 9 > len(data):
                 return None
-            rows, cols = struct.unpack(">HH", data[pos + 5:pos + 9])
+            rows, cols = struct.unpack(">HH", data[pos + 5 : pos + 9])
             return rows, cols
         if marker == 0xDA or length < 2:  # start of scan without a frame header: give up
             return None

@@ -2,7 +2,7 @@
 
 Storage path for every file-based source (image folder, CSV manifest, head_ct layout, DICOM + CSV):
 
-    load_image(file) -> to_unit(image, cfg) -> resize_unit(., storage_size) -> round(255 * .) as uint8
+    load_image(file) -> to_unit(image, cfg) -> resize_unit(., storage_size) -> unit_to_uint8
 
 Serving runs `load_image -> to_unit -> finalize` (which calls the same `resize_unit`). The one deliberate
 difference is the uint8 storage quantization: a stored pixel differs from the float path by at most
@@ -22,14 +22,24 @@ from typing import Any
 import numpy as np
 import torch
 
-from ctdata.preprocess import PreprocessConfig, resize_unit, to_unit
+from ctdata.preprocess import PreprocessConfig, resize_unit, to_unit, unit_to_uint8
+from ctdata.shards import is_shard_dir, open_shards
 from cthub.errors import CTHubError, DataError
 
 log = logging.getLogger(__name__)
 
 ORGANAMNIST_LABELS: list[str] = [
-    "bladder", "femur-left", "femur-right", "heart", "kidney-left", "kidney-right",
-    "liver", "lung-left", "lung-right", "pancreas", "spleen",
+    "bladder",
+    "femur-left",
+    "femur-right",
+    "heart",
+    "kidney-left",
+    "kidney-right",
+    "liver",
+    "lung-left",
+    "lung-right",
+    "pancreas",
+    "spleen",
 ]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom", "")
 
@@ -47,8 +57,12 @@ class ArraySplit:
         return len(self.images)
 
     def subset(self, idx: np.ndarray) -> ArraySplit:
-        return ArraySplit(self.images[idx], None if self.labels is None else self.labels[idx],
-                          None if self.groups is None else self.groups[idx], self.class_names)
+        return ArraySplit(
+            self.images[idx],
+            None if self.labels is None else self.labels[idx],
+            None if self.groups is None else self.groups[idx],
+            self.class_names,
+        )
 
 
 def load_medmnist(path: str | Path, split: str, class_names: list[str] | None = None) -> ArraySplit:
@@ -72,7 +86,8 @@ def load_medmnist(path: str | Path, split: str, class_names: list[str] | None = 
         images = images.mean(axis=-1).round().astype(np.uint8)
     if images.ndim != 3 or images.dtype != np.uint8:
         raise DataError(f"{p.name}: expected uint8 [N,H,W] images, got {images.dtype} {images.shape}")
-    names = class_names or (ORGANAMNIST_LABELS if "organ" in p.name else [str(i) for i in range(labels.max() + 1)])
+    default = ORGANAMNIST_LABELS if "organ" in p.name else [str(i) for i in range(labels.max() + 1)]
+    names = class_names or default
     return ArraySplit(images, labels, None, names)
 
 
@@ -82,13 +97,9 @@ def resize_uint8(images: np.ndarray, size: int | None, batch: int = 256) -> np.n
         return images
     out = np.empty((len(images), size, size), dtype=np.uint8)
     for i in range(0, len(images), batch):
-        x = torch.from_numpy(np.ascontiguousarray(images[i:i + batch]))[:, None].float() / 255.0
-        out[i:i + batch] = _quantize(resize_unit(x, size))[:, 0]
+        x = torch.from_numpy(np.ascontiguousarray(images[i : i + batch]))[:, None].float() / 255.0
+        out[i : i + batch] = unit_to_uint8(resize_unit(x, size))[:, 0]
     return out
-
-
-def _quantize(unit: torch.Tensor) -> np.ndarray:
-    return (unit * 255.0).round_().clamp_(0, 255).to(torch.uint8).numpy()
 
 
 def image_to_storage(source: Any, cfg: PreprocessConfig, size: int) -> np.ndarray:
@@ -97,7 +108,7 @@ def image_to_storage(source: Any, cfg: PreprocessConfig, size: int) -> np.ndarra
 
     unit = to_unit(load_image(source), cfg)
     x = torch.from_numpy(np.ascontiguousarray(unit, dtype=np.float32))[None, None]
-    return _quantize(resize_unit(x, size))[0, 0]
+    return unit_to_uint8(resize_unit(x, size))[0, 0]
 
 
 def _progress(items: list, desc: str, progress: bool) -> Iterable:
@@ -108,8 +119,9 @@ def _progress(items: list, desc: str, progress: bool) -> Iterable:
     return tqdm(items, desc=desc, unit="img", leave=False)
 
 
-def _load_files(files: list[Path], cfg: PreprocessConfig, size: int, *, on_error: str, progress: bool,
-                desc: str) -> tuple[np.ndarray, np.ndarray]:
+def _load_files(
+    files: list[Path], cfg: PreprocessConfig, size: int, *, on_error: str, progress: bool, desc: str
+) -> tuple[np.ndarray, np.ndarray]:
     """Files -> (uint8 [N,size,size], indices kept). on_error: 'raise' or 'skip' (counted in a log line)."""
     out = np.empty((len(files), size, size), dtype=np.uint8)
     keep: list[int] = []
@@ -118,12 +130,13 @@ def _load_files(files: list[Path], cfg: PreprocessConfig, size: int, *, on_error
             out[len(keep)] = image_to_storage(f, cfg, size)
         except CTHubError as e:
             if on_error != "skip":
-                raise DataError(f"item {i + 1} of {len(files)} ({f.suffix or 'no suffix'} file): {e}") from None
+                kind = f"{f.suffix or 'no suffix'} file"
+                raise DataError(f"item {i + 1} of {len(files)} ({kind}): {e}") from None
             continue
         keep.append(i)
     if len(keep) < len(files):
         log.warning("skipped %d of %d unreadable images", len(files) - len(keep), len(files))
-    return out[:len(keep)], np.asarray(keep, dtype=np.int64)
+    return out[: len(keep)], np.asarray(keep, dtype=np.int64)
 
 
 def _label_ids(raw: list[str], column: str, class_names: list[str] | None) -> tuple[np.ndarray, list[str]]:
@@ -177,16 +190,19 @@ def _from_labels_csv(folder: Path, cfg: PreprocessConfig, size: int, opts: dict)
     rows = _select_split(header, rows, opts.get("split", "train"), "labels.csv")
     if len(header) < 2:
         raise DataError("labels.csv needs at least two columns: id, label")
-    index = {p.stem: p for p in sorted(folder.rglob("*"))
-             if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and p.name != "labels.csv"}
+    index = {
+        p.stem: p
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and p.name != "labels.csv"
+    }
     files = [_find_by_stem(folder, r[0], index) for r in rows]
     gcol = _group_column(header)
-    return _build(files, [r[1] for r in rows], header[1], [r[gcol] for r in rows] if gcol is not None else None,
-                  cfg, size, opts)
+    groups = [r[gcol] for r in rows] if gcol is not None else None
+    return _build(files, [r[1] for r in rows], header[1], groups, cfg, size, opts)
 
 
 def _group_column(header: list[str], label_col: int = 1) -> int | None:
-    """A named group column (group, patient, patient_id, subject), else the first extra column (not 'split')."""
+    """A named group column (group, patient, patient_id, subject), else the first extra one (not 'split')."""
     for i, h in enumerate(header):
         if h in ("group", "patient", "patient_id", "patientid", "subject"):
             return i
@@ -215,10 +231,11 @@ def _from_manifest(path: Path, cfg: PreprocessConfig, size: int, opts: dict) -> 
     gcol = _group_column(header, max(pcol, lcol))
     if len(header) < 2:
         raise DataError(f"{path.name}: a manifest needs columns path,label[,group]")
-    files = [(path.parent / r[pcol]).resolve() if not Path(r[pcol]).is_absolute() else Path(r[pcol])
-             for r in rows]
-    return _build(files, [r[lcol] for r in rows], header[lcol], [r[gcol] for r in rows] if gcol is not None else None,
-                  cfg, size, opts)
+    files = [
+        (path.parent / r[pcol]).resolve() if not Path(r[pcol]).is_absolute() else Path(r[pcol]) for r in rows
+    ]
+    groups = [r[gcol] for r in rows] if gcol is not None else None
+    return _build(files, [r[lcol] for r in rows], header[lcol], groups, cfg, size, opts)
 
 
 def _from_class_folders(folder: Path, cfg: PreprocessConfig, size: int, opts: dict) -> ArraySplit:
@@ -236,17 +253,36 @@ def _from_class_folders(folder: Path, cfg: PreprocessConfig, size: int, opts: di
     return _build(files, labels, "", None, cfg, size, opts)
 
 
-def _build(files: list[Path], raw_labels: list[str], column: str, groups: list[str] | None,
-           cfg: PreprocessConfig, size: int, opts: dict) -> ArraySplit:
+def _build(
+    files: list[Path],
+    raw_labels: list[str],
+    column: str,
+    groups: list[str] | None,
+    cfg: PreprocessConfig,
+    size: int,
+    opts: dict,
+) -> ArraySplit:
     ids, names = _label_ids(raw_labels, column, opts.get("class_names"))
-    images, keep = _load_files(files, cfg, size, on_error=opts.get("on_error", "raise"),
-                               progress=opts.get("progress", True), desc="loading images")
+    images, keep = _load_files(
+        files,
+        cfg,
+        size,
+        on_error=opts.get("on_error", "raise"),
+        progress=opts.get("progress", True),
+        desc="loading images",
+    )
     g = None if groups is None else np.asarray(groups, dtype=object)[keep].astype(str)
     return ArraySplit(images, ids[keep], g, names)
 
 
-def load_labeled(source: str | Path, *, preprocessing: PreprocessConfig, storage_size: int | None = None,
-                 split: str = "train", **opts: Any) -> ArraySplit:
+def load_labeled(
+    source: str | Path,
+    *,
+    preprocessing: PreprocessConfig,
+    storage_size: int | None = None,
+    split: str = "train",
+    **opts: Any,
+) -> ArraySplit:
     """A labeled set as uint8 [N,S,S] + int64 labels (+ groups), dispatching on the source.
 
     - MedMNIST `.npz`: the `split` ('train'/'val'/'test'); kept at native size unless `storage_size` is
@@ -272,19 +308,23 @@ def load_labeled(source: str | Path, *, preprocessing: PreprocessConfig, storage
         if any(d.is_dir() for d in src.iterdir()):
             return _from_class_folders(src, preprocessing, size, opts)
         raise DataError(f"{src.name}: a folder needs labels.csv or one subfolder per class")
-    raise DataError(f"dataset source not found or not supported: {src.name} "
-                    "(expected .npz, .csv, or a folder)")
+    raise DataError(
+        f"dataset source not found or not supported: {src.name} (expected .npz, .csv, or a folder)"
+    )
 
 
-def load_unlabeled(source: str | Path, storage_size: int | None = None, *,
-                   preprocessing: PreprocessConfig | None = None, progress: bool = True) -> np.ndarray:
+def load_unlabeled(
+    source: str | Path,
+    storage_size: int | None = None,
+    *,
+    preprocessing: PreprocessConfig | None = None,
+    progress: bool = True,
+) -> np.ndarray:
     """Pretraining images uint8 [N,H,W]: MedMNIST npz (train split), a shard directory, or an image folder.
 
     npz and shards keep their stored size unless `storage_size` is given; an image folder is stored at
     `storage_size` (default `preprocessing.input_size`) via the same path as `load_labeled`.
     """
-    from ctdata.shards import is_shard_dir, open_shards
-
     src = Path(source)
     if src.is_file() and src.suffix == ".npz":
         return resize_uint8(load_medmnist(src, "train").images, storage_size)
@@ -292,11 +332,23 @@ def load_unlabeled(source: str | Path, storage_size: int | None = None, *,
         return resize_uint8(open_shards(src).to_array(), storage_size)
     if src.is_dir():
         cfg = preprocessing or PreprocessConfig()
-        files = sorted(f for f in src.rglob("*") if f.is_file() and not f.name.startswith(".")
-                       and f.suffix.lower() in IMAGE_SUFFIXES and f.name != "labels.csv")
+        files = sorted(
+            f
+            for f in src.rglob("*")
+            if f.is_file()
+            and not f.name.startswith(".")
+            and f.suffix.lower() in IMAGE_SUFFIXES
+            and f.name != "labels.csv"
+        )
         if not files:
             raise DataError(f"{src.name}: no images found")
-        images, _ = _load_files(files, cfg, storage_size or cfg.input_size, on_error="skip",
-                                progress=progress, desc="loading images")
+        images, _ = _load_files(
+            files,
+            cfg,
+            storage_size or cfg.input_size,
+            on_error="skip",
+            progress=progress,
+            desc="loading images",
+        )
         return images
     raise DataError(f"unlabeled source not found or not supported: {src.name}")

@@ -68,8 +68,9 @@ def is_dicom(data: bytes) -> bool:
     return len(data) >= 132 and data[128:132] == b"DICM"
 
 
-def read_dicom(source: bytes | str | Path, *, max_pixels: int | None = None,
-               policy: DicomPolicy | None = None) -> CTImage:
+def read_dicom(
+    source: bytes | str | Path, *, max_pixels: int | None = None, policy: DicomPolicy | None = None
+) -> CTImage:
     """Read one DICOM object into HU (or grey for non-HU images). Raises only `DicomError`."""
     pol = policy or DicomPolicy()
     if max_pixels is not None:
@@ -79,7 +80,9 @@ def read_dicom(source: bytes | str | Path, *, max_pixels: int | None = None,
         if not p.is_file():
             raise DicomError("not_found", f"no such file: {p.name}")
         if p.stat().st_size > pol.max_bytes:
-            raise DicomError("too_large", f"file of {p.stat().st_size:,} bytes exceeds the {pol.max_bytes:,} limit")
+            raise DicomError(
+                "too_large", f"file of {p.stat().st_size:,} bytes exceeds the {pol.max_bytes:,} limit"
+            )
         data = p.read_bytes()
     else:
         data = bytes(source)
@@ -93,15 +96,20 @@ def parse_dicom(data: bytes) -> Any:
     import pydicom
 
     if not is_dicom(data):
-        raise DicomError("not_dicom", "not a DICOM file: the 'DICM' marker at byte 128 is missing "
-                                      "(send a DICOM Part 10 file, e.g. as exported by the PACS)")
+        raise DicomError(
+            "not_dicom",
+            "not a DICOM file: the 'DICM' marker at byte 128 is missing "
+            "(send a DICOM Part 10 file, e.g. as exported by the PACS)",
+        )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return pydicom.dcmread(io.BytesIO(data))
     except Exception as e:  # noqa: BLE001 - pydicom raises many types on corrupt input
-        raise DicomError("corrupt", f"the DICOM file is truncated or corrupt: its header cannot be read "
-                                    f"({type(e).__name__})") from None
+        raise DicomError(
+            "corrupt",
+            f"the DICOM file is truncated or corrupt: its header cannot be read ({type(e).__name__})",
+        ) from None
 
 
 def dataset_to_image(ds: Any, policy: DicomPolicy | None = None) -> CTImage:
@@ -115,22 +123,71 @@ def dataset_to_image(ds: Any, policy: DicomPolicy | None = None) -> CTImage:
     except MemoryError:
         raise DicomError("too_large", "not enough memory to decode this image") from None
     except Exception as e:  # noqa: BLE001 - any other failure on a header value is the file's fault
-        raise DicomError("bad_header", f"the DICOM header holds invalid values ({type(e).__name__})") from None
+        raise DicomError(
+            "bad_header", f"the DICOM header holds invalid values ({type(e).__name__})"
+        ) from None
 
 
 def _convert(ds: Any, pol: DicomPolicy) -> CTImage:
-    from pydicom.uid import UID
-
+    """Check what the object is, decode its pixels, then map them to HU (CT) or to grey (anything else)."""
     warns: list[str] = []
     fm = getattr(ds, "file_meta", None)
+    _check_is_image(ds, fm)
+    modality = _check_modality(ds, pol, warns)
+    rows, cols, frames, spp, bits = _geometry(ds, pol)
+    ts = _transfer_syntax(fm)
+    _check_pixel_data(ds, ts, rows, cols, frames, spp, bits, pol)
+    try:
+        arr = _decode(ds, ts)
+    except Exception as e:  # noqa: BLE001 - decoders raise many types
+        raise DicomError(
+            "decode_failed",
+            f"the {ts.name} pixel data could not be decoded; the file may be "
+            f"truncated or corrupt ({type(e).__name__})",
+        ) from None
+    pi = str(ds.get("PhotometricInterpretation", "MONOCHROME2") or "MONOCHROME2").upper().strip()
+    arr = arr.reshape((frames, rows, cols, 3) if spp == 3 else (frames, rows, cols))
+    meta = _meta(ds, modality, rows, cols, frames, ts, pi)
+    if spp == 3 or pi == "PALETTE COLOR":
+        return _colour(ds, arr, pi, warns, meta)
+    values = arr.astype(np.float32)  # a fresh, writable copy: the steps below work in place
+    if arr.dtype.kind == "f" and not np.isfinite(values).all():
+        raise DicomError("non_finite", "the pixel data contains NaN or infinite values")
+    pad = _padding_mask(ds, arr)
+    if modality != "CT" and not (modality == "" and _has_rescale(ds)):
+        return _grey(ds, values, pad, pi, warns, meta)
+    hu = _to_hu(ds, values, float_input=arr.dtype.kind == "f", bits=bits, pol=pol, warns=warns)
+    if pad is not None and pad.any():
+        _fill_padding(hu, pad)
+        meta["padding_fraction"] = round(np.count_nonzero(pad) / pad.size, 4)
+    if pi == "MONOCHROME1":
+        warns.append("MONOCHROME1: HU kept as rescaled (the inversion is a display step)")
+    return CTImage(pixels=hu, is_hu=True, warnings=warns, meta=meta)
+
+
+def _check_is_image(ds: Any, fm: Any) -> None:
+    """An image object with pixel data: not a report, presentation state or truncated file."""
+    from pydicom.uid import UID
+
     sop = UID(str(ds.get("SOPClassUID", "") or (fm.get("MediaStorageSOPClassUID", "") if fm else "") or ""))
     if sop and sop.name != sop and "Image Storage" not in sop.name:
-        raise DicomError("non_image", f"this DICOM object is a '{sop.name}', not an image; send the image series")
+        raise DicomError(
+            "non_image", f"this DICOM object is a '{sop.name}', not an image; send the image series"
+        )
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         if "Image Storage" in sop.name or "Rows" in ds or len(ds) == 0:
-            raise DicomError("truncated", "the image file ends before its pixel data: it is truncated "
-                                          "(an incomplete transfer or export); send it again")
-        raise DicomError("no_pixel_data", "the DICOM file has no pixel data (a report or document, not an image)")
+            raise DicomError(
+                "truncated",
+                "the image file ends before its pixel data: it is truncated "
+                "(an incomplete transfer or export); send it again",
+            )
+        raise DicomError(
+            "no_pixel_data", "the DICOM file has no pixel data (a report or document, not an image)"
+        )
+
+
+def _check_modality(ds: Any, pol: DicomPolicy, warns: list[str]) -> str:
+    """The upper-case Modality; one outside the policy's list is refused or recorded as a warning."""
     modality = str(ds.get("Modality", "") or "").upper()
     if modality not in pol.allowed_modalities:
         msg = f"modality {modality or '(missing)'} is not {'/'.join(pol.allowed_modalities)}"
@@ -138,65 +195,79 @@ def _convert(ds: Any, pol: DicomPolicy) -> CTImage:
             raise DicomError("modality", msg + "; only CT images are accepted")
         if pol.modality == "warn":
             warns.append(msg)
+    return modality
+
+
+def _geometry(ds: Any, pol: DicomPolicy) -> tuple[int, int, int, int, int]:
+    """(rows, columns, frames, samples per pixel, bits allocated), validated and within the pixel budget."""
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     spp, bits = int(ds.get("SamplesPerPixel", 1) or 1), int(ds.get("BitsAllocated", 0) or 0)
     if rows <= 0 or cols <= 0 or frames <= 0 or spp not in (1, 3) or bits not in (1, 8, 16, 32, 64):
-        raise DicomError("bad_header", "Rows, Columns, NumberOfFrames, SamplesPerPixel or BitsAllocated "
-                                       "is missing or invalid")
+        raise DicomError(
+            "bad_header",
+            "Rows, Columns, NumberOfFrames, SamplesPerPixel or BitsAllocated is missing or invalid",
+        )
     n = rows * cols * frames * spp
     if n > pol.max_pixels:
-        raise DicomError("too_large", f"the header declares {frames} x {rows} x {cols} pixels ({n:,}), above "
-                                      f"the limit of {pol.max_pixels:,}; refusing to decode")
+        raise DicomError(
+            "too_large",
+            f"the header declares {frames} x {rows} x {cols} pixels ({n:,}), above "
+            f"the limit of {pol.max_pixels:,}; refusing to decode",
+        )
+    return rows, cols, frames, spp, bits
+
+
+def _transfer_syntax(fm: Any) -> Any:
+    """The file meta's transfer syntax UID, which must be one pydicom knows."""
+    from pydicom.uid import UID
+
     ts = UID(str(fm.get("TransferSyntaxUID", "") or "")) if fm is not None else UID("")
     if not ts:
         raise DicomError("bad_header", "the file meta information has no transfer syntax")
     if not ts.is_transfer_syntax:
-        raise DicomError("unsupported_transfer_syntax", f"the transfer syntax {ts} is unknown; no decoder "
-                                                        "can read it (export uncompressed or as JPEG 2000)")
-    _check_pixel_data(ds, ts, rows, cols, frames, spp, bits, pol)
-    try:
-        arr = _decode(ds, ts)
-    except Exception as e:  # noqa: BLE001 - decoders raise many types
-        raise DicomError("decode_failed", f"the {ts.name} pixel data could not be decoded; the file may be "
-                                          f"truncated or corrupt ({type(e).__name__})") from None
-    pi = str(ds.get("PhotometricInterpretation", "MONOCHROME2") or "MONOCHROME2").upper().strip()
-    colour = spp == 3 or pi == "PALETTE COLOR"
-    arr = arr.reshape((frames, rows, cols, 3) if spp == 3 else (frames, rows, cols))
-    meta = _meta(ds, modality, rows, cols, frames, ts, pi)
-    if colour:
-        return _colour(ds, arr, pi, warns, meta)
-    arr_f = arr.astype(np.float32)  # a fresh, writable copy: the steps below work in place
-    if arr.dtype.kind == "f" and not np.isfinite(arr_f).all():
-        raise DicomError("non_finite", "the pixel data contains NaN or infinite values")
-    pad = _padding_mask(ds, arr)
-    has_rescale = "RescaleSlope" in ds or "RescaleIntercept" in ds or _pvt(
-        _fg_item(ds, "SharedFunctionalGroupsSequence", 0)) is not None
-    if modality != "CT" and not (modality == "" and has_rescale):
-        return _grey(ds, arr_f, pad, pi, warns, meta)
-    slope, intercept = _rescale(ds, frames, warns, pol)
-    hu = arr_f  # in place: one pass per operation over the frame
+        raise DicomError(
+            "unsupported_transfer_syntax",
+            f"the transfer syntax {ts} is unknown; no decoder "
+            "can read it (export uncompressed or as JPEG 2000)",
+        )
+    return ts
+
+
+def _has_rescale(ds: Any) -> bool:
+    """Whether the header carries a rescale (top level or shared functional groups)."""
+    shared = _pvt(_fg_item(ds, "SharedFunctionalGroupsSequence", 0))
+    return "RescaleSlope" in ds or "RescaleIntercept" in ds or shared is not None
+
+
+def _to_hu(
+    ds: Any, values: np.ndarray, *, float_input: bool, bits: int, pol: DicomPolicy, warns: list[str]
+) -> np.ndarray:
+    """Stored values [frames,H,W] float32 -> HU in place, by the per-frame RescaleSlope/Intercept."""
+    slope, intercept = _rescale(ds, len(values), warns, pol)
     if (slope != 1).any():
-        hu *= slope[:, None, None]
+        values *= slope[:, None, None]
     if (intercept != 0).any():
-        hu += intercept[:, None, None]
+        values += intercept[:, None, None]
     # integers times a finite slope stay finite unless the bound overflows float32: check only then
     bound = 2.0 ** min(bits, 64) * float(np.abs(slope).max()) + float(np.abs(intercept).max())
-    if (arr.dtype.kind == "f" or bound > 1e37) and not np.isfinite(hu).all():
-        raise DicomError("non_finite", "pixel values are not finite after applying RescaleSlope/RescaleIntercept")
-    if pad is not None and pad.any():
-        for f in range(frames):
-            if pad[f].any():
-                m = np.min(hu[f], where=~pad[f], initial=np.inf)
-                hu[f][pad[f]] = m if np.isfinite(m) else -1024.0
-        meta["padding_fraction"] = round(np.count_nonzero(pad) / pad.size, 4)
-    if pi == "MONOCHROME1":
-        warns.append("MONOCHROME1: HU kept as rescaled (the inversion is a display step)")
-    return CTImage(pixels=hu.astype(np.float32, copy=False), is_hu=True, warnings=warns, meta=meta)
+    if (float_input or bound > 1e37) and not np.isfinite(values).all():
+        raise DicomError(
+            "non_finite", "pixel values are not finite after applying RescaleSlope/RescaleIntercept"
+        )
+    return values
+
+
+def _fill_padding(hu: np.ndarray, pad: np.ndarray) -> None:
+    """Padding pixels take their frame's lowest real value (-1024 HU when a frame is all padding)."""
+    for f in range(len(hu)):
+        if pad[f].any():
+            m = np.min(hu[f], where=~pad[f], initial=np.inf)
+            hu[f][pad[f]] = m if np.isfinite(m) else -1024.0
 
 
 def _decode(ds: Any, ts: Any) -> np.ndarray:
-    """Decode all frames; JPEG 2000 prefers pylibjpeg-openjpeg (measured 1-5x faster than gdcm/Pillow here)."""
+    """Decode all frames; JPEG 2000 prefers pylibjpeg-openjpeg (measured 1-5x faster than gdcm/Pillow)."""
     from pydicom.pixels import pixel_array
 
     fast = _native_fast(ds, ts)
@@ -210,9 +281,10 @@ def _decode(ds: Any, ts: Any) -> np.ndarray:
     return np.asarray(ds.pixel_array)
 
 
-def _check_pixel_data(ds: Any, ts: Any, rows: int, cols: int, frames: int, spp: int, bits: int,
-                      pol: DicomPolicy) -> None:
-    """Before decoding: a decoder exists, native data is long enough, codestreams are not bigger than the header."""
+def _check_pixel_data(
+    ds: Any, ts: Any, rows: int, cols: int, frames: int, spp: int, bits: int, pol: DicomPolicy
+) -> None:
+    """Before decoding: a decoder exists, native data is long enough, codestreams fit the header's size."""
     from ctdata.codestream import codestream_size
 
     if "PixelData" not in ds:
@@ -220,8 +292,10 @@ def _check_pixel_data(ds: Any, ts: Any, rows: int, cols: int, frames: int, spp: 
     if not ts.is_compressed:
         expected = (rows * cols * frames * spp * bits + 7) // 8
         if len(ds.PixelData) < expected:
-            raise DicomError("truncated", f"the pixel data is truncated: {len(ds.PixelData):,} of "
-                                          f"{expected:,} bytes present")
+            raise DicomError(
+                "truncated",
+                f"the pixel data is truncated: {len(ds.PixelData):,} of {expected:,} bytes present",
+            )
         return
     from pydicom.pixels import get_decoder
 
@@ -230,17 +304,23 @@ def _check_pixel_data(ds: Any, ts: Any, rows: int, cols: int, frames: int, spp: 
     except (NotImplementedError, ValueError, KeyError):
         available = False
     if not available:
-        raise DicomError("unsupported_transfer_syntax",
-                         f"the pixel data is compressed as '{ts.name or ts}' and no decoder for it is installed "
-                         "(install pylibjpeg-openjpeg, pylibjpeg-rle or python-gdcm, or export uncompressed)")
+        raise DicomError(
+            "unsupported_transfer_syntax",
+            f"the pixel data is compressed as '{ts.name or ts}' and no decoder for it is "
+            "installed (install pylibjpeg-openjpeg, pylibjpeg-rle or python-gdcm, or export "
+            "uncompressed)",
+        )
     size = codestream_size(bytes(ds.PixelData[:65536]))
     if size is not None and size[0] * size[1] > rows * cols:
-        raise DicomError("too_large", f"the compressed image is {size[0]} x {size[1]} pixels, larger than the "
-                                      f"{rows} x {cols} its header declares; refusing to decode")
+        raise DicomError(
+            "too_large",
+            f"the compressed image is {size[0]} x {size[1]} pixels, larger than "
+            f"the {rows} x {cols} its header declares; refusing to decode",
+        )
 
 
 def _rescale(ds: Any, frames: int, warns: list[str], pol: DicomPolicy) -> tuple[np.ndarray, np.ndarray]:
-    """Per-frame (slope, intercept): per-frame groups, then shared groups, then the top level, then defaults."""
+    """Per-frame (slope, intercept): per-frame groups, shared groups, the top level, then defaults."""
     slopes, inters = np.ones(frames, np.float32), np.zeros(frames, np.float32)
     shared = _fg_item(ds, "SharedFunctionalGroupsSequence", 0)
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
@@ -279,13 +359,12 @@ def _pvt(item: Any) -> Any:
     return seq[0] if seq is not None and len(seq) else None
 
 
-def _grey(ds: Any, arr: np.ndarray, pad: np.ndarray | None, pi: str, warns: list[str],
-          meta: dict) -> CTImage:
+def _grey(ds: Any, arr: np.ndarray, pad: np.ndarray | None, pi: str, warns: list[str], meta: dict) -> CTImage:
     """Non-HU monochrome (MR, X-ray, secondary capture): MONOCHROME1 inverted, then stretched to 0..255."""
     if pi == "MONOCHROME1":
         bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 16)) or 16)
         signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
-        lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
+        lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
         arr = (lo + hi) - arr
         warns.append("MONOCHROME1 image inverted")
     valid = arr[~pad] if pad is not None and pad.any() else arr

@@ -1,4 +1,4 @@
-"""Small DICOM helpers kept apart from `ctdata.dicom`: the native fast path, padding masks, non-PHI metadata."""
+"""Small DICOM helpers apart from `ctdata.dicom`: the native fast path, padding masks, non-PHI metadata."""
 
 from __future__ import annotations
 
@@ -63,14 +63,26 @@ def _meta(ds: Any, modality: str, rows: int, cols: int, frames: int, ts: Any, pi
     except (AttributeError, IndexError, TypeError, ValueError):
         positions, orient = None, None
     series = str(ds.get("SeriesInstanceUID", "") or "")
-    return {"modality": modality, "rows": rows, "columns": cols, "frames": frames,
-            "transfer_syntax": ts.name or str(ts), "photometric": pi,
-            "sop_class": ds.SOPClassUID.name if "SOPClassUID" in ds else "",
-            "bits_stored": int(ds.get("BitsStored", 0) or 0),
-            "pixel_representation": int(ds.get("PixelRepresentation", 0) or 0),
-            "positions": positions, "orientation": orient,
-            "instance_number": _maybe_int(ds.get("InstanceNumber")),
-            "series_key": hashlib.sha1(series.encode()).hexdigest()[:12] if series else ""}
+    return {
+        "modality": modality,
+        "rows": rows,
+        "columns": cols,
+        "frames": frames,
+        "transfer_syntax": ts.name or str(ts),
+        "photometric": pi,
+        "sop_class": ds.SOPClassUID.name if "SOPClassUID" in ds else "",
+        "bits_stored": int(ds.get("BitsStored", 0) or 0),
+        "pixel_representation": int(ds.get("PixelRepresentation", 0) or 0),
+        "positions": positions,
+        "orientation": orient,
+        "instance_number": _maybe_int(ds.get("InstanceNumber")),
+        "series_key": _short_hash(series) if series else "",
+    }
+
+
+def _short_hash(text: str) -> str:
+    """A grouping key that does not reveal the UID it came from (not a security hash)."""
+    return hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()[:12]
 
 
 def _maybe_int(v: Any) -> int | None:

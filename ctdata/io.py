@@ -53,8 +53,9 @@ def read_picture(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> CTImag
     except InputError:
         raise
     except Exception as e:  # noqa: BLE001 - Pillow raises OSError, ValueError, DecompressionBombError, SyntaxError...
-        raise InputError(f"the image could not be decoded; it may be truncated or corrupt "
-                         f"({type(e).__name__})") from None
+        raise InputError(
+            f"the image could not be decoded; it may be truncated or corrupt ({type(e).__name__})"
+        ) from None
     if grey.ndim != 2 or grey.size == 0:
         raise InputError("the image has no usable pixels")
     return CTImage(pixels=grey[None], is_hu=False, source="picture", meta={"rows": h, "columns": w})

@@ -2,14 +2,16 @@
 
     source (DICOM bytes/path, PNG/JPEG, array)
       -> intensities (HU for CT DICOM; 0..255 grey for ordinary images)
-      -> unit interval [0, 1] by the configured mapping (interval, per-slice min-max, or a window)
+      -> unit interval [0, 1] (`intensities_to_unit`): HU by the configured mapping (interval, per-slice
+         min-max, or a window), grey divided by 255
       -> resize with antialiasing to the model's input size
       -> grey replicated to the model's channel count
       -> (x - mean) / std
 
 The configuration travels with the weights (`config.json["preprocessing"]`) so training and serving cannot
 drift apart. Images that are not HU (PNG, RGB secondary captures, MedMNIST arrays) are taken as already
-mapped: their 0..255 grey is divided by 255 whatever the mapping says.
+mapped: their 0..255 grey is divided by 255 whatever the mapping says. Stored datasets and pretraining
+shards keep the unit image as uint8 (`unit_to_uint8`, round(255 x)).
 """
 
 from __future__ import annotations
@@ -61,7 +63,9 @@ class PreprocessConfig:
 
     def __post_init__(self) -> None:
         if self.mapping not in MAPPINGS:
-            raise ConfigError(f"unknown intensity mapping {self.mapping!r}; choose one of {', '.join(MAPPINGS)}")
+            raise ConfigError(
+                f"unknown intensity mapping {self.mapping!r}; choose one of {', '.join(MAPPINGS)}"
+            )
         if self.mapping == "window":
             self.window_bounds()  # validates
         if self.input_size < 8:
@@ -132,9 +136,15 @@ def hu_to_unit(hu: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
     return np.clip(out, 0.0, 1.0, out=out)
 
 
-def grey_to_unit(grey: np.ndarray) -> np.ndarray:
-    """Already-mapped grey images (uint8 0..255, uint16 0..65535, or float 0..1) to [0, 1]."""
+def grey_to_unit(grey: np.ndarray, peak: float | None = None) -> np.ndarray:
+    """Already-mapped grey images to [0, 1], dividing by `peak` when given.
+
+    Without `peak` the scale comes from the array: uint8 0..255, uint16 0..65535, float 0..1 (or 0..255 when
+    any value exceeds 1), for arrays of unknown convention such as the ones `prepare` receives.
+    """
     grey = np.asarray(grey)
+    if peak is not None:
+        return np.clip(grey.astype(np.float32) / np.float32(peak), 0.0, 1.0)
     if grey.dtype == np.uint8:
         return grey.astype(np.float32) / 255.0
     if grey.dtype == np.uint16:
@@ -179,10 +189,24 @@ def _per_channel(v: Sequence[float], n: int) -> list[float]:
     return list(v) * n if len(v) == 1 else list(v)
 
 
+def intensities_to_unit(pixels: np.ndarray, is_hu: bool, cfg: PreprocessConfig) -> np.ndarray:
+    """Loaded intensities (a slice or a stack [S,H,W]) to [0, 1]: THE mapping step of the pipeline.
+
+    HU go through the configured mapping; anything else is grey 0..255 (the convention of `CTImage` and
+    `Series` pixels) divided by 255, so a nearly black picture stays nearly black.
+    """
+    return hu_to_unit(pixels, cfg) if is_hu else grey_to_unit(pixels, peak=255.0)
+
+
+def unit_to_uint8(unit: torch.Tensor) -> np.ndarray:
+    """THE storage quantization of datasets and shards: [0, 1] -> uint8 round(255 x)."""
+    return (unit * 255.0).round_().clamp_(0, 255).to(torch.uint8).numpy()
+
+
 def to_unit(image: CTImage, cfg: PreprocessConfig) -> np.ndarray:
-    """A loaded image's first frame in [0, 1]: HU through the mapping, other images as grey."""
+    """A loaded image's first frame in [0, 1] (`intensities_to_unit`)."""
     frame = image.pixels[0] if image.pixels.ndim == 3 else image.pixels
-    return hu_to_unit(frame, cfg) if image.is_hu else grey_to_unit(frame)
+    return intensities_to_unit(frame, image.is_hu, cfg)
 
 
 def prepare(source: bytes | str | Path | np.ndarray, cfg: PreprocessConfig) -> torch.Tensor:

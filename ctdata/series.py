@@ -10,6 +10,7 @@ from __future__ import annotations
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -42,9 +43,12 @@ def _blobs(source: str | Path | list[bytes]) -> list[tuple[str, bytes]]:
         try:
             with zipfile.ZipFile(p) as z:
                 infos = [i for i in z.infolist() if not i.is_dir() and not i.filename.startswith("__MACOSX")]
-                if len(infos) > MAX_ZIP_MEMBERS or sum(i.file_size for i in infos) > MAX_ZIP_BYTES:
-                    raise InputError(f"zip holds {len(infos)} files / {sum(i.file_size for i in infos):,} bytes "
-                                     "uncompressed, above the limit for one series")
+                total = sum(i.file_size for i in infos)
+                if len(infos) > MAX_ZIP_MEMBERS or total > MAX_ZIP_BYTES:
+                    raise InputError(
+                        f"zip holds {len(infos)} files / {total:,} bytes uncompressed, "
+                        "above the limit for one series"
+                    )
                 return [(i.filename, z.read(i)) for i in sorted(infos, key=lambda i: i.filename)]
         except (zipfile.BadZipFile, OSError, EOFError, RuntimeError) as e:
             raise InputError(f"the zip file cannot be read ({type(e).__name__})") from None
@@ -79,14 +83,20 @@ def read_series(source: str | Path | list[bytes], *, policy: DicomPolicy | None 
         kinds.add(img.is_hu)
         series_keys.add(str(img.meta.get("series_key", "")))
         warns.extend(w for w in img.warnings if w not in warns)
-        n = _normal(img.meta.get("orientation"))  # type: ignore[arg-type]
-        positions = img.meta.get("positions") or [None] * len(img.pixels)
+        orientation, stored = img.meta.get("orientation"), img.meta.get("positions")
+        n = _normal(orientation if isinstance(orientation, list) else None)
+        positions: list[Any] = stored if isinstance(stored, list) else []
         inst = img.meta.get("instance_number")
         for f, frame in enumerate(img.pixels):
             pos = positions[f] if f < len(positions) else None
             z = float(np.dot(n, pos)) if n is not None and pos is not None else None
-            key = (0 if z is not None else 1, z if z is not None else 0.0,
-                   inst if isinstance(inst, int) else 1 << 30, name, f)
+            key = (
+                0 if z is not None else 1,
+                z if z is not None else 0.0,
+                inst if isinstance(inst, int) else 1 << 30,
+                name,
+                f,
+            )
             items.append((key, frame, z))
     if not items:
         raise InputError("no DICOM images found in the series source")

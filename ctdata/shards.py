@@ -19,15 +19,15 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
+import torch
 
+from ctdata.dicom import DicomPolicy
+from ctdata.preprocess import PreprocessConfig, intensities_to_unit, resize_unit, unit_to_uint8
+from ctdata.series import read_series
 from cthub.errors import CTHubError, DataError
-
-if TYPE_CHECKING:
-    from ctdata.dicom import DicomPolicy
-    from ctdata.preprocess import PreprocessConfig
 
 log = logging.getLogger(__name__)
 FORMAT = "ct-ssl-hub-shards"
@@ -39,8 +39,8 @@ def is_shard_dir(path: str | Path) -> bool:
 
 
 def unit_key(name: str) -> str:
-    """A stable, non-identifying key for a unit of work (e.g. a series path)."""
-    return hashlib.sha1(name.encode("utf-8")).hexdigest()[:16]
+    """A stable, non-identifying key for a unit of work (e.g. a series path); not a security hash."""
+    return hashlib.sha1(name.encode("utf-8"), usedforsecurity=False).hexdigest()[:16]
 
 
 class ShardWriter:
@@ -53,11 +53,18 @@ class ShardWriter:
         if index.is_file():
             meta = json.loads(index.read_text())
             if meta.get("size") != size or (preprocessing and meta.get("preprocessing") != preprocessing):
-                raise DataError(f"{self.out.name} already holds shards of size {meta.get('size')} with other "
-                                "preprocessing; use a new --out directory")
+                raise DataError(
+                    f"{self.out.name} already holds shards of size {meta.get('size')} with other "
+                    "preprocessing; use a new --out directory"
+                )
         else:
-            _atomic_write(index, json.dumps({"format": FORMAT, "version": 1, "size": size,
-                                             "preprocessing": preprocessing or {}}, indent=2).encode())
+            _atomic_write(
+                index,
+                json.dumps(
+                    {"format": FORMAT, "version": 1, "size": size, "preprocessing": preprocessing or {}},
+                    indent=2,
+                ).encode(),
+            )
         self.size = size
         self.done: set[str] = {e["key"] for e in read_manifest(self.out)}
 
@@ -67,8 +74,9 @@ class ShardWriter:
             return
         images = np.asarray(images)
         if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (self.size, self.size):
-            raise DataError(f"shard unit must be uint8 [n,{self.size},{self.size}], got {images.dtype} "
-                            f"{images.shape}")
+            raise DataError(
+                f"shard unit must be uint8 [n,{self.size},{self.size}], got {images.dtype} {images.shape}"
+            )
         name = f"{len(self.done):05d}-{key}.npy"
         tmp = self.out / SHARDS / (name + ".tmp")
         with tmp.open("wb") as fh:
@@ -143,13 +151,14 @@ def open_shards(path: str | Path) -> ShardSet:
         try:
             arrays.append(np.load(f, mmap_mode="r"))
         except (OSError, ValueError):
-            raise DataError(f"shard {e['file']} is missing or damaged; delete its manifest line and "
-                            "re-run the extraction") from None
+            raise DataError(
+                f"shard {e['file']} is missing or damaged; delete its manifest line and re-run the extraction"
+            ) from None
     return ShardSet(arrays, int(meta["size"]), meta.get("preprocessing", {}))
 
 
 def find_series_dirs(root: str | Path) -> list[Path]:
-    """Folders that directly contain DICOM files (.dcm, or suffix-less files), sorted (LIDC: patient/study/series)."""
+    """Folders directly holding DICOM files (.dcm or suffix-less), sorted (LIDC: patient/study/series)."""
     root = Path(root)
     dirs = set()
     for f in root.rglob("*"):
@@ -158,21 +167,22 @@ def find_series_dirs(root: str | Path) -> list[Path]:
     return sorted(dirs)
 
 
-def extract_series(root: str | Path, out: str | Path, *, size: int = 256,
-                   preprocessing: PreprocessConfig | None = None, policy: DicomPolicy | None = None,
-                   progress: bool = True, limit: int | None = None) -> dict[str, int]:
+def extract_series(
+    root: str | Path,
+    out: str | Path,
+    *,
+    size: int = 256,
+    preprocessing: PreprocessConfig | None = None,
+    policy: DicomPolicy | None = None,
+    progress: bool = True,
+    limit: int | None = None,
+) -> dict[str, int]:
     """Extract every CT series under `root` into uint8 shards (resumable). Returns counts.
 
-    Each slice: HU -> the configured mapping (default: the pretraining interval -1024..3071) -> resize_unit
-    to `size` -> uint8. Series that are not CT (LIDC also holds chest X-rays) are skipped and counted.
+    Each slice goes through the shared path: `intensities_to_unit` (HU by the configured mapping, default the
+    pretraining interval -1024..3071) -> `resize_unit` to `size` -> `unit_to_uint8`. Series that are not CT
+    (LIDC also holds chest X-rays) are skipped and counted.
     """
-    import torch
-
-    from ctdata.datasets import _quantize
-    from ctdata.dicom import DicomPolicy
-    from ctdata.preprocess import PreprocessConfig, hu_to_unit, resize_unit
-    from ctdata.series import read_series
-
     cfg = preprocessing or PreprocessConfig()
     pol = policy or DicomPolicy(modality="reject")
     root = Path(root)
@@ -193,9 +203,13 @@ def extract_series(root: str | Path, out: str | Path, *, size: int = 256,
         else:
             try:
                 s = read_series(d, policy=pol)
-                unit = torch.from_numpy(hu_to_unit(s.pixels, cfg) if s.is_hu else s.pixels / 255.0)
-                images = np.concatenate([_quantize(resize_unit(unit[i:i + 64, None], size))[:, 0]
-                                         for i in range(0, len(unit), 64)])
+                unit = torch.from_numpy(intensities_to_unit(s.pixels, s.is_hu, cfg))
+                images = np.concatenate(
+                    [
+                        unit_to_uint8(resize_unit(unit[i : i + 64, None], size))[:, 0]
+                        for i in range(0, len(unit), 64)
+                    ]
+                )
                 writer.write(key, images, s.warnings)
                 stats["written"] += 1
                 stats["slices"] += len(images)

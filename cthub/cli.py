@@ -2,7 +2,8 @@
 
 Each stage package owns its subcommands in `<stage>/cli.py`, which exposes
 `register(subparsers) -> None`; this module only assembles them. Handlers are set with
-`parser.set_defaults(func=handler)` and return an exit code. User errors (`CTHubError`) print one line and exit 2.
+`parser.set_defaults(func=handler)` and return an exit code. User errors (`CTHubError`) print one line and
+exit 2.
 """
 
 from __future__ import annotations

@@ -48,6 +48,12 @@ class DataError(CTHubError):
     code = "data_error"
 
 
+class MissingSplitError(DataError):
+    """A dataset does not define a split (train/val/test) that the chosen protocol needs."""
+
+    code = "missing_split"
+
+
 class ConfigError(CTHubError):
     """An option or configuration value is invalid."""
 

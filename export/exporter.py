@@ -16,6 +16,7 @@ import torch
 
 from ctdata.preprocess import PreprocessConfig, prepare
 from cthub.errors import ConfigError, IntegrityError, ModelNotFoundError
+from export.classifier import Classifier, loaded_sha256, model_config
 from export.session import INPUT_NAME, META_PREFIX, OUTPUT_NAME, OnnxClassifier, read_metadata
 from hub.config import WEIGHTS_NAME, ModelConfig
 from hub.io import load_dir, sha256_file
@@ -53,9 +54,12 @@ class ExportReport:
         return asdict(self) | {"passed": self.passed}
 
     def summary(self) -> str:
-        return (f"wrote {self.path} ({self.size_mb:.1f} MB, opset {self.opset}); parity torch vs ONNX Runtime "
-                f"[{', '.join(self.providers)}] on {len(self.parity_inputs)} real inputs, batch sizes "
-                f"{self.batch_sizes}: max |Δ logits| = {self.max_abs_diff:.2e} (tolerance {self.tolerance:g})")
+        return (
+            f"wrote {self.path} ({self.size_mb:.1f} MB, opset {self.opset}); parity torch vs ONNX "
+            f"Runtime [{', '.join(self.providers)}] on {len(self.parity_inputs)} real inputs, batch "
+            f"sizes {self.batch_sizes}: max |Δ logits| = {self.max_abs_diff:.2e} "
+            f"(tolerance {self.tolerance:g})"
+        )
 
 
 def sample_sources(extra: Sequence[str | Path] = ()) -> list[Path]:
@@ -87,8 +91,9 @@ def parity_batch(cfg: PreprocessConfig, sources: Sequence[Path]) -> tuple[torch.
     return torch.stack(tensors), names
 
 
-def check_parity(model: torch.nn.Module, clf: OnnxClassifier, x: torch.Tensor,
-                 tolerance: float = PARITY_TOLERANCE) -> tuple[float, list[int]]:
+def check_parity(
+    model: torch.nn.Module, clf: Classifier, x: torch.Tensor, tolerance: float = PARITY_TOLERANCE
+) -> tuple[float, list[int]]:
     """Max |torch - ORT| over logits, for the whole batch and for a single item (dynamic batch)."""
     model = model.eval().float()
     diffs, sizes = [], []
@@ -109,8 +114,14 @@ def check_parity(model: torch.nn.Module, clf: OnnxClassifier, x: torch.Tensor,
     return worst, sizes
 
 
-def export_onnx(model_dir: str | Path, out: str | Path | None = None, *, opset: int = DEFAULT_OPSET,
-                samples: Sequence[str | Path] = (), tolerance: float = PARITY_TOLERANCE) -> ExportReport:
+def export_onnx(
+    model_dir: str | Path,
+    out: str | Path | None = None,
+    *,
+    opset: int = DEFAULT_OPSET,
+    samples: Sequence[str | Path] = (),
+    tolerance: float = PARITY_TOLERANCE,
+) -> ExportReport:
     """Export `model_dir` (safetensors + config.json) to ONNX and verify it against torch."""
     t0 = time.perf_counter()
     model_dir = Path(model_dir)
@@ -118,10 +129,10 @@ def export_onnx(model_dir: str | Path, out: str | Path | None = None, *, opset: 
     if not weights.is_file():
         raise ModelNotFoundError(f"no {WEIGHTS_NAME} in {model_dir}")
     model = load_dir(model_dir).float().eval()
-    cfg = model.config  # type: ignore[attr-defined]
+    cfg = model_config(model)
     if cfg.num_classes <= 0:
         raise ConfigError(f"{model_dir} holds an encoder without a classification head; fine-tune it first")
-    source_sha = sha256_file(weights)
+    source_sha = loaded_sha256(cfg)  # hashed and verified once, while loading
     pp = cfg.preprocessing
     path = Path(out) if out is not None else model_dir / ONNX_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -130,9 +141,15 @@ def export_onnx(model_dir: str | Path, out: str | Path | None = None, *, opset: 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TorchScript exporter deprecation; onnxscript is not installed here
         torch.onnx.export(
-            model, (dummy,), str(tmp), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            model,
+            (dummy,),
+            str(tmp),
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
             dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-            opset_version=opset, do_constant_folding=True, dynamo=False,
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
         )
     _write_metadata(tmp, cfg.to_dict(), source_sha, opset)
     tmp.replace(path)
@@ -144,9 +161,16 @@ def export_onnx(model_dir: str | Path, out: str | Path | None = None, *, opset: 
         path.unlink(missing_ok=True)  # never leave a file that failed its check where serving would use it
         raise
     return ExportReport(
-        path=str(path), opset=opset, source_sha256=source_sha, max_abs_diff=worst, tolerance=tolerance,
-        parity_inputs=names, batch_sizes=sizes, providers=clf.providers,
-        seconds=round(time.perf_counter() - t0, 2), size_mb=round(path.stat().st_size / 2**20, 2),
+        path=str(path),
+        opset=opset,
+        source_sha256=source_sha,
+        max_abs_diff=worst,
+        tolerance=tolerance,
+        parity_inputs=names,
+        batch_sizes=sizes,
+        providers=clf.providers,
+        seconds=round(time.perf_counter() - t0, 2),
+        size_mb=round(path.stat().st_size / 2**20, 2),
     )
 
 
@@ -167,10 +191,20 @@ def _write_metadata(path: Path, config: dict[str, Any], source_sha: str, opset: 
         entry = model.metadata_props.add()
         entry.key, entry.value = META_PREFIX + key, json.dumps(value, sort_keys=True)
     model.producer_name = "ct-ssl-hub"
-    model.doc_string = f"{config.get('name', 'model')}: {config.get('architecture')} classifier, input [batch, " \
-                       f"C, S, S] normalized by the 'cthub.preprocessing' metadata; output logits."
+    model.doc_string = (
+        f"{config.get('name', 'model')}: {config.get('architecture')} classifier, input "
+        "[batch, C, S, S] normalized by the 'cthub.preprocessing' metadata; output logits."
+    )
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
+
+
+def matches_source(metadata: dict[str, Any], config: ModelConfig, weights_sha256: str) -> bool:
+    """True when ONNX metadata names these weights and carries this config's preprocessing."""
+    return (
+        metadata.get("preprocessing") == config.preprocessing.to_dict()
+        and metadata.get("source_sha256") == weights_sha256
+    )
 
 
 def onnx_is_fresh(model_dir: str | Path, onnx_path: str | Path | None = None) -> bool:
@@ -183,7 +217,7 @@ def onnx_is_fresh(model_dir: str | Path, onnx_path: str | Path | None = None) ->
         return False
     try:
         meta = read_metadata(path)
-        current = ModelConfig.load(model_dir).preprocessing.to_dict()
+        config = ModelConfig.load(model_dir)
     except Exception:  # noqa: BLE001 -- an unreadable ONNX file or config is simply not fresh
         return False
-    return meta.get("preprocessing") == current and meta.get("source_sha256") == sha256_file(weights)
+    return matches_source(meta, config, sha256_file(weights))

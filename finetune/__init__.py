@@ -3,6 +3,8 @@
 Stable public API (other stages call it):
     fit(encoder, train, val, test, cfg) -> FitResult      full recipe, selection on validation
     linear_probe(encoder, train, val, test) -> dict       frozen features + logistic regression
+    evaluate_encoder(encoder, train, val, test) -> dict   kNN + probe + collapse, BN stored and recalibrated
+    select_splits(splits, ...) -> TrainValTest            the one train/val/test rule (CLI, k-fold, study)
     FinetuneConfig, FitResult, classification_metrics, save_classifier
 
 Names are imported on first use (PEP 562) so that `cthub --help` does not load scikit-learn.
@@ -18,15 +20,28 @@ _EXPORTS: dict[str, str] = {
     "FitResult": "finetune.train",
     "choose_threshold": "finetune.metrics",
     "classification_metrics": "finetune.metrics",
+    "evaluate_encoder": "finetune.evaluate",
     "extract_features": "finetune.probe",
+    "knn_eval": "finetune.evaluate",
     "fit": "finetune.train",
     "linear_probe": "finetune.probe",
     "predict_proba": "finetune.train",
     "save_classifier": "finetune.artifact",
+    "select_splits": "finetune.data",
 }
 __all__ = [
-    "FinetuneConfig", "FitResult", "choose_threshold", "classification_metrics", "extract_features", "fit",
-    "linear_probe", "predict_proba", "save_classifier",
+    "FinetuneConfig",
+    "FitResult",
+    "choose_threshold",
+    "classification_metrics",
+    "evaluate_encoder",
+    "extract_features",
+    "fit",
+    "knn_eval",
+    "linear_probe",
+    "predict_proba",
+    "save_classifier",
+    "select_splits",
 ]
 
 

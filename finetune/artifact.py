@@ -21,13 +21,33 @@ def _round(v: Any) -> Any:
     return v
 
 
-def classifier_config(result: FitResult, *, name: str, command: str, data: str, note: str,
-                      task: str | None = None, extra_metrics: dict[str, Any] | None = None,
-                      extra_provenance: dict[str, Any] | None = None) -> ModelConfig:
+def default_note(encoder: str, epochs: int, n_train: int, image_size: int) -> str:
+    """What a fine-tuned model is, in one line, when the user gives no --note."""
+    init = "random-init" if encoder == "scratch" else f"{encoder}-pretrained"
+    kind = "a demo" if epochs < 20 or n_train < 1000 else "a research model"
+    return (
+        f"{init} encoder, {epochs} epochs on {n_train:,} images at {image_size} px: {kind}, "
+        "not a clinical model"
+    )
+
+
+def classifier_config(
+    result: FitResult,
+    *,
+    name: str,
+    command: str,
+    data: str,
+    note: str,
+    task: str | None = None,
+    extra_metrics: dict[str, Any] | None = None,
+    extra_provenance: dict[str, Any] | None = None,
+) -> ModelConfig:
     """The ModelConfig of a fine-tuned classifier, stating only what was measured and how."""
     enc = result.encoder_config
-    metrics: dict[str, Any] = {"val": _round(result.val_metrics),
-                               "selected_on": f"validation {result.config.select_metric}"}
+    metrics: dict[str, Any] = {
+        "val": _round(result.val_metrics),
+        "selected_on": f"validation {result.config.select_metric}",
+    }
     if result.test_metrics is not None:  # flat numbers are what the model card lists
         metrics.update({f"test_{m}": round(result.test_metrics[m], 4) for m in ("accuracy", "auc", "f1")})
         metrics["test"] = _round(result.test_metrics)
@@ -41,6 +61,7 @@ def classifier_config(result: FitResult, *, name: str, command: str, data: str, 
         "wall_time_s": round(result.wall_time_s, 1),
         "epochs": len(result.history),
         "best_epoch": result.best_epoch,
+        "converged": result.converged,
         "n_train": result.n_train,
         "n_val": result.n_val,
         "finetune": result.config.to_dict(),

@@ -27,8 +27,22 @@ def _uniform(n: int, lo: float, hi: float, g: torch.Generator | None) -> torch.T
     return lo + (hi - lo) * torch.rand(n, generator=g)
 
 
-def augment_batch(unit: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator | None = None
-                  ) -> torch.Tensor:
+def affine_resample(unit: torch.Tensor, theta: torch.Tensor, size: int | None = None) -> torch.Tensor:
+    """Bilinear resampling of [B,C,H,W] through per-sample affine maps `theta` [B,2,3] (output -> input
+    coordinates in [-1, 1]) to `size` x `size` (default: the input size). Border padding: CT background is
+    (near) the minimum, and replicating the edge keeps it so. The one affine warp of fine-tuning and
+    pretraining augmentations."""
+    b, c, h, w = unit.shape
+    shape = [b, c, size or h, size or w]
+    grid = F.affine_grid(theta.to(unit.dtype), shape, align_corners=False)
+    return F.grid_sample(
+        unit, grid.to(unit.device), mode="bilinear", padding_mode="border", align_corners=False
+    )
+
+
+def augment_batch(
+    unit: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Random affine + intensity jitter of a [B,1,H,W] float batch in [0,1]; returns the same shape."""
     b = unit.shape[0]
     zoom = _uniform(b, *cfg.scale, generator)
@@ -40,10 +54,7 @@ def augment_batch(unit: torch.Tensor, cfg: AugmentConfig, generator: torch.Gener
     if cfg.hflip:
         sx = torch.where(torch.rand(b, generator=generator) < 0.5, -1.0, 1.0)
     theta = torch.stack([torch.stack([cos * sx, -sin, tx], 1), torch.stack([sin * sx, cos, ty], 1)], 1)
-    grid = F.affine_grid(theta.to(unit.dtype), list(unit.shape), align_corners=False)
-    # border padding: CT background is (near) the minimum, and replicating the edge keeps it so
-    out = F.grid_sample(unit, grid.to(unit.device), mode="bilinear", padding_mode="border",
-                        align_corners=False)
+    out = affine_resample(unit, theta)
     a = _uniform(b, *cfg.contrast, generator).view(b, 1, 1, 1).to(unit)
     c = _uniform(b, -cfg.brightness, cfg.brightness, generator).view(b, 1, 1, 1).to(unit)
     return (out * a + c).clamp_(0.0, 1.0)

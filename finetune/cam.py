@@ -18,7 +18,7 @@ from hub.resnet import ResNet50
 
 
 def _last_features(model: ResNet50, x: torch.Tensor) -> torch.Tensor:
-    return model.forward_features(x)[-1]
+    return model.forward_features(x)
 
 
 def _normalize(maps: torch.Tensor) -> torch.Tensor:
@@ -32,6 +32,11 @@ def _upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
 
 
+def _size(x: torch.Tensor) -> tuple[int, int]:
+    """(H, W) of an image batch [B,C,H,W]."""
+    return int(x.shape[-2]), int(x.shape[-1])
+
+
 def _targets(logits: torch.Tensor, target: int | list[int] | torch.Tensor | None) -> torch.Tensor:
     if target is None:
         return logits.argmax(1)
@@ -40,25 +45,36 @@ def _targets(logits: torch.Tensor, target: int | list[int] | torch.Tensor | None
 
 
 @torch.no_grad()
-def class_activation_map(model: ResNet50, x: torch.Tensor, target: int | list[int] | torch.Tensor | None = None,
-                         normalize: bool = True, upsample: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def class_activation_map(
+    model: ResNet50,
+    x: torch.Tensor,
+    target: int | list[int] | torch.Tensor | None = None,
+    normalize: bool = True,
+    upsample: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(maps [B,H,W] at input size in [0,1], target classes [B]) from the last stage's features.
     `target` None: the predicted class."""
-    if not isinstance(getattr(model, "fc", None), torch.nn.Linear):
+    fc = model.fc
+    if not isinstance(fc, torch.nn.Linear):
         raise ConfigError("CAM needs a classifier with a linear head (num_classes > 0)")
     model.eval()
     feats = _last_features(model, x).float()
     logits = model.forward_head(feats)
     t = _targets(logits, target)
-    w = model.fc.weight.float()[t]  # [B, C]
+    w = fc.weight.float()[t]  # [B, C]
     maps = F.relu(torch.einsum("bc,bchw->bhw", w, feats))
     if upsample:
-        maps = _upsample(maps, tuple(x.shape[-2:]))
+        maps = _upsample(maps, _size(x))
     return (_normalize(maps) if normalize else maps), t
 
 
-def grad_cam(model: ResNet50, x: torch.Tensor, target: int | list[int] | torch.Tensor | None = None,
-             normalize: bool = True, upsample: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def grad_cam(
+    model: ResNet50,
+    x: torch.Tensor,
+    target: int | list[int] | torch.Tensor | None = None,
+    normalize: bool = True,
+    upsample: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradient-based Grad-CAM (Selvaraju et al.) on the last stage: weights = spatial mean of d y_c / d A."""
     model.eval()
     with torch.enable_grad():
@@ -70,7 +86,7 @@ def grad_cam(model: ResNet50, x: torch.Tensor, target: int | list[int] | torch.T
     alpha = grads.mean(dim=(2, 3), keepdim=True)
     maps = F.relu((alpha * feats.detach()).sum(1))
     if upsample:
-        maps = _upsample(maps, tuple(x.shape[-2:]))
+        maps = _upsample(maps, _size(x))
     return (_normalize(maps) if normalize else maps), t
 
 
@@ -87,16 +103,17 @@ def overlay(unit_image: np.ndarray, heat: np.ndarray, alpha: float = 0.45, cmap:
     return (255 * ((1 - alpha) * grey + alpha * colors)).round().astype(np.uint8)
 
 
-def save_overlays(unit_images: np.ndarray, maps: dict[str, np.ndarray], path: str | Path,
-                  titles: list[str] | None = None) -> Path:
+def save_overlays(
+    unit_images: np.ndarray, maps: dict[str, np.ndarray], path: str | Path, titles: list[str] | None = None
+) -> Path:
     """A grid PNG: one row per image, the image then one overlay per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     n, names = len(unit_images), list(maps)
-    fig, axes = plt.subplots(n, len(names) + 1, figsize=(2.2 * (len(names) + 1), 2.2 * n), squeeze=False)
+    fig = Figure(figsize=(2.2 * (len(names) + 1), 2.2 * n))
+    FigureCanvasAgg(fig)  # attaches itself: no pyplot, no global backend switch
+    axes = fig.subplots(n, len(names) + 1, squeeze=False)
     for i in range(n):
         axes[i, 0].imshow(unit_images[i], cmap="gray", vmin=0, vmax=1)
         axes[i, 0].set_title(titles[i] if titles else "image", fontsize=8)
@@ -107,7 +124,6 @@ def save_overlays(unit_images: np.ndarray, maps: dict[str, np.ndarray], path: st
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return Path(path)
 
 
@@ -132,5 +148,9 @@ def cross_method_correlation(maps: dict[str, np.ndarray]) -> dict[str, object]:
             r = float(np.nanmean(map_correlation(maps[names[i]], maps[names[j]])))
             pairs[f"{names[i]} vs {names[j]}"] = r
             mat[i, j] = mat[j, i] = r
-    return {"methods": names, "pairs": pairs, "matrix": mat.tolist(),
-            "mean": float(np.mean(list(pairs.values()))) if pairs else float("nan")}
+    return {
+        "methods": names,
+        "pairs": pairs,
+        "matrix": mat.tolist(),
+        "mean": float(np.mean(list(pairs.values()))) if pairs else float("nan"),
+    }

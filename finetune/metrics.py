@@ -46,8 +46,9 @@ def auc_score(y_true: np.ndarray, probs: np.ndarray) -> float:
         return float("nan")
 
 
-def classification_metrics(y_true: np.ndarray, probs: np.ndarray, threshold: float | None = None
-                           ) -> dict[str, Any]:
+def classification_metrics(
+    y_true: np.ndarray, probs: np.ndarray, threshold: float | None = None
+) -> dict[str, Any]:
     """accuracy, auc, f1 (binary: positive class; multi-class: macro), and the confusion matrix."""
     y, p = _check(y_true, probs)
     k = p.shape[1]
@@ -56,11 +57,24 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, threshold: flo
     return {
         "accuracy": float(accuracy_score(y, pred)),
         "auc": auc_score(y, p),
-        "f1": float(f1_score(y, pred, average=average, labels=None if k == 2 else np.arange(k),
-                             zero_division=0)),
+        "f1": float(
+            f1_score(y, pred, average=average, labels=None if k == 2 else np.arange(k), zero_division=0)
+        ),
         "n": len(y),
         "confusion_matrix": confusion_matrix(y, pred, labels=np.arange(k)).tolist(),
     }
+
+
+def log_loss(y_true: np.ndarray, probs: np.ndarray) -> float:
+    """Mean negative log-likelihood of the true class (probabilities clipped at 1e-12)."""
+    y, p = _check(y_true, probs)
+    return float(-np.log(np.clip(p[np.arange(len(y)), y], 1e-12, 1.0)).mean())
+
+
+def selection_score(metrics: dict[str, Any], metric: str) -> float:
+    """`metrics[metric]` oriented so that higher is better (the loss is negated); NaN stays NaN."""
+    value = float(metrics[metric])
+    return -value if metric == "loss" else value
 
 
 def choose_threshold(y_true: np.ndarray, pos_scores: np.ndarray) -> float:

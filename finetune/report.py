@@ -1,10 +1,18 @@
-"""Study outputs: runs CSV, summary JSON, the paper's Table 2 layout (Markdown) and Figure 5 (PNG)."""
+"""Study outputs: runs CSV, summary JSON, the paper's Table 2 layout (Markdown) and Figure 5 (PNG).
+
+Works on run records (dicts, as `finetune.study` writes them); knows nothing about how they were produced.
+"""
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 from typing import Any
+
+from finetune.metrics import format_pm, mean_std
+
+METRICS = ("accuracy", "auc", "f1")
 
 
 def pct(fraction: float) -> str:
@@ -12,10 +20,53 @@ def pct(fraction: float) -> str:
     return f"{fraction * 100:.4g}%"
 
 
-def table2_markdown(rows: list[dict[str, Any]], title: str = "") -> str:
-    """Rows = pretraining (encoder); per training fraction an AUC and an F1 column, mean ± std of runs."""
-    fracs = sorted({r["fraction"] for r in rows}, reverse=True)
-    encoders = list(dict.fromkeys(r["encoder"] for r in rows))
+def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean ± std of test metrics per (encoder, fraction), in first-seen order; `unconverged` counts the runs
+    whose selected epoch was their last (records without the flag count as converged)."""
+    groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for r in runs:
+        groups.setdefault((r["encoder"], r["fraction"]), []).append(r)
+    rows = []
+    for (enc, frac), rs in groups.items():
+        row: dict[str, Any] = {
+            "encoder": enc,
+            "fraction": frac,
+            "runs": len(rs),
+            "n_train": round(sum(r["n_train"] for r in rs) / len(rs)),
+            "unconverged": sum(not r.get("converged", True) for r in rs),
+        }
+        for m in METRICS:
+            row[f"{m}_mean"], row[f"{m}_std"] = mean_std(r["test"][m] for r in rs)
+            # one run has no spread to report: the value alone, not "± .000"
+            mean, std = row[f"{m}_mean"], row[f"{m}_std"]
+            row[m] = format_pm(mean, std) if len(rs) > 1 else f"{mean:.3f}"
+        rows.append(row)
+    return rows
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Rows as CSV with the first row's keys as the header (empty file for no rows)."""
+    if not rows:
+        path.write_text("")
+        return
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]), extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+
+
+def table2_markdown(
+    rows: list[dict[str, Any]],
+    title: str = "",
+    *,
+    encoders: list[str] | None = None,
+    fractions: list[float] | None = None,
+    failed: int = 0,
+) -> str:
+    """Rows = pretraining (encoder); per training fraction an AUC and an F1 column, mean ± std of runs.
+    `encoders`/`fractions` (the whole grid) also list cells without a finished run, as '–'."""
+    fracs = sorted({r["fraction"] for r in rows} | set(fractions or ()), reverse=True)
+    encoders = list(dict.fromkeys([*(encoders or ()), *(r["encoder"] for r in rows)]))
     by = {(r["encoder"], r["fraction"]): r for r in rows}
     head = ["pretraining"] + [f"{pct(f)} {m}" for f in fracs for m in ("AUC", "F1")]
     lines = [f"### {title}", ""] if title else []
@@ -27,21 +78,37 @@ def table2_markdown(rows: list[dict[str, Any]], title: str = "") -> str:
             cells += [r["auc"], r["f1"]] if r else ["–", "–"]
         lines.append("| " + " | ".join(cells) + " |")
     runs = sorted({r["runs"] for r in rows})
-    ntrain = {f: max(r["n_train"] for r in rows if r["fraction"] == f) for f in fracs}
-    spread = "mean ± std over " + "/".join(map(str, runs)) + " runs" if max(runs) > 1 else "one run each (no spread)"
-    lines += ["", "Test AUC / F1, " + spread + "; training images per "
-              "fraction: " + ", ".join(f"{pct(f)} = {ntrain[f]:,}" for f in fracs) + "."]
+    ntrain = {f: max((r["n_train"] for r in rows if r["fraction"] == f), default=0) for f in fracs}
+    spread = (
+        "mean ± std over " + "/".join(map(str, runs)) + " runs"
+        if max(runs) > 1
+        else "one run each (no spread)"
+    )
+    lines += [
+        "",
+        "Test AUC / F1, " + spread + "; training images per "
+        "fraction: " + ", ".join(f"{pct(f)} = {ntrain[f]:,}" for f in fracs) + ".",
+    ]
+    unconverged = sum(r.get("unconverged", 0) for r in rows)
+    if unconverged:
+        total = sum(r["runs"] for r in rows)
+        lines.append(
+            f"{unconverged} of {total} runs selected their last epoch: the epoch budget was "
+            "probably too short for them (see `converged` in results.csv)."
+        )
+    if failed:
+        lines.append(f"{failed} run(s) failed; their errors are in results.json.")
     return "\n".join(lines) + "\n"
 
 
 def figure5(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
     """AUC and F1 vs training fraction, one line (mean, ± std band) per encoder."""
-    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    FigureCanvasAgg(fig)  # attaches itself: no pyplot, no global backend switch
+    axes = fig.subplots(1, 2)
     for ax, m, name in ((axes[0], "auc", "AUC"), (axes[1], "f1", "F1")):
         for enc in dict.fromkeys(r["encoder"] for r in rows):
             rs = sorted((r for r in rows if r["encoder"] == enc), key=lambda r: r["fraction"])
@@ -49,7 +116,12 @@ def figure5(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> Pa
             mu = [r[f"{m}_mean"] for r in rs]
             sd = [r[f"{m}_std"] for r in rs]
             ax.plot(x, mu, marker="o", label=enc)
-            ax.fill_between(x, [a - b for a, b in zip(mu, sd)], [a + b for a, b in zip(mu, sd)], alpha=0.15)
+            ax.fill_between(
+                x,
+                [a - b for a, b in zip(mu, sd, strict=True)],
+                [a + b for a, b in zip(mu, sd, strict=True)],
+                alpha=0.15,
+            )
         ax.set_xlabel("training data (%)")
         ax.set_ylabel(f"test {name}")
         ax.grid(alpha=0.3)
@@ -58,29 +130,44 @@ def figure5(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> Pa
     if title:
         fig.suptitle(title)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return Path(path)
 
 
-def write_reports(spec: Any, out: str | Path) -> dict[str, Any]:
-    """results.csv (every run), summary.json/.csv (mean ± std), table2.md, figure5.png."""
-    from finetune.study import aggregate, load_runs, write_csv
+def _flat(run: dict[str, Any]) -> dict[str, Any]:
+    """One results.csv row: the run's fields with test_/val_ metric columns instead of nested dicts."""
+    row = {k: v for k, v in run.items() if k not in ("test", "val")}
+    row.setdefault("converged", "")  # runs recorded before the flag existed: unknown
+    return row | {f"test_{m}": run["test"][m] for m in METRICS} | {f"val_{m}": run["val"][m] for m in METRICS}
 
+
+def write_reports(
+    out: str | Path,
+    runs: list[dict[str, Any]],
+    *,
+    spec: dict[str, Any],
+    title: str,
+    failed: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """results.csv (every finished run), summary.csv (mean ± std), results.json (spec, runs, summary, failed
+    cells with their errors), table2.md and figure5.png when any run finished."""
     out = Path(out)
-    runs = load_runs(spec, out)
-    flat = [{k: v for k, v in r.items() if k not in ("test", "val")}
-            | {f"test_{m}": r["test"][m] for m in ("accuracy", "auc", "f1")}
-            | {f"val_{m}": r["val"][m] for m in ("accuracy", "auc", "f1")} for r in runs]
-    write_csv(out / "results.csv", flat)
+    write_csv(out / "results.csv", [_flat(r) for r in runs])
     rows = aggregate(runs)
     write_csv(out / "summary.csv", rows)
-    (out / "results.json").write_text(json.dumps({"spec": spec.to_dict(), "runs": runs, "summary": rows},
-                                                 indent=1) + "\n")
+    (out / "results.json").write_text(
+        json.dumps({"spec": spec, "runs": runs, "summary": rows, "failed": failed or {}}, indent=1) + "\n"
+    )
     files = {"results_csv": str(out / "results.csv"), "results_json": str(out / "results.json")}
     if rows:
-        title = f"{Path(spec.data).name}: {spec.protocol}"
-        (out / "table2.md").write_text(table2_markdown(rows, title))
+        table = table2_markdown(
+            rows,
+            title,
+            encoders=spec.get("encoders"),
+            fractions=spec.get("fractions"),
+            failed=len(failed or {}),
+        )
+        (out / "table2.md").write_text(table)
         figure5(rows, out / "figure5.png", title)
         files.update(table=str(out / "table2.md"), figure=str(out / "figure5.png"))
-    return {"runs": len(runs), "summary": [{k: r[k] for k in ("encoder", "fraction", "runs", "accuracy", "auc",
-                                                               "f1")} for r in rows], "files": files}
+    keys = ("encoder", "fraction", "runs", "unconverged", *METRICS)
+    return {"runs": len(runs), "summary": [{k: r[k] for k in keys} for r in rows], "files": files}

@@ -1,4 +1,5 @@
-"""Evaluation protocols: stratified label reduction, stratified (group-aware) k-fold with a validation share."""
+"""Evaluation protocols: stratified label reduction, stratified (group-aware) k-fold with a validation
+share."""
 
 from __future__ import annotations
 
@@ -39,8 +40,9 @@ def stratified_subset(labels: np.ndarray, size: float, seed: int) -> np.ndarray:
     return np.sort(idx)
 
 
-def _group_val_split(y: np.ndarray, groups: np.ndarray, val_fraction: float, seed: int
-                     ) -> tuple[np.ndarray, np.ndarray]:
+def _group_val_split(
+    y: np.ndarray, groups: np.ndarray, val_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Split positions 0..n-1 into (train, val) by group, stratified as far as groups allow."""
     n_splits = max(2, round(1 / val_fraction))
     n_groups = len(np.unique(groups))
@@ -52,8 +54,9 @@ def _group_val_split(y: np.ndarray, groups: np.ndarray, val_fraction: float, see
     return tr, va
 
 
-def train_val_split(labels: np.ndarray, val_fraction: float, seed: int, groups: np.ndarray | None = None
-                    ) -> tuple[np.ndarray, np.ndarray]:
+def train_val_split(
+    labels: np.ndarray, val_fraction: float, seed: int, groups: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Stratified (and, with groups, group-disjoint) split of 0..n-1 into (train, val) indices."""
     y = np.asarray(labels).reshape(-1)
     if not 0 < val_fraction < 1:
@@ -65,8 +68,13 @@ def train_val_split(labels: np.ndarray, val_fraction: float, seed: int, groups: 
     return np.sort(tr), np.sort(va)
 
 
-def kfold_splits(labels: np.ndarray, k: int = 5, val_fraction: float = 0.1, seed: int = 42,
-                 groups: np.ndarray | None = None) -> list[Fold]:
+def kfold_splits(
+    labels: np.ndarray,
+    k: int = 5,
+    val_fraction: float = 0.1,
+    seed: int = 42,
+    groups: np.ndarray | None = None,
+) -> list[Fold]:
     """The paper's brain protocol: stratified k-fold; each fold's training part gives `val_fraction` to
     validation. With `groups` (patient ids) no group is in two of train/val/test of a fold."""
     y = np.asarray(labels).reshape(-1)
@@ -89,7 +97,8 @@ def kfold_splits(labels: np.ndarray, k: int = 5, val_fraction: float = 0.1, seed
     return folds
 
 
-def group_train_test_split(labels: np.ndarray, groups: np.ndarray, test_fraction: float, seed: int
-                           ) -> tuple[np.ndarray, np.ndarray]:
+def group_train_test_split(
+    labels: np.ndarray, groups: np.ndarray, test_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """(train, test) indices with no group on both sides, stratified as far as groups allow."""
     return train_val_split(labels, test_fraction, seed, groups)

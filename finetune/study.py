@@ -1,11 +1,16 @@
-"""`cthub study`: encoders x training fractions x seeds, resumable, aggregated as the paper reports it."""
+"""`cthub study`: encoders x training fractions x seeds, resumable, aggregated as the paper reports it.
+
+Every cell writes runs/<key>.json: its measurements when it finished (the resume marker), or its error when it
+failed. A failed cell never stops the others and is tried again when the study is resumed.
+"""
 
 from __future__ import annotations
 
-import csv
+import functools
 import json
 import logging
 import os
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
@@ -14,9 +19,23 @@ from typing import Any
 
 from cthub.errors import ConfigError, CTHubError
 from finetune.config import FinetuneConfig
-from finetune.metrics import format_pm, mean_std
+from finetune.data import load_splits, select_splits
+from finetune.report import aggregate, write_csv, write_reports
+from finetune.train import SCRATCH_NAMES, fit
 
-log = logging.getLogger("finetune")
+__all__ = [
+    "Cell",
+    "StudySpec",
+    "aggregate",
+    "available_encoders",
+    "is_done",
+    "load_runs",
+    "run_cell",
+    "run_path",
+    "run_study",
+    "write_csv",
+]
+log = logging.getLogger(__name__)
 METRICS = ("accuracy", "auc", "f1")
 
 
@@ -37,6 +56,9 @@ class Cell:
 
 @dataclass
 class StudySpec:
+    """The grid and how every cell is trained; `recipe.seed` fixes the partition (folds, validation share,
+    val/test subsets), the same for every cell, while each cell's seed draws its training subset and init."""
+
     data: str
     encoders: list[str]
     fractions: list[float]
@@ -49,13 +71,20 @@ class StudySpec:
     max_val: int | None = None
     max_test: int | None = None
 
+    @property
+    def split_seed(self) -> int:
+        return self.recipe.seed
+
     def cells(self) -> list[Cell]:
         folds: list[int | None] = list(range(self.folds)) if self.protocol == "kfold" else [None]
-        return [Cell(e, f, s, k) for e in self.encoders for f in self.fractions for s in self.seeds for k in folds]
+        return [
+            Cell(e, f, s, k) for e in self.encoders for f in self.fractions for s in self.seeds for k in folds
+        ]
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["recipe"] = self.recipe.to_dict()
+        d["split_seed"] = self.split_seed
         return d
 
 
@@ -63,40 +92,57 @@ def run_path(out: str | Path, cell: Cell) -> Path:
     return Path(out) / "runs" / f"{cell.key}.json"
 
 
-def is_done(out: str | Path, cell: Cell) -> bool:
-    p = run_path(out, cell)
+def _read(out: str | Path, cell: Cell) -> dict[str, Any] | None:
     try:
-        return "test" in json.loads(p.read_text())
+        rec = json.loads(run_path(out, cell).read_text())
     except (OSError, ValueError):
-        return False
+        return None
+    return rec if isinstance(rec, dict) else None
 
 
-def run_cell(spec: StudySpec, cell: Cell) -> dict[str, Any]:
-    """Train and measure one cell; writes runs/<key>.json atomically (the resume marker)."""
-    from finetune.data import limit, load_splits
-    from finetune.splits import kfold_splits
-    from finetune.train import fit
+def is_done(out: str | Path, cell: Cell) -> bool:
+    """Whether the cell finished (a failure record does not count)."""
+    rec = _read(out, cell)
+    return rec is not None and "test" in rec
 
-    cfg = spec.recipe.replace(seed=cell.seed)
-    splits = load_splits(spec.data)
-    if cell.fold is None:
-        train, val, test = splits["train"], limit(splits["val"], spec.max_val, 0), splits["test"]
-        test = limit(test, spec.max_test, 0)
-    else:
-        data = splits.get("all") or splits["train"]
-        f = kfold_splits(data.labels, spec.folds, spec.val_fraction, spec.recipe.seed, data.groups)[cell.fold]
-        train, val, test = data.subset(f.train), data.subset(f.val), data.subset(f.test)
-    train = limit(train, cell.fraction, cell.seed)  # a different stratified subset per seed
-    res = fit(cell.encoder, train, val, test, cfg)
-    rec = {**asdict(cell), "n_train": len(train), "n_val": len(val), "best_epoch": res.best_epoch,
-           "epochs_run": len(res.history), "wall_time_s": round(res.wall_time_s, 1),
-           "val": {m: res.val_metrics[m] for m in METRICS}, "threshold": res.threshold,
-           "test": {m: res.test_metrics[m] for m in (*METRICS, "n", "confusion_matrix")}}
-    p = run_path(spec.out, cell)
+
+def _write_record(out: str | Path, cell: Cell, rec: dict[str, Any]) -> None:
+    """runs/<key>.json, atomically (a crash never leaves a half-written resume marker)."""
+    p = run_path(out, cell)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_suffix(".tmp")
     tmp.write_text(json.dumps(rec, indent=1) + "\n")
     os.replace(tmp, p)
+
+
+def run_cell(spec: StudySpec, cell: Cell) -> dict[str, Any]:
+    """Train and measure one cell; writes runs/<key>.json (the resume marker)."""
+    train, val, test = select_splits(
+        load_splits(spec.data),
+        fold=cell.fold,
+        folds=spec.folds,
+        val_fraction=spec.val_fraction,
+        split_seed=spec.split_seed,
+        train_size=cell.fraction,
+        train_seed=cell.seed,  # a subset per seed
+        max_val=spec.max_val,
+        max_test=spec.max_test,
+    )
+    res = fit(cell.encoder, train, val, test, spec.recipe.replace(seed=cell.seed))
+    assert res.test_metrics is not None
+    rec = {
+        **asdict(cell),
+        "n_train": len(train),
+        "n_val": len(val),
+        "best_epoch": res.best_epoch,
+        "epochs_run": len(res.history),
+        "converged": res.converged,
+        "wall_time_s": round(res.wall_time_s, 1),
+        "val": {m: res.val_metrics[m] for m in (*METRICS, "loss")},
+        "threshold": res.threshold,
+        "test": {m: res.test_metrics[m] for m in (*METRICS, "n", "confusion_matrix")},
+    }
+    _write_record(spec.out, cell, rec)
     return rec
 
 
@@ -110,7 +156,7 @@ def _worker(spec: StudySpec, cell: Cell, threads: int) -> dict[str, Any]:
 
 def available_encoders(names: list[str]) -> tuple[list[str], dict[str, str]]:
     """(usable encoders, {skipped name: reason}); 'scratch' is always usable."""
-    from finetune.train import SCRATCH_NAMES
+    from hub import from_pretrained
 
     ok, skipped = [], {}
     for n in names:
@@ -118,13 +164,37 @@ def available_encoders(names: list[str]) -> tuple[list[str], dict[str, str]]:
             ok.append(n)
             continue
         try:
-            from hub import from_pretrained
-
             from_pretrained(n, num_classes=0)
             ok.append(n)
         except CTHubError as e:
             skipped[n] = str(e)
     return ok, skipped
+
+
+def _attempt(key: str, call: Callable[[], dict[str, Any]]) -> dict[str, Any] | Exception:
+    """The cell's record, or the exception that ended it: one failing cell never ends the study."""
+    try:
+        return call()
+    except CTHubError as e:  # a user error: its message says it all
+        return e
+    except Exception as e:  # anything else: keep going, with the traceback in the log
+        log.exception("%s failed", key)
+        return e
+
+
+def _outcomes(
+    spec: StudySpec, todo: list[Cell], workers: int, threads: int
+) -> Iterator[tuple[Cell, dict[str, Any] | Exception]]:
+    """(cell, record or exception) for every cell to do, in order of completion."""
+    if workers <= 1:
+        for i, c in enumerate(todo):
+            log.info("[%d/%d] %s", i + 1, len(todo), c.key)
+            yield c, _attempt(c.key, functools.partial(run_cell, spec, c))
+        return
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as ex:
+        futs = {ex.submit(_worker, spec, c, threads): c for c in todo}
+        for fut in as_completed(futs):
+            yield futs[fut], _attempt(futs[fut].key, fut.result)
 
 
 def run_study(spec: StudySpec, workers: int = 1, threads_per_worker: int = 1) -> dict[str, Any]:
@@ -133,31 +203,34 @@ def run_study(spec: StudySpec, workers: int = 1, threads_per_worker: int = 1) ->
     out.mkdir(parents=True, exist_ok=True)
     _check_same_recipe(spec, out / "study.json")
     (out / "study.json").write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
-    todo = [c for c in spec.cells() if not is_done(out, c)]
-    done_before = len(spec.cells()) - len(todo)
-    log.info("study: %d runs, %d already finished, %d to do (%d worker(s))", len(spec.cells()), done_before,
-             len(todo), workers)
+    cells = spec.cells()
+    todo = [c for c in cells if not is_done(out, c)]
+    log.info(
+        "study: %d runs, %d already finished, %d to do (%d worker(s))",
+        len(cells),
+        len(cells) - len(todo),
+        len(todo),
+        workers,
+    )
     failed: dict[str, str] = {}
-    if workers <= 1:
-        for i, c in enumerate(todo):
-            log.info("[%d/%d] %s", i + 1, len(todo), c.key)
-            _run_logged(spec, c, failed)
-    else:
-        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as ex:
-            futs = {ex.submit(_worker, spec, c, threads_per_worker): c for c in todo}
-            for i, fut in enumerate(as_completed(futs)):
-                c = futs[fut]
-                try:
-                    r = fut.result()
-                    log.info("[%d/%d] %s: test auc %.3f f1 %.3f", i + 1, len(todo), c.key, r["test"]["auc"],
-                             r["test"]["f1"])
-                except CTHubError as e:
-                    failed[c.key] = str(e)
-                    log.warning("[%d/%d] %s failed: %s", i + 1, len(todo), c.key, e)
-    from finetune.report import write_reports
-
-    summary = write_reports(spec, out)
-    summary.update(ran=len(todo) - len(failed), skipped_finished=done_before, failed=failed)
+    for i, (c, outcome) in enumerate(_outcomes(spec, todo, workers, threads_per_worker)):
+        if isinstance(outcome, Exception):
+            failed[c.key] = str(outcome) if isinstance(outcome, CTHubError) else repr(outcome)
+            _write_record(out, c, {**asdict(c), "error": failed[c.key]})
+            log.warning("[%d/%d] %s failed: %s", i + 1, len(todo), c.key, failed[c.key])
+        else:
+            log.info(
+                "[%d/%d] %s: test auc %.3f f1 %.3f%s",
+                i + 1,
+                len(todo),
+                c.key,
+                outcome["test"]["auc"],
+                outcome["test"]["f1"],
+                "" if outcome["converged"] else " (best epoch = last epoch)",
+            )
+    title = f"{Path(spec.data).name}: {spec.protocol}"
+    summary = write_reports(out, load_runs(spec, out), spec=spec.to_dict(), title=title, failed=failed)
+    summary.update(ran=len(todo) - len(failed), skipped_finished=len(cells) - len(todo), failed=failed)
     return summary
 
 
@@ -168,49 +241,25 @@ def _check_same_recipe(spec: StudySpec, path: Path) -> None:
     old = json.loads(path.read_text())
     new = spec.to_dict()
     ignore = {"threads", "device"}
-    diff = sorted(k for k in new["recipe"] if k not in ignore and old.get("recipe", {}).get(k) != new["recipe"][k])
-    diff += [k for k in ("data", "protocol", "folds", "val_fraction", "max_val", "max_test") if old.get(k) != new[k]]
+    old_recipe = old.get("recipe", {})
+    diff = sorted(k for k in new["recipe"] if k not in ignore and old_recipe.get(k) != new["recipe"][k])
+    diff += [
+        k
+        for k in ("data", "protocol", "folds", "val_fraction", "max_val", "max_test")
+        if old.get(k) != new[k]
+    ]
+    # studies written before `split_seed` was recorded drew split-protocol val/test subsets with seed 0
+    legacy = 0 if old.get("protocol") == "split" else old_recipe.get("seed")
+    if old.get("split_seed", legacy) != new["split_seed"]:
+        diff.append("split_seed")
     if diff:
-        raise ConfigError(f"{path.parent} holds a study with different settings ({', '.join(diff)}); "
-                          "use another --out or the same settings to resume")
-
-
-def _run_logged(spec: StudySpec, c: Cell, failed: dict[str, str]) -> None:
-    try:
-        r = run_cell(spec, c)
-        log.info("%s: test auc %.3f f1 %.3f", c.key, r["test"]["auc"], r["test"]["f1"])
-    except CTHubError as e:
-        failed[c.key] = str(e)
-        log.warning("%s failed: %s", c.key, e)
+        raise ConfigError(
+            f"{path.parent} holds a study with different settings ({', '.join(diff)}); "
+            "use another --out or the same settings to resume"
+        )
 
 
 def load_runs(spec: StudySpec, out: str | Path) -> list[dict[str, Any]]:
-    return [json.loads(run_path(out, c).read_text()) for c in spec.cells() if is_done(out, c)]
-
-
-def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean ± std of test metrics per (encoder, fraction), in first-seen order."""
-    groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
-    for r in runs:
-        groups.setdefault((r["encoder"], r["fraction"]), []).append(r)
-    rows = []
-    for (enc, frac), rs in groups.items():
-        row: dict[str, Any] = {"encoder": enc, "fraction": frac, "runs": len(rs),
-                               "n_train": round(sum(r["n_train"] for r in rs) / len(rs))}
-        for m in METRICS:
-            row[f"{m}_mean"], row[f"{m}_std"] = mean_std(r["test"][m] for r in rs)
-            # one run has no spread to report: the value alone, not "± .000"
-            row[m] = format_pm(row[f"{m}_mean"], row[f"{m}_std"]) if len(rs) > 1 else f"{row[f'{m}_mean']:.3f}"
-        rows.append(row)
-    return rows
-
-
-def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    if not rows:
-        path.write_text("")
-        return
-    keys = list(rows[0])
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
+    """The records of the finished cells, in grid order."""
+    recs = (_read(out, c) for c in spec.cells())
+    return [r for r in recs if r is not None and "test" in r]

@@ -1,4 +1,10 @@
-"""`fit`: the paper's fine-tuning recipe on uint8 image arrays, with model selection on validation."""
+"""`fit`: the paper's fine-tuning recipe on uint8 image arrays, with model selection on validation.
+
+One fit = setup (model, optimizer, loss) -> epochs (train one epoch, validate, update the selection, maybe
+stop early) -> the selected model measured once on test. Selection (`Selection`) is fair to encoders that
+need the full model: head-only epochs are a fallback only, and early-stopping patience starts when the
+backbone is unfrozen.
+"""
 
 from __future__ import annotations
 
@@ -19,20 +25,24 @@ from tqdm import tqdm
 
 from ctdata.datasets import ArraySplit
 from ctdata.preprocess import PreprocessConfig, finalize
-from cthub.errors import DataError
+from cthub.errors import ConfigError, DataError
 from cthub.runtime import autocast, num_threads, resolve_amp, seed_everything, select_device
 from finetune.augment import AugmentConfig, augment_batch
 from finetune.config import FinetuneConfig
-from finetune.metrics import choose_threshold, classification_metrics
+from finetune.metrics import choose_threshold, classification_metrics, log_loss, selection_score
+from hub.config import ModelConfig
 from hub.resnet import ResNet50
 
-log = logging.getLogger("finetune")
+log = logging.getLogger(__name__)
 SCRATCH_NAMES = ("scratch", "random", "none")
 
 
 @dataclass
 class FitResult:
-    """The best model (eval mode, CPU, fp32) and everything measured while finding it."""
+    """The best model (eval mode, CPU, fp32) and everything measured while finding it.
+
+    `converged` is False when the selected epoch was the last one run: validation was still improving, so
+    the epoch budget was probably too short for this encoder and data."""
 
     model: ResNet50
     preprocessing: PreprocessConfig
@@ -49,57 +59,92 @@ class FitResult:
     encoder_config: dict[str, Any] = field(default_factory=dict)
     n_train: int = 0
     n_val: int = 0
+    converged: bool = True
 
 
 def num_classes_of(split: ArraySplit) -> int:
+    """K: the larger of the named classes and the largest label + 1."""
     if split.labels is None:
         raise DataError("fine-tuning needs labels")
     return max(len(split.class_names), int(split.labels.max()) + 1)
 
 
-def resolve_encoder(encoder: str | Path | nn.Module | None, num_classes: int, image_size: int,
-                    scratch_preprocessing: PreprocessConfig | None = None
-                    ) -> tuple[ResNet50, PreprocessConfig, str, dict[str, Any]]:
+def hub_config(model: nn.Module) -> ModelConfig | None:
+    """The `ModelConfig` the hub attaches to the models it loads, if any."""
+    cfg = getattr(model, "config", None)
+    return cfg if isinstance(cfg, ModelConfig) else None
+
+
+def resolve_encoder(
+    encoder: str | Path | nn.Module | None,
+    num_classes: int,
+    image_size: int,
+    scratch_preprocessing: PreprocessConfig | None = None,
+) -> tuple[ResNet50, PreprocessConfig, str, dict[str, Any]]:
     """(model with a fresh K-class head, preprocessing at `image_size`, name, encoder config dict).
     A pretrained encoder keeps its own preprocessing (except the size); scratch uses the one given."""
     if encoder is None or (isinstance(encoder, str) and encoder.lower() in SCRATCH_NAMES):
         pp = (scratch_preprocessing or PreprocessConfig()).replace(input_size=image_size)
         return ResNet50(num_classes=num_classes), pp, "scratch", {}
     if isinstance(encoder, nn.Module):
+        if not isinstance(encoder, ResNet50):
+            raise ConfigError(f"fine-tuning needs a ResNet50 encoder, got {type(encoder).__name__}")
         model = copy.deepcopy(encoder)  # never train the caller's module in place (k-fold reuses it)
-        if getattr(model, "num_classes", None) != num_classes:
-            model.reset_classifier(num_classes)  # type: ignore[operator]
-        cfg = getattr(model, "config", None)
-        pp = cfg.preprocessing if cfg is not None else PreprocessConfig()
-        name = cfg.name if cfg is not None else "module"
-        return model, pp.replace(input_size=image_size), name, (cfg.to_dict() if cfg is not None else {})
+        if model.num_classes != num_classes:
+            model.reset_classifier(num_classes)
+        cfg = hub_config(model)
+        if cfg is None:
+            return model, PreprocessConfig().replace(input_size=image_size), "module", {}
+        return model, cfg.preprocessing.replace(input_size=image_size), cfg.name, cfg.to_dict()
     from hub import from_pretrained
 
     model = from_pretrained(str(encoder), num_classes=num_classes)  # raises ModelNotFoundError
-    cfg = model.config  # type: ignore[attr-defined]
+    cfg = hub_config(model)
+    assert cfg is not None, "from_pretrained always attaches a config"
     return model, cfg.preprocessing.replace(input_size=image_size), str(encoder), cfg.to_dict()
 
 
-def _inputs(images: np.ndarray, pp: PreprocessConfig, aug: AugmentConfig | None,
-            g: torch.Generator | None) -> torch.Tensor:
+def model_inputs(
+    images: np.ndarray,
+    pp: PreprocessConfig,
+    aug: AugmentConfig | None = None,
+    g: torch.Generator | None = None,
+) -> torch.Tensor:
+    """uint8 images [N,H,W] -> normalized model inputs [N,C,S,S] (optionally augmented) by the shared path."""
     unit = torch.from_numpy(np.ascontiguousarray(images)).float().div_(255.0)[:, None]
     if aug is not None:
         unit = augment_batch(unit, aug, g)
     return finalize(unit, pp)
 
 
+def _memory_format(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def place_model(model: ResNet50, device: torch.device | str, channels_last: bool) -> ResNet50:
+    """`model.to(device, memory_format=...)`: torch's type stubs lack the keyword that `Module.to` accepts."""
+    return model.to(device, memory_format=_memory_format(channels_last))  # type: ignore[call-overload]
+
+
 @torch.no_grad()
-def predict_proba(model: nn.Module, images: np.ndarray, pp: PreprocessConfig, *, batch_size: int = 256,
-                  device: torch.device | None = None, amp: bool | None = None, channels_last: bool = True
-                  ) -> np.ndarray:
+def predict_proba(
+    model: nn.Module,
+    images: np.ndarray,
+    pp: PreprocessConfig,
+    *,
+    batch_size: int = 256,
+    device: torch.device | None = None,
+    amp: bool | None = None,
+    channels_last: bool = True,
+) -> np.ndarray:
     """Softmax probabilities [N, K] (float32) for uint8 images [N,H,W] through the shared preprocessing."""
     device = device or next(model.parameters()).device
     model.eval()
     amp = resolve_amp(amp, device)
-    mf = torch.channels_last if channels_last else torch.contiguous_format
+    mf = _memory_format(channels_last)
     out = []
     for s in range(0, len(images), batch_size):
-        x = _inputs(images[s:s + batch_size], pp, None, None).to(device, memory_format=mf)
+        x = model_inputs(images[s : s + batch_size], pp).to(device, memory_format=mf)
         with autocast(device, amp):
             logits = model(x)
         out.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
@@ -131,111 +176,342 @@ def _set_backbone_trainable(model: nn.Module, trainable: bool) -> None:
             p.requires_grad_(trainable)
 
 
-def fit(encoder: str | Path | nn.Module | None, train: ArraySplit, val: ArraySplit,
-        test: ArraySplit | None = None, cfg: FinetuneConfig | None = None,
-        on_epoch: Callable[[dict[str, Any]], None] | None = None,
-        preprocessing: PreprocessConfig | None = None) -> FitResult:
-    """Fine-tune `encoder` (hub name/path, a model, or "scratch") with a linear head on `train`; select the
-    epoch by validation `cfg.select_metric`; measure `test` once with the selected model. `preprocessing`
-    (intensity mapping, e.g. a window) applies to a scratch encoder; pretrained ones keep their own."""
-    cfg = cfg or FinetuneConfig()
+# --- setup --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Session:
+    """What every epoch of one fit uses: the model on its device, optimizer, loss and input pipeline."""
+
+    model: ResNet50
+    pp: PreprocessConfig
+    opt: torch.optim.Optimizer
+    loss_fn: nn.Module
+    aug: AugmentConfig | None
+    device: torch.device
+    amp: bool
+    g: torch.Generator
+    cfg: FinetuneConfig
+
+    def to_device(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.device, memory_format=_memory_format(self.cfg.channels_last))
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        return predict_proba(
+            self.model,
+            images,
+            self.pp,
+            batch_size=self.cfg.eval_batch_size,
+            device=self.device,
+            amp=self.amp,
+            channels_last=self.cfg.channels_last,
+        )
+
+
+def _check_inputs(train: ArraySplit, val: ArraySplit, test: ArraySplit | None) -> int:
+    """K, after checking that the splits can be fitted on."""
     k = num_classes_of(train)
     if len(train) < 2 or len(val) < 1:
         raise DataError(f"need at least 2 training and 1 validation images, got {len(train)} / {len(val)}")
     if val.labels is None or (test is not None and test.labels is None):
         raise DataError("validation and test splits need labels")
+    return k
+
+
+def _setup(
+    encoder: str | Path | nn.Module | None,
+    k: int,
+    y_train: np.ndarray,
+    cfg: FinetuneConfig,
+    preprocessing: PreprocessConfig | None,
+) -> tuple[_Session, str, dict[str, Any]]:
+    """(session, encoder name, encoder config): seeded model with a K-class head, Adam with the backbone
+    group at lr 0 (set per epoch), the (class-weighted) loss."""
     g = seed_everything(cfg.seed)
     device = select_device(cfg.device)
-    amp = cfg.resolved_amp(device)
+    model, pp, enc_name, enc_cfg = resolve_encoder(encoder, k, cfg.image_size, preprocessing)
+    model = place_model(model, device, cfg.channels_last)
+    head = [p for n, p in model.named_parameters() if n.startswith("fc.")]
+    backbone = [p for n, p in model.named_parameters() if not n.startswith("fc.")]
+    opt = torch.optim.Adam(
+        [{"params": head, "lr": cfg.lr}, {"params": backbone, "lr": 0.0}],
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+    )
+    session = _Session(
+        model=model,
+        pp=pp,
+        opt=opt,
+        loss_fn=_loss_fn(y_train, k, cfg.balance, device),
+        aug=AugmentConfig(hflip=cfg.hflip) if cfg.augment else None,
+        device=device,
+        amp=cfg.resolved_amp(device),
+        g=g,
+        cfg=cfg,
+    )
+    return session, enc_name, enc_cfg
+
+
+# --- one epoch ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _EpochStats:
+    loss: float
+    accuracy: float
+    images: int
+    seconds: float
+
+
+def _train_epoch(s: _Session, images: np.ndarray, y_train: np.ndarray, epoch: int) -> _EpochStats:
+    """One pass over the training set; the backbone is frozen during the head-only epochs."""
+    cfg = s.cfg
+    _set_backbone_trainable(s.model, epoch >= cfg.head_epochs)
+    s.opt.param_groups[1]["lr"] = cfg.backbone_lr(epoch)
+    s.model.train()
+    t0 = time.perf_counter()
+    order = _epoch_order(y_train, cfg.balance, s.g)
+    losses, correct, count = [], 0, 0
+    bar = tqdm(
+        range(0, len(order), cfg.batch_size),
+        desc=f"epoch {epoch + 1}/{cfg.epochs}",
+        unit="batch",
+        leave=False,
+        disable=None,
+        file=sys.stderr,
+    )  # disable=None: shown on a terminal only
+    for start in bar:
+        idx = np.sort(order[start : start + cfg.batch_size])
+        if len(idx) < 2:
+            continue  # BatchNorm cannot train on one image
+        x = s.to_device(model_inputs(images[idx], s.pp, s.aug, s.g))
+        y = torch.from_numpy(y_train[idx]).to(s.device)
+        with autocast(s.device, s.amp):
+            logits = s.model(x)
+        loss = s.loss_fn(logits.float(), y)
+        s.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        s.opt.step()
+        losses.append(float(loss.detach()))
+        correct += int((logits.argmax(1) == y).sum())
+        count += len(idx)
+    return _EpochStats(
+        float(np.mean(losses)) if losses else math.nan,
+        correct / max(count, 1),
+        count,
+        time.perf_counter() - t0,
+    )
+
+
+# --- validation, selection, early stopping ------------------------------------------------------------------
+
+
+def validation_metrics(
+    y_true: np.ndarray, probs: np.ndarray, threshold: float | None = None
+) -> dict[str, Any]:
+    """`classification_metrics` plus the mean log loss: every signal `select_metric` can name."""
+    return {**classification_metrics(y_true, probs, threshold), "loss": log_loss(y_true, probs)}
+
+
+@dataclass
+class _Candidate:
+    epoch: int  # 0-based
+    score: float
+    state: dict[str, torch.Tensor]
+    val_probs: np.ndarray
+
+
+@dataclass
+class Selection:
+    """Model selection on validation and early stopping, fair to encoders that need the full model.
+
+    Head-only epochs are kept as a fallback and chosen only when no full epoch ran; the first full epoch
+    always replaces them. `patience` counts full epochs without improvement since the best full one."""
+
+    metric: str
+    patience: int
+    best: _Candidate | None = None
+    head_fallback: _Candidate | None = None
+    since_best: int = 0
+
+    def update(
+        self, epoch: int, full: bool, metrics: dict[str, Any], probs: np.ndarray, model: nn.Module
+    ) -> bool:
+        """Record one validated epoch; True when it becomes the selection candidate (weights copied)."""
+        score = selection_score(metrics, self.metric)
+        current = self.best if full else self.head_fallback
+        improved = current is None or (not math.isnan(score) and score > current.score)
+        if improved:
+            state = {n: t.detach().to("cpu", copy=True) for n, t in model.state_dict().items()}
+            cand = _Candidate(epoch, score, state, probs)
+            if full:
+                self.best, self.since_best = cand, 0
+            else:
+                self.head_fallback = cand
+        elif full:
+            self.since_best += 1
+        return improved
+
+    def should_stop(self) -> bool:
+        return bool(self.patience) and self.best is not None and self.since_best >= self.patience
+
+    def selected(self) -> _Candidate:
+        cand = self.best or self.head_fallback
+        assert cand is not None, "select after at least one epoch"
+        return cand
+
+
+def _epoch_record(
+    cfg: FinetuneConfig, epoch: int, st: _EpochStats, vm: dict[str, Any], improved: bool
+) -> dict[str, Any]:
+    return {
+        "epoch": epoch + 1,
+        "phase": "head" if epoch < cfg.head_epochs else "full",
+        "backbone_lr": cfg.backbone_lr(epoch),
+        "train_loss": st.loss,
+        "train_acc": st.accuracy,
+        "val_accuracy": vm["accuracy"],
+        "val_auc": vm["auc"],
+        "val_f1": vm["f1"],
+        "val_loss": vm["loss"],
+        "images_per_s": st.images / max(st.seconds, 1e-9),
+        "epoch_s": st.seconds,
+        "best": improved,
+    }
+
+
+def _train_and_select(
+    s: _Session,
+    train: ArraySplit,
+    val: ArraySplit,
+    y_train: np.ndarray,
+    on_epoch: Callable[[dict[str, Any]], None] | None,
+) -> tuple[Selection, list[dict[str, Any]], int, float]:
+    """Run the epochs: (selection, history, images seen, seconds spent training)."""
+    cfg = s.cfg
+    y_val = val.labels
+    assert y_val is not None
+    sel = Selection(cfg.select_metric, cfg.patience)
+    history: list[dict[str, Any]] = []
+    n_seen, t_train = 0, 0.0
+    for epoch in range(cfg.epochs):
+        st = _train_epoch(s, train.images, y_train, epoch)
+        n_seen, t_train = n_seen + st.images, t_train + st.seconds
+        probs = s.predict(val.images)
+        vm = validation_metrics(y_val, probs)
+        improved = sel.update(epoch, epoch >= cfg.head_epochs, vm, probs, s.model)
+        rec = _epoch_record(cfg, epoch, st, vm, improved)
+        history.append(rec)
+        log.info(
+            "epoch %d/%d [%s] loss %.4f acc %.3f | val acc %.3f auc %.3f f1 %.3f loss %.3f | "
+            "%.0f img/s %.0fs%s",
+            epoch + 1,
+            cfg.epochs,
+            rec["phase"],
+            st.loss,
+            st.accuracy,
+            vm["accuracy"],
+            vm["auc"],
+            vm["f1"],
+            vm["loss"],
+            rec["images_per_s"],
+            st.seconds,
+            " *" if improved else "",
+        )
+        if on_epoch is not None:
+            on_epoch(rec)
+        if sel.should_stop():
+            log.info(
+                "early stop: no validation %s improvement for %d epochs after unfreezing",
+                cfg.select_metric,
+                cfg.patience,
+            )
+            break
+    return sel, history, n_seen, t_train
+
+
+# --- the selected model -------------------------------------------------------------------------------------
+
+
+def _restore_selected(
+    s: _Session, cand: _Candidate, y_val: np.ndarray, k: int
+) -> tuple[float | None, dict[str, Any]]:
+    """Load the selected weights into the model (CPU, eval); (binary threshold, validation metrics)."""
+    s.model = place_model(s.model, "cpu", channels_last=False)
+    s.model.load_state_dict(cand.state)
+    s.model.eval()
+    threshold = choose_threshold(y_val, cand.val_probs[:, 1]) if k == 2 else None
+    return threshold, validation_metrics(y_val, cand.val_probs, threshold)
+
+
+def _test_metrics(s: _Session, test: ArraySplit, threshold: float | None) -> dict[str, Any]:
+    """The selected model measured once on `test`; the model is back on the CPU afterwards."""
+    assert test.labels is not None
+    s.model = place_model(s.model, s.device, s.cfg.channels_last)
+    metrics = classification_metrics(test.labels, s.predict(test.images), threshold)
+    s.model = place_model(s.model, "cpu", channels_last=False)
+    return metrics
+
+
+def fit(
+    encoder: str | Path | nn.Module | None,
+    train: ArraySplit,
+    val: ArraySplit,
+    test: ArraySplit | None = None,
+    cfg: FinetuneConfig | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    preprocessing: PreprocessConfig | None = None,
+) -> FitResult:
+    """Fine-tune `encoder` (hub name/path, a model, or "scratch") with a linear head on `train`; select the
+    epoch by validation `cfg.select_metric`; measure `test` once with the selected model. `preprocessing`
+    (intensity mapping, e.g. a window) applies to a scratch encoder; pretrained ones keep their own."""
+    cfg = cfg or FinetuneConfig()
+    k = _check_inputs(train, val, test)
+    assert train.labels is not None and val.labels is not None
+    y_train = train.labels.astype(np.int64)
     t_start = time.perf_counter()
     with num_threads(cfg.threads):
-        model, pp, enc_name, enc_cfg = resolve_encoder(encoder, k, cfg.image_size, preprocessing)
-        mf = torch.channels_last if cfg.channels_last else torch.contiguous_format
-        model = model.to(device, memory_format=mf)
-        head = [p for n, p in model.named_parameters() if n.startswith("fc.")]
-        backbone = [p for n, p in model.named_parameters() if not n.startswith("fc.")]
-        opt = torch.optim.Adam([{"params": head, "lr": cfg.lr}, {"params": backbone, "lr": 0.0}],
-                               lr=cfg.lr, weight_decay=cfg.weight_decay)
-        y_train = train.labels.astype(np.int64)
-        loss_fn = _loss_fn(y_train, k, cfg.balance, device)
-        aug = AugmentConfig(hflip=cfg.hflip) if cfg.augment else None
-        history: list[dict[str, Any]] = []
-        best: tuple[float, int, dict[str, torch.Tensor], np.ndarray] | None = None
-        since_best, n_seen, t_train = 0, 0, 0.0
-        for epoch in range(cfg.epochs):
-            frozen = epoch < cfg.head_epochs
-            _set_backbone_trainable(model, not frozen)
-            opt.param_groups[1]["lr"] = cfg.backbone_lr(epoch)
-            model.train()
-            t0 = time.perf_counter()
-            order = _epoch_order(y_train, cfg.balance, g)
-            losses, correct, count = [], 0, 0
-            starts = range(0, len(order), cfg.batch_size)
-            bar = tqdm(starts, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False,
-                       disable=None, file=sys.stderr)  # disable=None: shown on a terminal only
-            for s in bar:
-                idx = np.sort(order[s:s + cfg.batch_size])
-                if len(idx) < 2:
-                    continue  # BatchNorm cannot train on one image
-                x = _inputs(train.images[idx], pp, aug, g).to(device, memory_format=mf)
-                y = torch.from_numpy(y_train[idx]).to(device)
-                with autocast(device, amp):
-                    logits = model(x)
-                loss = loss_fn(logits.float(), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                losses.append(float(loss.detach()))
-                correct += int((logits.argmax(1) == y).sum())
-                count += len(idx)
-            dt = time.perf_counter() - t0
-            t_train += dt
-            n_seen += count
-            probs = predict_proba(model, val.images, pp, batch_size=cfg.eval_batch_size, device=device,
-                                  amp=amp, channels_last=cfg.channels_last)
-            vm = classification_metrics(val.labels, probs)
-            score = vm[cfg.select_metric]
-            improved = best is None or (not math.isnan(score) and score > best[0])
-            if improved:
-                state = {n: t.detach().to("cpu", copy=True) for n, t in model.state_dict().items()}
-                best, since_best = (score, epoch, state, probs), 0
-            elif not frozen:
-                since_best += 1
-            rec = {"epoch": epoch + 1, "phase": "head" if frozen else "full",
-                   "backbone_lr": cfg.backbone_lr(epoch), "train_loss": float(np.mean(losses)),
-                   "train_acc": correct / max(count, 1), "val_accuracy": vm["accuracy"], "val_auc": vm["auc"],
-                   "val_f1": vm["f1"], "images_per_s": count / dt, "epoch_s": dt, "best": improved}
-            history.append(rec)
-            log.info("epoch %d/%d [%s] loss %.4f acc %.3f | val acc %.3f auc %.3f f1 %.3f | %.0f img/s %.0fs%s",
-                     epoch + 1, cfg.epochs, rec["phase"], rec["train_loss"], rec["train_acc"], vm["accuracy"],
-                     vm["auc"], vm["f1"], rec["images_per_s"], dt, " *" if improved else "")
-            if on_epoch is not None:
-                on_epoch(rec)
-            if cfg.patience and not frozen and since_best >= cfg.patience:
-                log.info("early stop: no validation %s improvement for %d epochs", cfg.select_metric,
-                         cfg.patience)
-                break
-        assert best is not None
-        _, best_epoch, state, val_probs = best
-        model = model.to("cpu", memory_format=torch.contiguous_format)
-        model.load_state_dict(state)
-        model.eval()
-        threshold = choose_threshold(val.labels, val_probs[:, 1]) if k == 2 else None
-        val_metrics = classification_metrics(val.labels, val_probs, threshold)
-        test_metrics = None
-        if test is not None:
-            tp = predict_proba(model.to(device, memory_format=mf), test.images, pp,
-                               batch_size=cfg.eval_batch_size, device=device, amp=amp,
-                               channels_last=cfg.channels_last)
-            test_metrics = classification_metrics(test.labels, tp, threshold)
-            model = model.to("cpu", memory_format=torch.contiguous_format)
+        s, enc_name, enc_cfg = _setup(encoder, k, y_train, cfg, preprocessing)
+        sel, history, n_seen, t_train = _train_and_select(s, train, val, y_train, on_epoch)
+        cand = sel.selected()
+        threshold, val_metrics = _restore_selected(s, cand, val.labels, k)
+        test_metrics = _test_metrics(s, test, threshold) if test is not None else None
     wall = time.perf_counter() - t_start
+    converged = cand.epoch + 1 < len(history)
+    if not converged:
+        log.warning(
+            "the selected epoch is the last one run (%d of %d): more epochs may still improve "
+            "validation %s; the budget is probably too short",
+            len(history),
+            cfg.epochs,
+            cfg.select_metric,
+        )
     if test_metrics is not None:
-        log.info("best epoch %d | test acc %.4f auc %.4f f1 %.4f (n=%d) | %.0f s", best_epoch + 1,
-                 test_metrics["accuracy"], test_metrics["auc"], test_metrics["f1"], test_metrics["n"], wall)
+        log.info(
+            "best epoch %d | test acc %.4f auc %.4f f1 %.4f (n=%d) | %.0f s",
+            cand.epoch + 1,
+            test_metrics["accuracy"],
+            test_metrics["auc"],
+            test_metrics["f1"],
+            test_metrics["n"],
+            wall,
+        )
     names = list(train.class_names) or [str(i) for i in range(k)]
-    return FitResult(model=model, preprocessing=pp, class_names=names, threshold=threshold,
-                     best_epoch=best_epoch + 1, val_metrics=val_metrics, test_metrics=test_metrics,
-                     history=history, wall_time_s=wall, train_images_per_s=n_seen / max(t_train, 1e-9),
-                     config=cfg, encoder=enc_name, encoder_config=enc_cfg, n_train=len(train), n_val=len(val))
-
+    return FitResult(
+        model=s.model,
+        preprocessing=s.pp,
+        class_names=names,
+        threshold=threshold,
+        best_epoch=cand.epoch + 1,
+        val_metrics=val_metrics,
+        test_metrics=test_metrics,
+        history=history,
+        wall_time_s=wall,
+        train_images_per_s=n_seen / max(t_train, 1e-9),
+        config=cfg,
+        encoder=enc_name,
+        encoder_config=enc_cfg,
+        n_train=len(train),
+        n_val=len(val),
+        converged=converged,
+    )

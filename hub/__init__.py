@@ -1,9 +1,9 @@
 """The hub: named CT encoders and classifiers as safetensors + config.json + model card.
 
-    from hub import from_pretrained
-    enc = from_pretrained("spark-lidc")                    # registry name or alias, verified by sha256
-    clf = from_pretrained("spark", num_classes=11)          # encoder + fresh head for fine-tuning
-    feats = from_pretrained("spark", features_only=True)    # forward -> 4 stage maps (strides 4..32)
+from hub import from_pretrained
+enc = from_pretrained("spark-lidc")                    # registry name or alias, verified by sha256
+clf = from_pretrained("spark", num_classes=11)          # encoder + fresh head for fine-tuning
+feats = from_pretrained("spark", features_only=True)    # forward -> 4 stage maps (strides 4..32)
 """
 
 from hub.config import ModelConfig
@@ -12,5 +12,14 @@ from hub.io import from_pretrained, hub_dir, load_dir, publish_local, save_pretr
 from hub.registry import load_registry
 from hub.resnet import ResNet50
 
-__all__ = ["FeaturesOnly", "ModelConfig", "ResNet50", "from_pretrained", "hub_dir", "load_dir", "load_registry",
-           "publish_local", "save_pretrained"]
+__all__ = [
+    "FeaturesOnly",
+    "ModelConfig",
+    "ResNet50",
+    "from_pretrained",
+    "hub_dir",
+    "load_dir",
+    "load_registry",
+    "publish_local",
+    "save_pretrained",
+]

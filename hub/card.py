@@ -25,7 +25,7 @@ METHOD_NAMES = {
 
 
 def front_matter(cfg: ModelConfig) -> dict[str, Any]:
-    """The card's YAML metadata as the Hugging Face Hub reads it (library, tags, licence, datasets, metrics)."""
+    """The card's YAML metadata as the Hugging Face Hub reads it (library, tags, licence, data, metrics)."""
     prov = cfg.provenance
     meta: dict[str, Any] = {
         "library_name": "ct-ssl-hub",
@@ -38,14 +38,23 @@ def front_matter(cfg: ModelConfig) -> dict[str, Any]:
     flat = {k: v for k, v in cfg.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     if flat:
         meta["metrics"] = sorted(flat)
-        meta["model-index"] = [{
-            "name": cfg.name,
-            "results": [{
-                "task": {"type": cfg.task or "image-classification"},
-                "dataset": {"name": prov.get("data", "see provenance"), "type": prov.get("data", "unknown")},
-                "metrics": [{"type": k, "value": float(v), "name": k} for k, v in sorted(flat.items())],
-            }],
-        }]
+        meta["model-index"] = [
+            {
+                "name": cfg.name,
+                "results": [
+                    {
+                        "task": {"type": cfg.task or "image-classification"},
+                        "dataset": {
+                            "name": prov.get("data", "see provenance"),
+                            "type": prov.get("data", "unknown"),
+                        },
+                        "metrics": [
+                            {"type": k, "value": float(v), "name": k} for k, v in sorted(flat.items())
+                        ],
+                    }
+                ],
+            }
+        ]
     return meta
 
 
@@ -55,9 +64,16 @@ def render_card(cfg: ModelConfig) -> str:
     lines = [
         f"# {cfg.name}",
         "",
-        (f"- Architecture: {cfg.architecture}; pretraining: {METHOD_NAMES.get(cfg.method, cfg.method)}"
-         f" on {cfg.pretraining_data}."),
-        f"- Head: {'none (encoder, 2048-d pooled features)' if cfg.num_classes == 0 else f'linear, {cfg.num_classes} classes'}",
+        (
+            f"- Architecture: {cfg.architecture}; pretraining: {METHOD_NAMES.get(cfg.method, cfg.method)}"
+            f" on {cfg.pretraining_data}."
+        ),
+        "- Head: "
+        + (
+            "none (encoder, 2048-d pooled features)"
+            if cfg.num_classes == 0
+            else f"linear, {cfg.num_classes} classes"
+        ),
         f"- Input: {pp.in_chans}x{pp.input_size}x{pp.input_size}, intensity mapping `{pp.mapping}`"
         + (f" ({pp.window or ''} {pp.window_center}/{pp.window_width})" if pp.mapping == "window" else "")
         + f", mean {list(pp.mean)}, std {list(pp.std)}.",
@@ -76,12 +92,21 @@ def render_card(cfg: ModelConfig) -> str:
     else:
         lines.append("Nothing has been measured for this model yet.")
     lines += ["", "## Provenance", ""]
-    for k in ("command", "data", "source_file", "source_sha256", "wall_time_s", "epochs", "steps", "final_loss",
-              "created"):
+    for k in (
+        "command",
+        "data",
+        "source_file",
+        "source_sha256",
+        "wall_time_s",
+        "epochs",
+        "steps",
+        "final_loss",
+        "created",
+    ):
         if k in cfg.provenance:
             lines.append(f"- {k}: `{cfg.provenance[k]}`")
     lines += ["", "Load it with `from hub import from_pretrained`.", ""]
-    return "\n".join(front + [""] + lines)
+    return "\n".join([*front, "", *lines])
 
 
 def write_card(cfg: ModelConfig, directory: str | Path) -> Path:

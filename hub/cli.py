@@ -1,4 +1,7 @@
-"""`cthub hub list | show NAME | pull NAME | push NAME --repo ORG/NAME | import CHECKPOINT --method M --name N`."""
+"""`cthub hub list | show NAME | pull NAME | push NAME --repo ORG/NAME | import CKPT --method M --name N`.
+
+Handlers print their results on stdout (this is the command line's output); everything else logs.
+"""
 
 from __future__ import annotations
 
@@ -28,7 +31,9 @@ def _cached(entry: RegistryEntry, cache_dir: str | None) -> bool:
         return False
     from huggingface_hub import try_to_load_from_cache
 
-    hit = try_to_load_from_cache(entry.repo_id or "", WEIGHTS_NAME, cache_dir=cache_dir, revision=entry.revision)
+    hit = try_to_load_from_cache(
+        entry.repo_id or "", WEIGHTS_NAME, cache_dir=cache_dir, revision=entry.revision
+    )
     return isinstance(hit, str)
 
 
@@ -45,18 +50,41 @@ def status(entry: RegistryEntry, hub: Path, cache_dir: str | None = None) -> str
 
 def cmd_list(args: argparse.Namespace) -> int:
     reg, hub = load_registry(), _hub(args)
-    rows = [{"name": e.name, "aliases": list(e.aliases), "method": e.method, "status": status(e, hub, args.cache_dir),
-             "repo_id": e.repo_id, "pretraining_data": e.pretraining_data} for e in reg.entries.values()]
-    extra = sorted(p.name for p in hub.iterdir() if (p / WEIGHTS_NAME).is_file() and p.name not in reg.entries) \
-        if hub.is_dir() else []
-    rows += [{"name": n, "aliases": [], "method": ModelConfig.load(hub / n).method, "status": "local (unregistered)",
-              "repo_id": None, "pretraining_data": ModelConfig.load(hub / n).pretraining_data} for n in extra]
+    rows: list[dict[str, Any]] = [
+        {
+            "name": e.name,
+            "aliases": list(e.aliases),
+            "method": e.method,
+            "status": status(e, hub, args.cache_dir),
+            "repo_id": e.repo_id,
+            "pretraining_data": e.pretraining_data,
+        }
+        for e in reg.entries.values()
+    ]
+    extra = (
+        sorted(p.name for p in hub.iterdir() if (p / WEIGHTS_NAME).is_file() and p.name not in reg.entries)
+        if hub.is_dir()
+        else []
+    )
+    for n in extra:
+        cfg = ModelConfig.load(hub / n)
+        rows.append(
+            {
+                "name": n,
+                "aliases": [],
+                "method": cfg.method,
+                "status": "local (unregistered)",
+                "repo_id": None,
+                "pretraining_data": cfg.pretraining_data,
+            }
+        )
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     print(f"{'NAME':28} {'METHOD':8} {'STATUS':20} {'ALIASES':12} REPO")
     for r in rows:
-        print(f"{r['name']:28} {r['method']:8} {r['status']:20} {','.join(r['aliases']) or '-':12} {r['repo_id'] or '-'}")
+        aliases = ",".join(r["aliases"]) or "-"
+        print(f"{r['name']:28} {r['method']:8} {r['status']:20} {aliases:12} {r['repo_id'] or '-'}")
     print(f"(hub dir: {hub}; registry: {reg.path})", file=sys.stderr)
     return 0
 
@@ -68,12 +96,17 @@ def cmd_show(args: argparse.Namespace) -> int:
     folder = hub / name
     if entry is None and not folder.is_dir():
         raise ModelNotFoundError(f"{args.name!r} is neither in the registry ({reg.path}) nor in {hub}")
-    info: dict[str, Any] = {"registry": entry.to_dict() if entry else None,
-                            "status": status(entry, hub, args.cache_dir) if entry else "local (unregistered)"}
+    info: dict[str, Any] = {
+        "registry": entry.to_dict() if entry else None,
+        "status": status(entry, hub, args.cache_dir) if entry else "local (unregistered)",
+    }
     if folder.is_dir():
-        info["local"] = {"path": str(folder), "manifest": manifest.read_manifest(hub).get(name),
-                         "sidecar_sha256": manifest.read_sidecar(folder / WEIGHTS_NAME),
-                         "config": ModelConfig.load(folder).to_dict()}
+        info["local"] = {
+            "path": str(folder),
+            "manifest": manifest.read_manifest(hub).get(name),
+            "sidecar_sha256": manifest.read_sidecar(folder / WEIGHTS_NAME),
+            "config": ModelConfig.load(folder).to_dict(),
+        }
     print(json.dumps(info, indent=2, default=str))
     return 0
 
@@ -84,20 +117,30 @@ def cmd_pull(args: argparse.Namespace) -> int:
     reg = load_registry()
     entry = reg.get(args.name)
     if entry is not None and not entry.is_remote:
-        raise ModelNotFoundError(f"{entry.name} is local only (no remote copy); produce it with "
-                                 f"`{entry.extra.get('produced_by', 'cthub pretrain')}`")
-    if entry is None and args.name.count("/") != 1:
-        raise ModelNotFoundError(f"{args.name!r} is not in the registry ({reg.path}) and is not an ORG/NAME repo id")
-    model = load_remote(entry.repo_id if entry else args.name, name=entry.name if entry else args.name,  # type: ignore[arg-type]
-                        revision=args.revision or (entry.revision if entry else None),
-                        expected_sha256=entry.sha256 if entry else None, hub=_hub(args), cache_dir=args.cache_dir)
+        raise ModelNotFoundError(
+            f"{entry.name} is local only (no remote copy); produce it with "
+            f"`{entry.extra.get('produced_by', 'cthub pretrain')}`"
+        )
+    repo_id = entry.repo_id if entry is not None else args.name
+    if repo_id is None or repo_id.count("/") != 1:
+        raise ModelNotFoundError(
+            f"{args.name!r} is not in the registry ({reg.path}) and is not an ORG/NAME repo id"
+        )
+    model = load_remote(
+        repo_id,
+        name=entry.name if entry else args.name,
+        revision=args.revision or (entry.revision if entry else None),
+        expected_sha256=entry.sha256 if entry else None,
+        hub=_hub(args),
+        cache_dir=args.cache_dir,
+    )
     loaded = model.config.provenance["loaded"]
     print(f"{args.name}: {loaded['from']} -> {loaded['path']}\n  verified sha256 {loaded['sha256']}")
     return 0
 
 
 def stage_for_push(folder: Path, out: Path) -> Path:
-    """Build the exact folder `push` uploads: verified weights, sidecar, config.json and a fresh model card."""
+    """Build the exact folder `push` uploads: verified weights, sidecar, config.json and a fresh card."""
     from hub.io import load_dir
 
     load_dir(folder)  # strict load + sidecar check: never upload what would not load
@@ -131,7 +174,7 @@ def cmd_push(args: argparse.Namespace) -> int:
         out = stage_for_push(folder, Path(tmp) / name)
         url = upload(out, repo, private=args.private, revision=args.revision)
     sha = manifest.sha256_file(folder / WEIGHTS_NAME)
-    print(f"pushed {folder} to {repo}: {url}\nregistry entry: \"repo_id\": \"{repo}\", \"sha256\": \"{sha}\"")
+    print(f'pushed {folder} to {repo}: {url}\nregistry entry: "repo_id": "{repo}", "sha256": "{sha}"')
     return 0
 
 
@@ -142,17 +185,29 @@ def cmd_import(args: argparse.Namespace) -> int:
     if (hub / args.name).exists() and not args.force:
         raise ConfigError(f"{hub / args.name} exists; pass --force to replace it")
     cmd = f"cthub hub import {Path(args.checkpoint).name} --method {args.method} --name {args.name}"
-    folder = import_checkpoint(args.checkpoint, args.method, args.name, pretraining_data=args.data,
-                               license=args.license, hub_dir_override=getattr(args, "hub_dir", None), command=cmd)
+    folder = import_checkpoint(
+        args.checkpoint,
+        args.method,
+        args.name,
+        pretraining_data=args.data,
+        license=args.license,
+        hub_dir_override=getattr(args, "hub_dir", None),
+        command=cmd,
+    )
     cfg = ModelConfig.load(folder)
-    print(f"imported {args.checkpoint} as {args.name} -> {folder}\n  conversion: {cfg.provenance['conversion']}\n"
-          f"  sha256: {manifest.read_sidecar(folder / WEIGHTS_NAME)}")
+    print(
+        f"imported {args.checkpoint} as {args.name} -> {folder}\n"
+        f"  conversion: {cfg.provenance['conversion']}\n"
+        f"  sha256: {manifest.read_sidecar(folder / WEIGHTS_NAME)}"
+    )
     return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     hub = subparsers.add_parser("hub", help="list, show, pull, push and import named encoders")
-    hub.add_argument("--hub-dir", dest="hub_dir", default=None, help="local hub directory (default $CTHUB_HOME)")
+    hub.add_argument(
+        "--hub-dir", dest="hub_dir", default=None, help="local hub directory (default $CTHUB_HOME)"
+    )
     sub = hub.add_subparsers(dest="hub_command", metavar="ACTION", required=True)
     p = sub.add_parser("list", help="registry names, aliases and where each one is")
     p.add_argument("--json", action="store_true")

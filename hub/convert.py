@@ -1,12 +1,14 @@
 """Convert the original published checkpoints into hub folders (`cthub hub import`).
 
-Key layouts (the encoder is a torchvision-style ResNet50 in every case):
+Key layouts (the encoder is a torchvision-style ResNet50 in every case; upstream sources in
+tests/test_hub_convert.py, which builds each layout):
 - mocov2: PyTorch Lightning Bolts `.ckpt`, `state_dict` keys `encoder_q.*` (its MLP head is `encoder_q.fc.*`)
 - byol:   Bolts `.ckpt`, `state_dict` keys `online_network.encoder.*`
 - swav:   Bolts `.ckpt`, `state_dict` keys `model.*` (`model.projection_head.*`, `model.prototypes.*` dropped)
 - spark:  SparK's `*_timm_style.pth` (bare timm ResNet keys) or the with-decoder file
           (`module` dict with `sparse_encoder.sp_cnn.*` beside the decoder, which is dropped)
-- torchvision: a plain `torchvision.models.resnet50().state_dict()`
+- torchvision: a plain `torchvision.models.resnet50().state_dict()`, or a torchvision reference-script
+          checkpoint (`model` dict beside `args`, an argparse.Namespace)
 Files are read with `torch.load(weights_only=True)`: nothing in them is executed. Lightning's hyperparameter
 containers (AttributeDict) are read as plain dicts, and argparse.Namespace is allowed; any other object
 makes the import fail with a clear error instead of running code.
@@ -69,42 +71,54 @@ def read_checkpoint(path: str | Path) -> Any:
             raise InputError(f"{p.name} is not a readable PyTorch checkpoint ({type(e).__name__})") from None
         raise InputError(
             f"{p.name} holds objects that would need code execution to load ({first}); refused. "
-            "Re-save only its state_dict (torch.save(ckpt['state_dict'], 'weights.pth')) where you trust the file."
+            "Re-save only its state_dict (torch.save(ckpt['state_dict'], 'weights.pth')) where you trust "
+            "the file."
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
         raise InputError(f"{p.name} is not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
 
 
 def _tensors(d: Any) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in d.items() if isinstance(k, str) and isinstance(v, torch.Tensor)} if isinstance(d, dict) else {}
+    """The tensor entries of a dict (SparK's `module` also holds a `config` dict); {} for anything else."""
+    if not isinstance(d, dict):
+        return {}
+    return {k: v for k, v in d.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
 
 
 def find_state_dict(obj: Any) -> dict[str, torch.Tensor]:
     """The tensor dict inside a checkpoint: unwraps state_dict/module/model containers and DDP's `module.`."""
     for _ in range(3):
-        inner = next((obj[k] for k in CONTAINERS if isinstance(obj, dict) and isinstance(obj.get(k), dict)), None)
+        inner = next(
+            (obj[k] for k in CONTAINERS if isinstance(obj, dict) and isinstance(obj.get(k), dict)), None
+        )
         if inner is None:
             break
         obj = inner
     state = _tensors(obj)
     if not state:
-        raise InputError("no tensors found in the checkpoint (expected a state dict, or one under "
-                         f"{', '.join(repr(c) for c in CONTAINERS)})")
+        raise InputError(
+            "no tensors found in the checkpoint (expected a state dict, or one under "
+            f"{', '.join(repr(c) for c in CONTAINERS)})"
+        )
     if all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
+        state = {k[len("module.") :]: v for k, v in state.items()}
     return state
 
 
-def convert_state_dict(state: dict[str, torch.Tensor], method: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def convert_state_dict(
+    state: dict[str, torch.Tensor], method: str
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Select and rename the encoder's keys for `method`; strict: anything unexplained is an error."""
     if method not in LAYOUTS:
         raise ConfigError(f"unknown checkpoint method {method!r}; choose one of {', '.join(LAYOUTS)}")
     layout = LAYOUTS[method]
     prefix = next((p for p in layout.prefixes if p == "" or any(k.startswith(p) for k in state)), None)
     if prefix is None:
-        raise IntegrityError(f"no key starts with {' or '.join(layout.prefixes)}: this is not a {method} checkpoint "
-                             f"(first keys: {sorted(state)[:4]})")
-    picked = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        raise IntegrityError(
+            f"no key starts with {' or '.join(layout.prefixes)}: this is not a {method} "
+            f"checkpoint (first keys: {sorted(state)[:4]})"
+        )
+    picked = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     in_chans = int(picked["conv1.weight"].shape[1]) if "conv1.weight" in picked else 3
     with torch.device("meta"):
         expected = {k: v.shape for k, v in ResNet50(num_classes=0, in_chans=in_chans).state_dict().items()}
@@ -113,24 +127,41 @@ def convert_state_dict(state: dict[str, torch.Tensor], method: str) -> tuple[dic
     filled = sorted(k for k in expected if k not in picked and k.endswith("num_batches_tracked"))
     missing = sorted(k for k in expected if k not in picked and k not in filled)
     if missing or unexpected:
-        raise IntegrityError(f"{method} checkpoint (prefix {prefix!r}) does not map onto ResNet50: "
-                             f"missing {missing[:5]} ({len(missing)}), unexpected {unexpected[:5]} ({len(unexpected)})")
+        raise IntegrityError(
+            f"{method} checkpoint (prefix {prefix!r}) does not map onto ResNet50: "
+            f"missing {missing[:5]} ({len(missing)}), "
+            f"unexpected {unexpected[:5]} ({len(unexpected)})"
+        )
     out: dict[str, torch.Tensor] = {}
     for k, shape in expected.items():
         v = picked[k] if k in picked else torch.tensor(0, dtype=torch.long)
         if v.shape != shape:
-            raise IntegrityError(f"{k}: shape {tuple(v.shape)} in the checkpoint, ResNet50 needs {tuple(shape)}")
+            raise IntegrityError(
+                f"{k}: shape {tuple(v.shape)} in the checkpoint, ResNet50 needs {tuple(shape)}"
+            )
         out[k] = v.float().contiguous() if v.is_floating_point() else v.contiguous()
-    report = {"prefix": prefix, "kept": len(out), "dropped": len(dropped),
-              "dropped_prefixes": sorted({k.split(".")[0] for k in dropped}), "filled_num_batches_tracked": len(filled),
-              "ignored_outside_prefix": sum(1 for k in state if not k.startswith(prefix))}
+    report = {
+        "prefix": prefix,
+        "kept": len(out),
+        "dropped": len(dropped),
+        "dropped_prefixes": sorted({k.split(".")[0] for k in dropped}),
+        "filled_num_batches_tracked": len(filled),
+        "ignored_outside_prefix": sum(1 for k in state if not k.startswith(prefix)),
+    }
     return out, report
 
 
-def import_checkpoint(path: str | Path, method: str, name: str, *, pretraining_data: str | None = None,
-                      license: str | None = None, hub_dir_override: str | Path | None = None,
-                      command: str | None = None) -> Path:
-    """Convert an original checkpoint into `hub_dir()/<name>` (recorded in the manifest); returns the folder."""
+def import_checkpoint(
+    path: str | Path,
+    method: str,
+    name: str,
+    *,
+    pretraining_data: str | None = None,
+    license: str | None = None,
+    hub_dir_override: str | Path | None = None,
+    command: str | None = None,
+) -> Path:
+    """Convert an original checkpoint into `hub_dir()/<name>` (recorded in the manifest); returns it."""
     from hub.io import publish_local  # late: hub.io imports the registry and card machinery
 
     check_name(name)
@@ -147,7 +178,9 @@ def import_checkpoint(path: str | Path, method: str, name: str, *, pretraining_d
         pp = {k: v for k, v in pp.items() if k not in ("mean", "std")} | {"mean": [0.5], "std": [0.25]}
     prov: dict[str, Any] = {
         "command": command or f"cthub hub import {p.name} --method {method} --name {name}",
-        "source_file": p.name, "source_sha256": sha256_file(p), "conversion": report,
+        "source_file": p.name,
+        "source_sha256": sha256_file(p),
+        "conversion": report,
         "license": license or (entry.license if entry else "other"),
     }
     if entry:
@@ -155,8 +188,12 @@ def import_checkpoint(path: str | Path, method: str, name: str, *, pretraining_d
         if entry.extra.get("preprocessing_note"):
             prov["note"] = entry.extra["preprocessing_note"]
     cfg = ModelConfig(
-        name=name, method=entry.method if entry else LAYOUTS[method].method,
-        pretraining_data=pretraining_data or (entry.pretraining_data if entry else "unknown (imported checkpoint)"),
-        revision=f"import:{prov['source_sha256'][:12]}", preprocessing=PreprocessConfig.from_dict(pp), provenance=prov,
+        name=name,
+        method=entry.method if entry else LAYOUTS[method].method,
+        pretraining_data=pretraining_data
+        or (entry.pretraining_data if entry else "unknown (imported checkpoint)"),
+        revision=f"import:{prov['source_sha256'][:12]}",
+        preprocessing=PreprocessConfig.from_dict(pp),
+        provenance=prov,
     )
     return publish_local(model, name, cfg, source="import", hub_dir_override=hub_dir_override)

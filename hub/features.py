@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+from typing import TypedDict
+
 import torch
 from torch import nn
 
 from hub.resnet import STAGE_CHANNELS, ResNet50
 
 REDUCTIONS: tuple[int, int, int, int] = (4, 8, 16, 32)
+
+
+class StageInfo(TypedDict):
+    """One entry of `feature_info`, with timm's keys."""
+
+    module: str
+    num_chs: int
+    reduction: int
 
 
 class FeaturesOnly(nn.Module):
@@ -20,14 +30,14 @@ class FeaturesOnly(nn.Module):
     def __init__(self, model: ResNet50) -> None:
         super().__init__()
         self.model = model
-        self.feature_info = [
+        self.feature_info: list[StageInfo] = [
             {"module": f"layer{i + 1}", "num_chs": c, "reduction": r}
-            for i, (c, r) in enumerate(zip(STAGE_CHANNELS, REDUCTIONS))
+            for i, (c, r) in enumerate(zip(STAGE_CHANNELS, REDUCTIONS, strict=True))
         ]
         self.config = getattr(model, "config", None)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return self.model.forward_features(x)
+        return self.model.forward_intermediates(x)
 
     def channels(self) -> list[int]:
         return [f["num_chs"] for f in self.feature_info]

@@ -65,8 +65,8 @@ def verify(weights: Path, expected: dict[str, str | None], actual: str | None = 
         if sha is not None and sha.lower() != actual:
             raise IntegrityError(
                 f"{weights} does not match the sha256 recorded in {source} (expected {sha[:12]}..., "
-                f"found {actual[:12]}...): the file is truncated, corrupted or was replaced. Nothing was loaded; "
-                "delete the folder and pull, import or publish the model again."
+                f"found {actual[:12]}...): the file is truncated, corrupted or was replaced. Nothing was "
+                "loaded; delete the folder and pull, import or publish the model again."
             )
     return actual
 

@@ -1,6 +1,7 @@
 """The registry of named encoders, read from one data file (`hub/registry.json`).
 
-`$CTHUB_REGISTRY` may point to another registry file (a private mirror, or tests); it replaces the packaged one.
+`$CTHUB_REGISTRY` may point to another registry file (a private mirror, or tests); it replaces the packaged
+one.
 """
 
 from __future__ import annotations
@@ -17,7 +18,16 @@ from cthub.errors import ConfigError, ModelNotFoundError
 REGISTRY_ENV = "CTHUB_REGISTRY"
 PACKAGED_REGISTRY = Path(__file__).with_name("registry.json")
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,95}$")
-REQUIRED = ("method", "architecture", "pretraining_data", "repo_id", "revision", "sha256", "license", "citation")
+REQUIRED = (
+    "method",
+    "architecture",
+    "pretraining_data",
+    "repo_id",
+    "revision",
+    "sha256",
+    "license",
+    "citation",
+)
 
 
 @dataclass(frozen=True)
@@ -97,13 +107,17 @@ def _entry(name: str, d: dict[str, Any], aliases: tuple[str, ...], path: Path) -
         raise ConfigError(f"{path}: remote entry {name!r} needs a revision (branch, tag or commit)")
     known = {*REQUIRED, "datasets", "preprocessing"}
     return RegistryEntry(
-        name=name, **{k: d[k] for k in REQUIRED}, datasets=tuple(d.get("datasets", ())), aliases=aliases,
-        preprocessing=dict(d.get("preprocessing") or {}), extra={k: v for k, v in d.items() if k not in known},
+        name=name,
+        **{k: d[k] for k in REQUIRED},
+        datasets=tuple(d.get("datasets", ())),
+        aliases=aliases,
+        preprocessing=dict(d.get("preprocessing") or {}),
+        extra={k: v for k, v in d.items() if k not in known},
     )
 
 
 def load_registry(path: str | Path | None = None) -> Registry:
-    """Read and validate the registry file (the packaged one unless `path` or $CTHUB_REGISTRY says otherwise)."""
+    """Read and validate the registry file (the packaged one unless `path` or $CTHUB_REGISTRY says so)."""
     p = Path(path) if path is not None else registry_path()
     try:
         raw = json.loads(p.read_text())
@@ -131,6 +145,7 @@ def check_name(name: str) -> str:
     """Validate a name for a model folder in the hub dir (no paths, no upper case)."""
     if not NAME_RE.match(name):
         raise ConfigError(
-            f"invalid model name {name!r}: use lowercase letters, digits, '.', '_' or '-' (at most 96 characters)"
+            f"invalid model name {name!r}: use lowercase letters, digits, '.', '_' or '-' "
+            "(at most 96 characters)"
         )
     return name

@@ -1,14 +1,20 @@
 """ResNet50 written against torchvision's state-dict key names, with no torchvision dependency.
 
 Keys match `torchvision.models.resnet50()` exactly (conv1, bn1, layer1..layer4, fc), so torchvision, timm and
-the seed paper's checkpoints load with strict key matching. `forward_features` returns the four stage
-outputs (strides 4, 8, 16, 32) needed by SparK's decoder and by class activation maps.
+the seed paper's checkpoints load with strict key matching. The feature API follows timm's contract:
+`forward_features` returns the last stage map (stride 32, the input of `forward_head`), and
+`forward_intermediates` returns the four stage outputs (strides 4, 8, 16, 32) that SparK's decoder needs.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from hub.config import ModelConfig
 
 STAGE_CHANNELS: tuple[int, int, int, int] = (256, 512, 1024, 2048)
 FEATURE_DIM = 2048
@@ -44,44 +50,47 @@ class Bottleneck(nn.Module):
         return self.relu(out + identity)
 
 
+def _stage(in_ch: int, width: int, blocks: int, stride: int) -> nn.Sequential:
+    """One stage: a (possibly strided) bottleneck with projection, then `blocks - 1` identity bottlenecks."""
+    out_ch = width * Bottleneck.expansion
+    rest = (Bottleneck(out_ch, width) for _ in range(blocks - 1))
+    return nn.Sequential(Bottleneck(in_ch, width, stride), *rest)
+
+
 class ResNet50(nn.Module):
     """ResNet50 encoder; with `num_classes > 0` a linear head `fc` on global-average-pooled features.
 
     `num_classes=0` gives a pure encoder whose `forward` returns the pooled 2048-d feature vector.
+    `config` (a ModelConfig) is attached by the hub when a model is loaded.
     """
 
-    def __init__(self, num_classes: int = 0, in_chans: int = 3, zero_init_residual: bool = False) -> None:
+    config: ModelConfig
+
+    def __init__(self, num_classes: int = 0, in_chans: int = 3) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.in_chans = in_chans
-        self.num_features = FEATURE_DIM
+        self.num_features = FEATURE_DIM  # timm's name for the width of the pooled feature
         self.conv1 = nn.Conv2d(in_chans, 64, 7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
-        in_ch = 64
-        for i, (width, blocks, stride) in enumerate(((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2))):
-            layers = [Bottleneck(in_ch, width, stride)]
-            in_ch = width * Bottleneck.expansion
-            layers += [Bottleneck(in_ch, width) for _ in range(blocks - 1)]
-            setattr(self, f"layer{i + 1}", nn.Sequential(*layers))
+        self.layer1 = _stage(64, 64, 3, 1)
+        self.layer2 = _stage(256, 128, 4, 2)
+        self.layer3 = _stage(512, 256, 6, 2)
+        self.layer4 = _stage(1024, 512, 3, 2)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc: nn.Module = nn.Linear(FEATURE_DIM, num_classes) if num_classes > 0 else nn.Identity()
-        self._init_weights(zero_init_residual)
+        if not self.conv1.weight.is_meta:  # built on the meta device to be loaded with assign=True: no init
+            self._init_weights()
 
-    def _init_weights(self, zero_init_residual: bool) -> None:
-        if self.conv1.weight.is_meta:  # built on the meta device to be loaded with assign=True: nothing to init
-            return
+    def _init_weights(self) -> None:
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        if zero_init_residual:
-            for m in self.modules():
-                if isinstance(m, Bottleneck):
-                    nn.init.zeros_(m.bn3.weight)
 
     def stages(self) -> list[nn.Sequential]:
         return [self.layer1, self.layer2, self.layer3, self.layer4]
@@ -89,7 +98,7 @@ class ResNet50(nn.Module):
     def stem(self, x: torch.Tensor) -> torch.Tensor:
         return self.maxpool(self.relu(self.bn1(self.conv1(x))))
 
-    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def forward_intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The four stage outputs, strides 4/8/16/32, channels 256/512/1024/2048."""
         x = self.stem(x)
         feats = []
@@ -98,22 +107,21 @@ class ResNet50(nn.Module):
             feats.append(x)
         return feats
 
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last stage map [B, 2048, H/32, W/32] (timm's contract: `forward_head` takes it)."""
+        x = self.stem(x)
+        for stage in self.stages():
+            x = stage(x)
+        return x
+
     def forward_head(self, last: torch.Tensor) -> torch.Tensor:
         """Global average pool, then the linear head (identity for an encoder)."""
         return self.fc(torch.flatten(self.avgpool(last), 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        for stage in self.stages():
-            x = stage(x)
-        return self.forward_head(x)
+        return self.forward_head(self.forward_features(x))
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the head: a fresh `Linear(2048, num_classes)`, or identity for 0."""
         self.num_classes = num_classes
         self.fc = nn.Linear(FEATURE_DIM, num_classes) if num_classes > 0 else nn.Identity()
-
-
-def encoder_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict without the head (`fc.*`)."""
-    return {k: v for k, v in model.state_dict().items() if not k.startswith("fc.")}

@@ -11,5 +11,14 @@ from pretrain.config import METHODS, TrainConfig, build_method, config_for, load
 from pretrain.publish import publish
 from pretrain.trainer import RunResult, plain_encoder, train
 
-__all__ = ["METHODS", "RunResult", "TrainConfig", "build_method", "config_for", "load_recipe", "plain_encoder",
-           "publish", "train"]
+__all__ = [
+    "METHODS",
+    "RunResult",
+    "TrainConfig",
+    "build_method",
+    "config_for",
+    "load_recipe",
+    "plain_encoder",
+    "publish",
+    "train",
+]

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ctdata.preprocess import PreprocessConfig, finalize
+from finetune.augment import affine_resample
 
 
 @dataclass(frozen=True)
@@ -38,8 +39,9 @@ def _uniform(n: int, lo: float, hi: float, g: torch.Generator) -> torch.Tensor:
     return torch.rand(n, generator=g) * (hi - lo) + lo
 
 
-def random_resized_crop(x: torch.Tensor, size: int, scale: tuple[float, float], ratio: tuple[float, float],
-                        g: torch.Generator) -> torch.Tensor:
+def random_resized_crop(
+    x: torch.Tensor, size: int, scale: tuple[float, float], ratio: tuple[float, float], g: torch.Generator
+) -> torch.Tensor:
     """Per-sample random crop of `scale` area fraction and `ratio` aspect, resized to `size` (bilinear)."""
     b = x.shape[0]
     area = _uniform(b, *scale, g)
@@ -57,8 +59,7 @@ def random_resized_crop(x: torch.Tensor, size: int, scale: tuple[float, float], 
     if shrink > 2.0:
         new = (max(size, int(x.shape[-2] / shrink * 2)), max(size, int(x.shape[-1] / shrink * 2)))
         src = F.interpolate(x, size=new, mode="bilinear", align_corners=False, antialias=True)
-    grid = F.affine_grid(theta.to(x.dtype), [b, x.shape[1], size, size], align_corners=False)
-    return F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return affine_resample(src, theta, size)
 
 
 def intensity_jitter(x: torch.Tensor, spec: ViewSpec, g: torch.Generator) -> torch.Tensor:

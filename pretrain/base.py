@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -11,6 +12,8 @@ from torch import nn
 from hub.resnet import ResNet50
 from pretrain.augment import ViewSpec
 from pretrain.dist import convert_batchnorm
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
 class SSLMethod(nn.Module):
@@ -42,13 +45,23 @@ class SSLMethod(nn.Module):
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """Weights with decay and LARS adaptation; biases and norm parameters without either."""
-        decay, no_decay = [], []
+        decay: list[nn.Parameter] = []
+        no_decay: list[nn.Parameter] = []
         for n, p in self.named_parameters():
             if not p.requires_grad:
                 continue
             (no_decay if p.ndim <= 1 or n.endswith(".bias") else decay).append(p)
-        return [{"params": decay, "weight_decay": weight_decay, "lars": True},
-                {"params": no_decay, "weight_decay": 0.0, "lars": False}]
+        return [
+            {"params": decay, "weight_decay": weight_decay, "lars": True},
+            {"params": no_decay, "weight_decay": 0.0, "lars": False},
+        ]
+
+
+def to_channels_last(module: ModuleT) -> ModuleT:
+    """`module.to(memory_format=torch.channels_last)`: 4-D parameters and buffers, in place; returns it.
+
+    The one place for that call: `Module.to` takes `memory_format` at runtime, torch's stubs lack it."""
+    return module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
 
 def mlp(dims: list[int], bn: bool = True, last_bn: bool = False) -> nn.Sequential:
@@ -77,5 +90,5 @@ def frozen_copy(module: nn.Module) -> nn.Module:
 @torch.no_grad()
 def ema_update(target: nn.Module, online: nn.Module, m: float) -> None:
     """target = m * target + (1 - m) * online, parameter by parameter (the target keeps its own BN stats)."""
-    for pt, po in zip(target.parameters(), online.parameters()):
+    for pt, po in zip(target.parameters(), online.parameters(), strict=True):
         pt.mul_(m).add_(po.detach(), alpha=1.0 - m)

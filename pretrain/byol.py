@@ -28,7 +28,9 @@ class BYOL(SSLMethod):
 
     name = "byol"
 
-    def __init__(self, encoder: ResNet50, hidden: int = 4096, dim: int = 256, tau_base: float = 0.996) -> None:
+    def __init__(
+        self, encoder: ResNet50, hidden: int = 4096, dim: int = 256, tau_base: float = 0.996
+    ) -> None:
         super().__init__(encoder)
         self.projector = mlp([FEATURE_DIM, hidden, dim])
         self.predictor = mlp([dim, hidden, dim])
@@ -39,8 +41,10 @@ class BYOL(SSLMethod):
 
     def view_specs(self, size: int, hflip: bool) -> list[ViewSpec]:
         f = 0.5 if hflip else 0.0
-        return [ViewSpec(size, scale=(0.08, 1.0), p_intensity=0.8, p_blur=1.0, p_solarize=0.0, p_hflip=f),
-                ViewSpec(size, scale=(0.08, 1.0), p_intensity=0.8, p_blur=0.1, p_solarize=0.2, p_hflip=f)]
+        return [
+            ViewSpec(size, scale=(0.08, 1.0), p_intensity=0.8, p_blur=1.0, p_solarize=0.0, p_hflip=f),
+            ViewSpec(size, scale=(0.08, 1.0), p_intensity=0.8, p_blur=0.1, p_solarize=0.2, p_hflip=f),
+        ]
 
     def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
         v1, v2 = views

@@ -12,17 +12,48 @@ import yaml
 from cthub.errors import ConfigError
 from hub.resnet import ResNet50
 from pretrain.base import SSLMethod
+from pretrain.byol import BYOL
+from pretrain.mocov2 import MoCoV2
+from pretrain.spark import SparK
+from pretrain.swav import SwAV
 
-METHODS = ("mocov2", "swav", "byol", "spark")
+# The method table (name -> class), in the order the paper lists them.
+METHODS: dict[str, type[SSLMethod]] = {"mocov2": MoCoV2, "swav": SwAV, "byol": BYOL, "spark": SparK}
 RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
 
 # Optimizer and schedule of each method's original recipe; lr is per 256 images (scaled linearly).
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
-    "mocov2": {"optimizer": "sgd", "base_lr": 0.03, "final_lr": 0.0, "weight_decay": 1e-4, "warmup_epochs": 0.0},
-    "swav": {"optimizer": "lars", "base_lr": 0.6, "final_lr": 0.0006, "weight_decay": 1e-6, "warmup_epochs": 0.0},
-    "byol": {"optimizer": "lars", "base_lr": 0.2, "final_lr": 0.0, "weight_decay": 1.5e-6, "warmup_epochs": 10.0},
-    "spark": {"optimizer": "lamb", "base_lr": 2e-4, "final_lr": 0.0, "weight_decay": 0.04, "weight_decay_end": 0.2,
-                  "warmup_epochs": 40.0, "betas": (0.9, 0.95), "clip_grad": 5.0},
+    "mocov2": {
+        "optimizer": "sgd",
+        "base_lr": 0.03,
+        "final_lr": 0.0,
+        "weight_decay": 1e-4,
+        "warmup_epochs": 0.0,
+    },
+    "swav": {
+        "optimizer": "lars",
+        "base_lr": 0.6,
+        "final_lr": 0.0006,
+        "weight_decay": 1e-6,
+        "warmup_epochs": 0.0,
+    },
+    "byol": {
+        "optimizer": "lars",
+        "base_lr": 0.2,
+        "final_lr": 0.0,
+        "weight_decay": 1.5e-6,
+        "warmup_epochs": 10.0,
+    },
+    "spark": {
+        "optimizer": "lamb",
+        "base_lr": 2e-4,
+        "final_lr": 0.0,
+        "weight_decay": 0.04,
+        "weight_decay_end": 0.2,
+        "warmup_epochs": 40.0,
+        "betas": (0.9, 0.95),
+        "clip_grad": 5.0,
+    },
 }
 
 
@@ -62,6 +93,11 @@ class TrainConfig:
     log_every: int = 10
     tensorboard: bool = True
     device: str | None = None
+    init: str | None = None  # hub name or folder of an encoder to continue from (hierarchical pretraining)
+    monitor_data: str | None = None  # labeled npz whose val split feeds the online kNN monitor
+    monitor_every: int = 0  # steps between kNN checks (0: off); also measured at the end
+    monitor_size: int = 1000  # bank and query images each
+    prefetch: bool = True  # build the next batch's views on a helper thread while this step trains
     method_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -124,25 +160,13 @@ def load_recipe(recipe: str | Path) -> dict[str, Any]:
     return d
 
 
-def build_method(cfg: TrainConfig) -> SSLMethod:
-    """A fresh encoder wrapped in the configured method."""
-    encoder = ResNet50(num_classes=0, in_chans=cfg.in_chans)
-    kw = dict(cfg.method_kwargs)
+def build_method(cfg: TrainConfig, encoder: ResNet50 | None = None) -> SSLMethod:
+    """The configured method around `encoder` (default: a fresh random-init ResNet50)."""
+    cls = METHODS.get(cfg.method)
+    if cls is None:
+        raise ConfigError(f"unknown method {cfg.method!r}; choose one of {', '.join(METHODS)}")
+    encoder = encoder if encoder is not None else ResNet50(num_classes=0, in_chans=cfg.in_chans)
     try:
-        if cfg.method == "mocov2":
-            from pretrain.mocov2 import MoCoV2
-
-            return MoCoV2(encoder, **kw)
-        if cfg.method == "swav":
-            from pretrain.swav import SwAV
-
-            return SwAV(encoder, **kw)
-        if cfg.method == "byol":
-            from pretrain.byol import BYOL
-
-            return BYOL(encoder, **kw)
-        from pretrain.spark import SparK
-
-        return SparK(encoder, **kw)
+        return cls(encoder, **cfg.method_kwargs)
     except TypeError as e:
         raise ConfigError(f"invalid option for {cfg.method}: {e}") from None

@@ -13,6 +13,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from pretrain.norms import replace_batchnorm
 
 
 def is_dist() -> bool:
@@ -52,13 +55,13 @@ class _AllReduceSum(torch.autograd.Function):
     """y = sum over ranks of x; dL/dx = sum over ranks of dL/dy (every rank's loss depends on every x)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         y = x.clone()
         dist.all_reduce(y)
         return y
 
     @staticmethod
-    def backward(ctx, g: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:
         g = g.clone()
         dist.all_reduce(g)
         return g
@@ -75,16 +78,21 @@ def all_reduce_sum(x: torch.Tensor, grad: bool = False) -> torch.Tensor:
     return x
 
 
-class _GlobalBN:
-    """Batch statistics over every rank's batch and, given `mask`, over visible positions only."""
+class _GlobalBN(_BatchNorm):
+    """Batch statistics over every rank's batch and, given `mask`, over visible positions only.
+
+    The common base of `GlobalBatchNorm1d/2d`, which also derive from `nn.BatchNorm1d/2d` (next in their
+    MRO); it adds no parameters or buffers, so the state-dict keys stay those of BN."""
 
     sync: bool = False
 
     def _global_forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        dims = [0] + list(range(2, x.ndim))
+        dims = [0, *range(2, x.ndim)]
         shape = [1, -1] + [1] * (x.ndim - 2)
         if not self.training:
-            y = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+            y = F.batch_norm(
+                x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+            )
             return y if mask is None else y * mask.to(y.dtype)
         xf = x.float()
         m = torch.ones_like(xf[:, :1]) if mask is None else mask.to(xf.dtype).expand_as(xf[:, :1])
@@ -93,8 +101,11 @@ class _GlobalBN:
         c = x.shape[1]
         n = stats[-1].clamp_min(1.0)
         mean = stats[:c] / n
-        var = (stats[c:2 * c] / n - mean * mean).clamp_min(0.0)
+        var = (stats[c : 2 * c] / n - mean * mean).clamp_min(0.0)
         with torch.no_grad():
+            # made from tracking BNs (`convert_batchnorm`): the running statistics exist
+            assert self.running_mean is not None and self.running_var is not None
+            assert self.num_batches_tracked is not None
             mom = self.momentum if self.momentum is not None else 0.1
             unbiased = var * n / (n - 1).clamp_min(1.0)
             self.running_mean.mul_(1 - mom).add_(mean.detach(), alpha=mom)
@@ -108,7 +119,7 @@ class _GlobalBN:
 class GlobalBatchNorm2d(_GlobalBN, nn.BatchNorm2d):
     """`nn.BatchNorm2d` (same keys) synchronised over ranks when `sync`; optional visibility mask."""
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if mask is None and not (self.sync and self.training and is_dist()):
             return nn.BatchNorm2d.forward(self, x)
         return self._global_forward(x, mask)
@@ -117,27 +128,24 @@ class GlobalBatchNorm2d(_GlobalBN, nn.BatchNorm2d):
 class GlobalBatchNorm1d(_GlobalBN, nn.BatchNorm1d):
     """`nn.BatchNorm1d` (same keys) synchronised over ranks when `sync` (projection heads)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.sync and self.training and is_dist()):
             return nn.BatchNorm1d.forward(self, x)
         return self._global_forward(x, None)
 
 
 def convert_batchnorm(module: nn.Module, sync: bool) -> nn.Module:
-    """Swap every plain `nn.BatchNorm1d/2d` for its `GlobalBatchNorm` twin sharing its tensors (in place, returns module)."""
-    for name, child in list(module.named_children()):
-        if type(child) in (nn.BatchNorm2d, nn.BatchNorm1d):
-            cls = GlobalBatchNorm2d if type(child) is nn.BatchNorm2d else GlobalBatchNorm1d
-            new = cls(child.num_features, child.eps, child.momentum, child.affine,
-                                    child.track_running_stats)
-            new.weight, new.bias = child.weight, child.bias
-            new.running_mean, new.running_var = child.running_mean, child.running_var
-            new.num_batches_tracked = child.num_batches_tracked
-            new.sync = sync
-            setattr(module, name, new)
-        else:
-            convert_batchnorm(child, sync)
-    return module
+    """Swap every plain `nn.BatchNorm1d/2d` for its `GlobalBatchNorm` twin sharing its tensors (in place)."""
+
+    def make(bn: _BatchNorm) -> _BatchNorm | None:
+        cls = {nn.BatchNorm2d: GlobalBatchNorm2d, nn.BatchNorm1d: GlobalBatchNorm1d}.get(type(bn))
+        if cls is None:
+            return None
+        new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+        new.sync = sync
+        return new
+
+    return replace_batchnorm(module, make)
 
 
 def set_bn_sync(module: nn.Module, sync: bool) -> None:

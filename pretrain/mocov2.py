@@ -10,6 +10,7 @@ from hub.resnet import FEATURE_DIM, ResNet50
 from pretrain import dist as pdist
 from pretrain.augment import ViewSpec
 from pretrain.base import SSLMethod, ema_update, frozen_copy, mlp
+from pretrain.norms import SplitBatchNorm2d, split_batchnorm
 
 
 def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -25,10 +26,23 @@ class MoCoV2(SSLMethod):
     """Query encoder + head trained by InfoNCE; key encoder + head follow by momentum 0.999."""
 
     name = "mocov2"
+    queue: torch.Tensor  # buffers (register_buffer in __init__)
+    queue_ptr: torch.Tensor
 
-    def __init__(self, encoder: ResNet50, queue_size: int = 65536, dim: int = 128, momentum: float = 0.999,
-                 temperature: float = 0.2) -> None:
+    def __init__(
+        self,
+        encoder: ResNet50,
+        queue_size: int = 65536,
+        dim: int = 128,
+        momentum: float = 0.999,
+        temperature: float = 0.2,
+        bn_splits: int = 4,
+    ) -> None:
         super().__init__(encoder)
+        # One process has no cross-rank shuffle: split BN (+ a shuffled key batch) keeps BN from leaking the
+        # positive. `prepare_distributed` turns the splits off, as shuffle BN then does the job.
+        self.bn_splits = bn_splits
+        split_batchnorm(self.encoder, bn_splits)
         self.head = mlp([FEATURE_DIM, FEATURE_DIM, dim], bn=False)
         self.encoder_k = frozen_copy(encoder)
         self.head_k = frozen_copy(self.head)
@@ -42,6 +56,9 @@ class MoCoV2(SSLMethod):
 
     def prepare_distributed(self, sync: bool) -> None:
         """MoCo keeps per-rank BN and shuffles the key batch across ranks instead (shuffle BN)."""
+        for m in self.modules():
+            if isinstance(m, SplitBatchNorm2d):
+                m.splits = 1
 
     def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
         im_q, im_k = views
@@ -71,9 +88,11 @@ class MoCoV2(SSLMethod):
 
 
 def _shuffle(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Shuffle the global key batch across ranks so BN statistics cannot leak the positive pair."""
+    """Shuffle the global key batch across ranks (or, on one process, across BN splits) so BN statistics
+    cannot leak the positive pair."""
     if not pdist.is_dist():
-        return x, None
+        perm = torch.randperm(x.shape[0], device=x.device)
+        return x[perm], torch.argsort(perm)
     xs = pdist.gather_no_grad(x)
     perm = torch.randperm(xs.shape[0], device=x.device)
     dist.broadcast(perm, src=0)
@@ -84,5 +103,7 @@ def _shuffle(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
 def _unshuffle(x: torch.Tensor, unshuffle: torch.Tensor | None) -> torch.Tensor:
     if unshuffle is None:
         return x
+    if not pdist.is_dist():
+        return x[unshuffle]
     xs = pdist.gather_no_grad(x)
     return xs[unshuffle.view(pdist.world_size(), -1)[pdist.rank()]]

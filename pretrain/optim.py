@@ -17,12 +17,15 @@ class LARS(torch.optim.Optimizer):
     Groups with `lars=False` (biases, norms) get neither the trust ratio nor weight decay, as in BYOL/SwAV.
     """
 
-    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
-                 eta: float = 0.001) -> None:
-        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "eta": eta, "lars": True})
+    def __init__(
+        self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, eta: float = 0.001
+    ) -> None:
+        super().__init__(
+            params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "eta": eta, "lars": True}
+        )
 
     @torch.no_grad()
-    def step(self, closure=None):  # type: ignore[override]
+    def step(self, closure=None):
         for g in self.param_groups:
             for p in g["params"]:
                 if p.grad is None:
@@ -31,8 +34,11 @@ class LARS(torch.optim.Optimizer):
                 if g["lars"]:
                     d = d.add(p, alpha=g["weight_decay"])
                     wn, gn = torch.linalg.norm(p), torch.linalg.norm(p.grad)
-                    trust = torch.where((wn > 0) & (gn > 0), g["eta"] * wn / (gn + g["weight_decay"] * wn),
-                                        torch.ones_like(wn))
+                    trust = torch.where(
+                        (wn > 0) & (gn > 0),
+                        g["eta"] * wn / (gn + g["weight_decay"] * wn),
+                        torch.ones_like(wn),
+                    )
                     d = d.mul(trust)
                 buf = self.state[p].get("momentum_buffer")
                 if buf is None:
@@ -43,14 +49,23 @@ class LARS(torch.optim.Optimizer):
 
 
 class LAMB(torch.optim.Optimizer):
-    """Adam moments with decoupled weight decay and a layer-wise trust ratio ||w||/||update|| (You et al. 2020)."""
+    """Adam moments with decoupled weight decay and a layer-wise trust ratio ||w||/||update||
+    (You et al. 2020)."""
 
-    def __init__(self, params, lr: float, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
-                 weight_decay: float = 0.0) -> None:
-        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay, "lars": True})
+    def __init__(
+        self,
+        params,
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ) -> None:
+        super().__init__(
+            params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay, "lars": True}
+        )
 
     @torch.no_grad()
-    def step(self, closure=None):  # type: ignore[override]
+    def step(self, closure=None):
         for g in self.param_groups:
             b1, b2 = g["betas"]
             for p in g["params"]:
@@ -73,8 +88,14 @@ class LAMB(torch.optim.Optimizer):
                 p.add_(u * trust, alpha=-g["lr"])
 
 
-def build_optimizer(name: str, groups: list[dict], lr: float, weight_decay: float,
-                    betas: tuple[float, float] = (0.9, 0.95), momentum: float = 0.9) -> torch.optim.Optimizer:
+def build_optimizer(
+    name: str,
+    groups: list[dict],
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float] = (0.9, 0.95),
+    momentum: float = 0.9,
+) -> torch.optim.Optimizer:
     """One of `OPTIMIZERS`; `groups` come from `SSLMethod.param_groups` (each keeps its own weight decay)."""
     for g in groups:
         g.setdefault("base_weight_decay", g["weight_decay"])

@@ -19,8 +19,9 @@ from pretrain.dist import convert_batchnorm, set_bn_sync
 from pretrain.sparse import MaskContext, SparseBatchNorm2d, sparsify
 
 
-def random_mask(b: int, fh: int, fw: int, ratio: float, device: torch.device,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+def random_mask(
+    b: int, fh: int, fw: int, ratio: float, device: torch.device, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """[B,1,fh,fw] bool, True = visible; exactly round(fh*fw*(1-ratio)) visible patches per image."""
     n = fh * fw
     keep = max(1, round(n * (1 - ratio)))
@@ -54,8 +55,11 @@ class UNetBlock(nn.Module):
         super().__init__()
         self.up = nn.ConvTranspose2d(cin, cin, kernel_size=4, stride=2, padding=1, bias=True)
         self.conv = nn.Sequential(
-            nn.Conv2d(cin, cin, 3, padding=1, bias=False), nn.BatchNorm2d(cin), nn.ReLU6(inplace=True),
-            nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
+            nn.Conv2d(cin, cin, 3, padding=1, bias=False),
+            nn.BatchNorm2d(cin),
+            nn.ReLU6(inplace=True),
+            nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+            nn.BatchNorm2d(cout),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -69,7 +73,9 @@ class LightDecoder(nn.Module):
         super().__init__()
         n = round(math.log2(up))
         self.channels = [width // 2**i for i in range(n + 1)]
-        self.blocks = nn.ModuleList(UNetBlock(a, b) for a, b in zip(self.channels[:-1], self.channels[1:]))
+        self.blocks = nn.ModuleList(
+            UNetBlock(a, b) for a, b in zip(self.channels[:-1], self.channels[1:], strict=True)
+        )
         self.proj = nn.Conv2d(self.channels[-1], out_chans, kernel_size=1)
 
     def forward(self, to_dec: list[torch.Tensor]) -> torch.Tensor:
@@ -94,12 +100,16 @@ class SparK(SSLMethod):
         widths = list(reversed(STAGE_CHANNELS))  # deep -> shallow: 2048, 1024, 512, 256
         self.decoder = LightDecoder(decoder_width, encoder.in_chans)
         dec = self.decoder.channels[: len(widths)]
-        self.densify_norms = nn.ModuleList(SparseBatchNorm2d(c) for c in widths)
-        for m in self.densify_norms:
+        norms = [SparseBatchNorm2d(c) for c in widths]
+        for m in norms:
             m.ctx = self.ctx
+        self.densify_norms = nn.ModuleList(norms)
         self.densify_projs = nn.ModuleList(
-            nn.Identity() if i == 0 and e == d else nn.Conv2d(e, d, 1 if i == 0 else 3, padding=0 if i == 0 else 1)
-            for i, (e, d) in enumerate(zip(widths, dec)))
+            nn.Identity()
+            if i == 0 and e == d
+            else nn.Conv2d(e, d, 1 if i == 0 else 3, padding=0 if i == 0 else 1)
+            for i, (e, d) in enumerate(zip(widths, dec, strict=True))
+        )
         self.mask_tokens = nn.ParameterList(nn.Parameter(torch.zeros(1, c, 1, 1)) for c in widths)
         for t in self.mask_tokens:
             nn.init.trunc_normal_(t, mean=0.0, std=0.02, a=-0.02, b=0.02)
@@ -110,6 +120,16 @@ class SparK(SSLMethod):
 
             raise ConfigError(f"SparK needs an input size divisible by {DOWNSAMPLE}, got {size}")
         return [ViewSpec(size, scale=(0.67, 1.0), p_intensity=0.0, p_blur=0.0, p_hflip=0.5 if hflip else 0.0)]
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """As the base class, but the mask tokens get no weight decay and no trust ratio (SparK's official
+        code keeps `mask_token` out of weight decay; with decay and LAMB's trust ratio a zero-mean token of
+        norm ~0.01 would not move)."""
+        groups = super().param_groups(weight_decay)
+        tokens = {id(t) for t in self.mask_tokens}
+        groups[0]["params"] = [p for p in groups[0]["params"] if id(p) not in tokens]
+        groups[1]["params"] = [p for p in groups[1]["params"] if id(p) not in tokens] + list(self.mask_tokens)
+        return groups
 
     def prepare_distributed(self, sync: bool) -> None:
         convert_batchnorm(self.decoder, sync)
@@ -122,7 +142,7 @@ class SparK(SSLMethod):
             active = random_mask(b, h // DOWNSAMPLE, w // DOWNSAMPLE, self.mask_ratio, x.device)
         self.ctx.active = active
         try:
-            feats = self.encoder.forward_features(x * self.ctx.at((h, w)).to(x.dtype))
+            feats = self.encoder.forward_intermediates(x * self.ctx.at((h, w)).to(x.dtype))
             to_dec, cur = [], active
             for i, f in enumerate(reversed(feats)):  # deep -> shallow
                 f = self.densify_norms[i](f)

@@ -8,6 +8,8 @@ from serving.predictor import (
     Predictor,
     effective_preprocessing,
     get_predictor,
+    open_classifier,
+    read_upload,
     resolve_model_dir,
 )
 
@@ -18,5 +20,7 @@ __all__ = [
     "Predictor",
     "effective_preprocessing",
     "get_predictor",
+    "open_classifier",
+    "read_upload",
     "resolve_model_dir",
 ]

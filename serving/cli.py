@@ -3,26 +3,35 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
+from typing import Any
 
 from cthub.errors import ConfigError
 from hub.config import ModelConfig
 from serving.predictor import BACKEND_ENV, BACKENDS, MODEL_ENV, resolve_model_dir
 
 SERVICE = "serving.service:CTHubService"
-QUIET_ENV = {"BENTOML_DO_NOT_TRACK": "True", "GRADIO_ANALYTICS_ENABLED": "False", "ORT_DISABLE_TELEMETRY": "1"}
+QUIET_ENV = {
+    "BENTOML_DO_NOT_TRACK": "True",
+    "GRADIO_ANALYTICS_ENABLED": "False",
+    "ORT_DISABLE_TELEMETRY": "1",
+}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("serve", help="serve a classifier: REST API (BentoML) + demo at /ui",
-                              description="Starts the BentoML service for MODEL (ONNX Runtime when model.onnx is "
-                                          "fresh, else torch) with the Gradio demo mounted at /ui.")
+    p = subparsers.add_parser(
+        "serve",
+        help="serve a classifier: REST API (BentoML) + demo at /ui",
+        description="Starts the BentoML service for MODEL (ONNX Runtime when "
+        "model.onnx is fresh, else torch) with the Gradio demo mounted "
+        "at /ui.",
+    )
     _model_args(p)
     p.add_argument("--port", type=int, default=3000)
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the server to be ready")
@@ -34,57 +43,101 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="model folder (safetensors + config.json) or local hub name")
+    p.add_argument(
+        "--model", required=True, help="model folder (safetensors + config.json) or local hub name"
+    )
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
-    p.add_argument("--backend", choices=BACKENDS, default="auto",
-                   help="auto: ONNX Runtime when model.onnx matches the weights, else torch")
+    p.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="auto",
+        help="auto: ONNX Runtime when model.onnx matches the weights, else torch",
+    )
 
 
 def urls(host: str, port: int) -> dict[str, str]:
-    shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host  # noqa: S104 -- compared, not bound
     base = f"http://{shown}:{port}"
-    return {"base": base, "docs": f"{base}/", "openapi": f"{base}/docs.json", "predict": f"{base}/predict",
-            "predict_batched": f"{base}/predict_batched", "ui": f"{base}/ui/", "ready": f"{base}/readyz"}
+    return {
+        "base": base,
+        "docs": f"{base}/",
+        "openapi": f"{base}/docs.json",
+        "predict": f"{base}/predict",
+        "predict_batched": f"{base}/predict_batched",
+        "ui": f"{base}/ui/",
+        "ready": f"{base}/readyz",
+        "model": f"{base}/model",
+    }
+
+
+def _post_json(url: str) -> Any:
+    """POST to `url` (a BentoML API without inputs) and decode its JSON; None unless it answers 200."""
+    import httpx
+
+    try:
+        r = httpx.post(url, timeout=10)
+    except httpx.HTTPError:
+        return None
+    return r.json() if r.status_code == 200 else None
 
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> bool:
     """Poll `url` until it answers 200, the process exits, or `timeout` seconds pass."""
+    import httpx
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
         try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return True
-        except OSError:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return True
+        except httpx.HTTPError:
             pass
         time.sleep(0.5)
     return False
 
 
 def serve(args: argparse.Namespace) -> int:
-    from export.exporter import onnx_is_fresh
-
     model_dir = resolve_model_dir(args.model)
     config = ModelConfig.load(model_dir)  # a broken config.json fails here, before any server starts
     if config.num_classes <= 0:
         raise ConfigError(f"{model_dir} is an encoder without a classification head; fine-tune it first")
-    fresh = onnx_is_fresh(model_dir)
-    backend = args.backend if args.backend != "auto" else ("onnx" if fresh else "torch")
-    print(f"cthub: serving {model_dir} with {backend}"
-          + ("" if fresh or backend == "torch" else " (model.onnx missing or stale)"), file=sys.stderr)
+    print(f"cthub: starting the server for {model_dir} (backend {args.backend})", file=sys.stderr, flush=True)
     env = os.environ | QUIET_ENV | {MODEL_ENV: str(model_dir), BACKEND_ENV: args.backend}
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-    cmd = [sys.executable, "-m", "bentoml", "serve", SERVICE, "--host", args.host, "--port", str(args.port),
-           "--working-dir", root]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bentoml",
+        "serve",
+        SERVICE,
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+        "--working-dir",
+        root,
+    ]
     u = urls(args.host, args.port)
-    proc = subprocess.Popen(cmd, env=env)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # no line per readiness poll in the server's output
+    proc = subprocess.Popen(cmd, env=env)  # noqa: S603 -- this Python's bentoml, arguments built here
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the server like Ctrl+C does
     try:
         if wait_ready(u["ready"], proc, args.timeout):
-            print(f"\ncthub is ready:\n  API docs   {u['docs']}\n  predict    POST {u['predict']} "
-                  f"(multipart field 'file')\n  demo       {u['ui']}\n  health     {u['ready']}\n"
-                  f"Try: curl -F file=@slice.dcm {u['predict']}\n", flush=True)
+            # what the worker really loaded (ONNX Runtime or torch, and its providers), not a guess made here
+            info = _post_json(u["model"]) or {}
+            print(
+                f"cthub: serving {info.get('name', model_dir)} with {info.get('backend', '?')} "
+                f"[{', '.join(info.get('providers', []))}]",
+                file=sys.stderr,
+                flush=True,
+            )
+            print(
+                f"\ncthub is ready:\n  API docs   {u['docs']}\n  predict    POST {u['predict']} "
+                f"(multipart field 'file')\n  demo       {u['ui']}\n  health     {u['ready']}\n"
+                f"Try: curl -F file=@slice.dcm {u['predict']}\n",
+                flush=True,
+            )
         elif proc.poll() is None:
             print(f"cthub: server not ready after {args.timeout:.0f} s; still waiting", file=sys.stderr)
         else:
@@ -105,10 +158,12 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def demo(args: argparse.Namespace) -> int:
+    from export.session import quiet_onnxruntime_process
     from serving.demo import build_demo
     from serving.predictor import get_predictor
 
     os.environ.update({k: v for k, v in QUIET_ENV.items() if k not in os.environ})
+    quiet_onnxruntime_process()  # this command is an entry point: process-wide ORT settings belong here
     model_dir = resolve_model_dir(args.model)
     predictor = get_predictor(str(model_dir), args.backend)  # load now: errors before the server starts
     print(f"cthub: demo for {predictor.config.name} ({predictor.backend})", file=sys.stderr)

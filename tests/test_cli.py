@@ -31,9 +31,15 @@ def test_each_subcommand_has_help(cmd: str, capsys: pytest.CaptureFixture[str]) 
 
 
 def test_python_dash_m_and_user_error_exit_code() -> None:
-    out = subprocess.run([sys.executable, "-m", "cthub", "--version"], capture_output=True, text=True, check=False)
+    out = subprocess.run(
+        [sys.executable, "-m", "cthub", "--version"], capture_output=True, text=True, check=False
+    )
     assert out.returncode == 0 and "ct-ssl-hub" in out.stdout
-    bad = subprocess.run([sys.executable, "-m", "cthub", "hub", "show", "no-such-model-xyz"],
-                         capture_output=True, text=True, check=False)
+    bad = subprocess.run(
+        [sys.executable, "-m", "cthub", "hub", "show", "no-such-model-xyz"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert bad.returncode == 2
     assert "no-such-model-xyz" in bad.stderr and "Traceback" not in bad.stderr

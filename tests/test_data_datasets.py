@@ -11,7 +11,7 @@ import pytest
 import torch
 from pydicom.data import get_testdata_file
 
-from ctdata import PreprocessConfig, load_labeled, load_unlabeled, prepare, prepare_batch
+from ctdata import PreprocessConfig, intensities_to_unit, load_labeled, load_unlabeled, prepare, prepare_batch
 from cthub.errors import DataError
 
 CFG = PreprocessConfig(input_size=32, mean=(0.5,), std=(0.25,))
@@ -43,14 +43,15 @@ def _head_subset(head_ct_dir: Path, tmp: Path, n: int = 6) -> list[Path]:
 
 def test_class_folders_and_manifest_with_groups(head_ct_dir: Path, tmp_path: Path) -> None:
     picks = _head_subset(head_ct_dir, tmp_path)
-    for i, f in enumerate(picks):
+    for f in picks:
         cls = "bleed" if int(f.stem) < 100 else "normal"
         (tmp_path / "folders" / cls).mkdir(parents=True, exist_ok=True)
         shutil.copy(f, tmp_path / "folders" / cls / f.name)
     s = load_labeled(tmp_path / "folders", preprocessing=CFG)
     assert s.class_names == ["bleed", "normal"] and np.bincount(s.labels).tolist() == [3, 3]
-    rows = ["path,label,group"] + [f"{f},{'bleed' if int(f.stem) < 100 else 'normal'},p{i // 2}"
-                                   for i, f in enumerate(picks)]
+    rows = ["path,label,group"] + [
+        f"{f},{'bleed' if int(f.stem) < 100 else 'normal'},p{i // 2}" for i, f in enumerate(picks)
+    ]
     (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
     m = load_labeled(tmp_path / "m.csv", preprocessing=CFG)
     assert m.class_names == s.class_names and m.groups.tolist() == ["p0", "p0", "p1", "p1", "p2", "p2"]
@@ -72,9 +73,13 @@ def _dicoms(tmp: Path) -> list[Path]:
 def test_dicom_plus_csv_and_storage_quantization_bound(tmp_path: Path) -> None:
     """The documented difference: uint8 storage vs serving's float path, <= 0.5/255 in unit scale."""
     files = _dicoms(tmp_path)
-    (tmp_path / "labels.csv").write_text("id, finding\n" + "".join(f"{i}, {i % 2}\n" for i in range(len(files))))
-    for cfg in (PreprocessConfig(input_size=64), PreprocessConfig.for_window("brain", input_size=64),
-                PreprocessConfig(mapping="minmax", input_size=64, in_chans=1, std=(0.2,))):
+    rows = "".join(f"{i}, {i % 2}\n" for i in range(len(files)))
+    (tmp_path / "labels.csv").write_text("id, finding\n" + rows)
+    for cfg in (
+        PreprocessConfig(input_size=64),
+        PreprocessConfig.for_window("brain", input_size=64),
+        PreprocessConfig(mapping="minmax", input_size=64, in_chans=1, std=(0.2,)),
+    ):
         s = load_labeled(tmp_path, preprocessing=cfg)
         assert s.labels.tolist() == [0, 1, 0, 1] and s.class_names == ["no finding", "finding"]
         stored = prepare_batch(s.images, cfg)
@@ -108,8 +113,10 @@ def test_load_unlabeled_sources(organamnist_npz: Path, tmp_path: Path) -> None:
 def test_manifest_split_column_and_missing_splits(head_ct_dir: Path, tmp_path: Path) -> None:
     picks = _head_subset(head_ct_dir, tmp_path, n=5)
     splits = ["train", "train", "val", "test", "train"]
-    rows = ["path,label,patient,split"] + [f"{f},{int(int(f.stem) < 100)},pt{i},{sp}"
-                                           for i, (f, sp) in enumerate(zip(picks, splits))]
+    rows = ["path,label,patient,split"] + [
+        f"{f},{int(int(f.stem) < 100)},pt{i},{sp}"
+        for i, (f, sp) in enumerate(zip(picks, splits, strict=True))
+    ]
     (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
     tr = load_labeled(tmp_path / "m.csv", preprocessing=CFG)
     assert len(tr) == 3 and tr.groups.tolist() == ["pt0", "pt1", "pt4"]
@@ -121,3 +128,38 @@ def test_manifest_split_column_and_missing_splits(head_ct_dir: Path, tmp_path: P
     (tmp_path / "r.csv").write_text("path,label\n" + f"{picks[0]}\n")
     with pytest.raises(DataError, match="line 2"):
         load_labeled(tmp_path / "r.csv", preprocessing=CFG)
+
+
+def test_nearly_black_picture_stays_nearly_black(tmp_path: Path) -> None:
+    """Pictures are grey 0..255 whatever their content: one whose brightest pixel is 1 is not stretched to
+    white, served (`prepare`) or stored (datasets, shards): all go through `intensities_to_unit`."""
+    from PIL import Image
+
+    grey = np.zeros((40, 40), np.uint8)
+    grey[10:30, 10:30] = 1
+    Image.fromarray(grey).save(tmp_path / "dark.png")
+    cfg = PreprocessConfig(input_size=40, in_chans=1, mean=(0.0,), std=(1.0,))
+    served = prepare(tmp_path / "dark.png", cfg)
+    assert float(served.max()) == pytest.approx(1 / 255, abs=1e-6)
+    assert load_unlabeled(tmp_path, 40, preprocessing=cfg, progress=False).max() == 1
+    np.testing.assert_array_equal(intensities_to_unit(np.array([[0.0, 255.0]]), False, cfg), [[0.0, 1.0]])
+    assert float(prepare(grey, cfg).max()) == pytest.approx(1 / 255, abs=1e-6)  # uint8 array: by dtype
+
+
+def test_ctdata_modules_import_without_cycles() -> None:
+    """The ctdata modules form layers (preprocess < dicom/io/series < shards < datasets): no import cycle,
+    counting imports inside functions too."""
+    import ast
+
+    pkg = Path(__file__).resolve().parents[1] / "ctdata"
+    names = {f.stem for f in pkg.glob("*.py")} - {"__init__"}
+    deps: dict[str, set[str]] = {}
+    for n in names:
+        tree = ast.parse((pkg / f"{n}.py").read_text())
+        mods = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        deps[n] = {m.removeprefix("ctdata.") for m in mods if m.removeprefix("ctdata.") in names} - {n}
+
+    def reaches(start: str, target: str, seen: set[str]) -> bool:
+        return any(d == target or (d not in seen and reaches(d, target, seen | {d})) for d in deps[start])
+
+    assert [n for n in sorted(names) if reaches(n, n, set())] == []

@@ -56,6 +56,7 @@ def hu(data: bytes | Path, **kw) -> np.ndarray:
 
 # --- real files --------------------------------------------------------------------------------------
 
+
 def test_ct_small_hu_matches_pydicom_modality_lut(ct_small_dcm: Path) -> None:
     ds = pydicom.dcmread(ct_small_dcm)
     expected = ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
@@ -65,12 +66,15 @@ def test_ct_small_hu_matches_pydicom_modality_lut(ct_small_dcm: Path) -> None:
     assert img.meta["modality"] == "CT" and img.meta["transfer_syntax"] == "Explicit VR Little Endian"
 
 
-@pytest.mark.parametrize("compressed, reference", [
-    ("693_J2KR.dcm", "693_UNCR.dcm"),  # JPEG 2000 lossless == its uncompressed source
-    ("693_J2KI.dcm", "693_UNCI.dcm"),  # JPEG 2000 lossy == its decoded uncompressed copy
-    ("MR_small_RLE.dcm", "MR_small.dcm"),  # RLE
-    ("MR_small_jpeg_ls_lossless.dcm", "MR_small.dcm"),  # JPEG-LS
-])
+@pytest.mark.parametrize(
+    "compressed, reference",
+    [
+        ("693_J2KR.dcm", "693_UNCR.dcm"),  # JPEG 2000 lossless == its uncompressed source
+        ("693_J2KI.dcm", "693_UNCI.dcm"),  # JPEG 2000 lossy == its decoded uncompressed copy
+        ("MR_small_RLE.dcm", "MR_small.dcm"),  # RLE
+        ("MR_small_jpeg_ls_lossless.dcm", "MR_small.dcm"),  # JPEG-LS
+    ],
+)
 def test_compressed_transfer_syntaxes_decode_exactly(compressed: str, reference: str) -> None:
     a, b = read_dicom(sample(compressed)), read_dicom(sample(reference))
     assert a.is_hu == b.is_hu and a.meta["transfer_syntax"] != b.meta["transfer_syntax"]
@@ -115,7 +119,7 @@ def test_classic_multiframe_shares_rescale() -> None:
 def test_rgb_secondary_capture_is_grey_and_flagged_not_hu(name: str) -> None:
     img = read_dicom(sample(name))
     assert not img.is_hu and img.pixels.shape == (1, 100, 100)
-    assert 0 <= img.pixels.min() and img.pixels.max() <= 255
+    assert img.pixels.min() >= 0 and img.pixels.max() <= 255
     assert any("not HU" in w for w in img.warnings)
     rgb = pydicom.dcmread(sample(name)).pixel_array.astype(np.float32)
     np.testing.assert_allclose(img.pixels[0], rgb @ np.array([0.299, 0.587, 0.114]), atol=1e-3)
@@ -131,6 +135,7 @@ def test_12bit_jpeg_extended_without_permissive_decoder_is_typed() -> None:
 
 
 # --- files built for each edge case ---------------------------------------------------------------
+
 
 def test_unsigned_and_missing_intercept_defaults_with_warning() -> None:
     ref = hu(sample("CT_small.dcm"))

@@ -1,4 +1,5 @@
-"""Series sorting (folder / zip), LIDC-style shard extraction (resumable), MedMNIST fetch (offline, --path)."""
+"""Series sorting (folder / zip), LIDC-style shard extraction (resumable), MedMNIST fetch (offline,
+--path)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import numpy as np
 import pydicom
 import pytest
 
+from ctdata import PreprocessConfig, load_unlabeled
+from ctdata.datasets import image_to_storage
 from ctdata.fetch import fetch_medmnist, md5sum, medmnist_file
 from ctdata.series import read_series
 from ctdata.shards import ShardWriter, extract_series, open_shards, read_manifest
@@ -56,7 +59,9 @@ def test_series_sorted_by_position_folder_and_zip(tmp_path: Path, ct_small_dcm: 
     np.testing.assert_array_equal(read_series(zf).pixels, s.pixels)
 
 
-def test_series_falls_back_to_instance_number_and_rejects_mixtures(tmp_path: Path, ct_small_dcm: Path) -> None:
+def test_series_falls_back_to_instance_number_and_rejects_mixtures(
+    tmp_path: Path, ct_small_dcm: Path
+) -> None:
     blobs = []
     for inst in (3, 1, 2):
         ds = pydicom.dcmread(io.BytesIO(_slice(ct_small_dcm, float(inst), inst)))
@@ -90,9 +95,10 @@ def test_extract_lidc_layout_resumable(tmp_path: Path, ct_small_dcm: Path) -> No
     assert all("LIDC" not in json.dumps(e) for e in read_manifest(out))  # no patient ids stored
     arr = shards.to_array()
     assert arr.shape == (5, 32, 32) and (arr[1].astype(int) - arr[0]).mean() > 0  # sorted by z: brighter
-    from ctdata import load_unlabeled
-
     np.testing.assert_array_equal(load_unlabeled(out, None), arr)
+    # one path: a shard slice is what the datasets store for that slice file (file names run against z)
+    files = sorted((root / "LIDC-IDRI-0001" / "study1" / "series1").iterdir(), reverse=True)
+    np.testing.assert_array_equal(arr[:3], [image_to_storage(f, PreprocessConfig(), 32) for f in files])
 
 
 def test_shard_writer_rejects_other_size(tmp_path: Path) -> None:
@@ -135,9 +141,24 @@ def test_fetch_offline_is_a_fast_clear_error(tmp_path: Path) -> None:
         medmnist_file("organamnist", size=32)
 
 
-def test_cli_fetch_with_path(organamnist_npz: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_fetch_with_path(
+    organamnist_npz: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from cthub.cli import main
 
-    assert main(["data", "fetch", "organamnist", "--root", str(tmp_path), "--path", str(organamnist_npz),
-                 "--symlink"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "fetch",
+                "organamnist",
+                "--root",
+                str(tmp_path),
+                "--path",
+                str(organamnist_npz),
+                "--symlink",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "organamnist.npz").is_symlink() and str(tmp_path) in capsys.readouterr().out

@@ -15,7 +15,16 @@ import torch
 from ctdata.preprocess import PreprocessConfig, prepare
 from cthub.cli import main as cthub_main
 from cthub.errors import ConfigError, IntegrityError, ModelNotFoundError, ShapeError
-from export import ONNX_NAME, OnnxClassifier, check_parity, export_onnx, onnx_is_fresh, read_metadata
+from export import (
+    ONNX_NAME,
+    Classifier,
+    OnnxClassifier,
+    TorchClassifier,
+    check_parity,
+    export_onnx,
+    onnx_is_fresh,
+    read_metadata,
+)
 from hub import ModelConfig, ResNet50, save_pretrained
 from hub.io import load_dir, sha256_file
 
@@ -25,8 +34,13 @@ LABELS = ["liver", "kidney", "lung"]
 def make_model_dir(root: Path, size: int = 32, seed: int = 0) -> Path:
     """A real (untrained) 3-class ResNet50 saved the way fine-tuning saves models."""
     torch.manual_seed(seed)
-    cfg = ModelConfig(name="tiny-export", num_classes=3, labels=LABELS, revision="test-1",
-                      preprocessing=PreprocessConfig(mapping="window", window="abdomen", input_size=size))
+    cfg = ModelConfig(
+        name="tiny-export",
+        num_classes=3,
+        labels=LABELS,
+        revision="test-1",
+        preprocessing=PreprocessConfig(mapping="window", window="abdomen", input_size=size),
+    )
     return save_pretrained(ResNet50(num_classes=3), root, cfg)
 
 
@@ -79,8 +93,35 @@ def test_onnx_matches_torch_on_real_dicom_at_several_batch_sizes(exported, ct_sm
         assert got.shape == (n, 3)
         assert np.max(np.abs(got - ref[:n])) < 1e-3
     p = clf.predict_proba(batch)
-    assert np.allclose(p.sum(axis=1), 1.0, atol=1e-5)
+    assert p.dtype == np.float64  # softmax in float64 once, no float32 round trip
+    assert np.allclose(p.sum(axis=1), 1.0, atol=1e-12)
     assert np.allclose(p, torch.softmax(torch.from_numpy(ref), 1).numpy(), atol=1e-4)
+
+
+def test_onnx_and_torch_implement_one_classifier_interface(exported, ct_small_dcm: Path) -> None:
+    model_dir, _ = exported
+    sha = sha256_file(model_dir / "model.safetensors")
+    onnx = OnnxClassifier(model_dir / ONNX_NAME)
+    native = TorchClassifier.from_dir(model_dir)
+    cfg = onnx.config.preprocessing
+    x = torch.stack([prepare(ct_small_dcm, cfg.replace(window=w)) for w in ("abdomen", "lung", "bone")])
+    for clf, backend in ((onnx, "onnx"), (native, "torch")):
+        assert isinstance(clf, Classifier) and clf.backend == backend
+        assert clf.labels == LABELS and clf.input_shape == (3, 32, 32)
+        assert clf.identity == {
+            "name": "tiny-export",
+            "version": "test-1",
+            "sha256": sha,
+            "backend": backend,
+            "providers": clf.providers,
+        }
+        with pytest.raises(ShapeError, match=r"\[B, 3, 32, 32\]"):
+            clf.predict_proba(torch.zeros(1, 3, 64, 64))
+        assert clf.predict_proba(x[0]).shape == (1, 3)  # one [C, S, S] input is a batch of one
+    assert native.providers == ["torch:cpu"] and native.torch_module() is native.module
+    assert onnx.torch_module() is None
+    assert np.abs(onnx.logits(x) - native.logits(x)).max() < 1e-3
+    assert np.allclose(onnx.predict_proba(x), native.predict_proba(x), atol=1e-4)
 
 
 def test_wrong_input_shape_is_a_shape_error(exported) -> None:

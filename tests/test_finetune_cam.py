@@ -1,4 +1,5 @@
-"""CAM equals Grad-CAM (normalized) on a real ResNet50 and real CT slices; overlays; cross-method agreement."""
+"""CAM equals Grad-CAM (normalized) on a real ResNet50 and real CT slices; overlays; cross-method
+agreement."""
 
 from __future__ import annotations
 

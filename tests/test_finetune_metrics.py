@@ -9,10 +9,20 @@ from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 from finetune.metrics import choose_threshold, classification_metrics, format_pm, mean_std
 
 Y_MULTI = np.array([0, 1, 2, 2, 1, 0, 2, 1, 0, 2])
-P_MULTI = np.array([
-    [0.7, 0.2, 0.1], [0.1, 0.6, 0.3], [0.2, 0.2, 0.6], [0.3, 0.4, 0.3], [0.5, 0.4, 0.1],
-    [0.4, 0.4, 0.2], [0.1, 0.1, 0.8], [0.2, 0.5, 0.3], [0.6, 0.1, 0.3], [0.2, 0.3, 0.5],
-])
+P_MULTI = np.array(
+    [
+        [0.7, 0.2, 0.1],
+        [0.1, 0.6, 0.3],
+        [0.2, 0.2, 0.6],
+        [0.3, 0.4, 0.3],
+        [0.5, 0.4, 0.1],
+        [0.4, 0.4, 0.2],
+        [0.1, 0.1, 0.8],
+        [0.2, 0.5, 0.3],
+        [0.6, 0.1, 0.3],
+        [0.2, 0.3, 0.5],
+    ]
+)
 Y_BIN = np.array([0, 0, 1, 1, 0, 1, 1, 0, 1, 0, 1, 1])
 S_BIN = np.array([0.1, 0.4, 0.35, 0.8, 0.2, 0.9, 0.55, 0.6, 0.45, 0.05, 0.7, 0.3])
 
@@ -38,9 +48,10 @@ def test_binary_metrics_use_positive_score_and_threshold() -> None:
 
 
 def test_threshold_maximizes_validation_f1() -> None:
-    t = choose_threshold(Y_BIN, S_BIN)
-    best = max(f1_score(Y_BIN, (S_BIN >= c).astype(int)) for c in np.unique(S_BIN))
-    assert f1_score(Y_BIN, (S_BIN >= t).astype(int)) == pytest.approx(best)
+    y, scores = Y_BIN, S_BIN
+    t = choose_threshold(y, scores)
+    best = max(f1_score(y, (scores >= c).astype(int)) for c in np.unique(scores))
+    assert f1_score(y, (scores >= t).astype(int)) == pytest.approx(best)
 
 
 def test_mean_std_and_paper_format() -> None:

@@ -21,7 +21,8 @@ def test_kfold_folds_are_stratified_and_disjoint(labels: np.ndarray) -> None:
     assert np.array_equal(np.sort(tests), np.arange(len(labels)))  # each item tested exactly once
     ratio = np.bincount(labels, minlength=11) / len(labels)
     for f in folds:
-        assert not set(f.train) & set(f.val) and not set(f.train) & set(f.test) and not set(f.val) & set(f.test)
+        tr, va, te = set(f.train), set(f.val), set(f.test)
+        assert not tr & va and not tr & te and not va & te
         assert len(f.train) + len(f.val) + len(f.test) == len(labels)
         assert abs(len(f.val) / (len(f.train) + len(f.val)) - 0.1) < 0.01
         for part in (f.test, f.train, f.val):

@@ -1,22 +1,42 @@
-"""`cthub study` on real OrganAMNIST: runs cells, writes CSV/JSON/Table 2/Figure 5, resumes without redoing."""
+"""`cthub study` on real data: runs cells, writes CSV/JSON/Table 2/Figure 5, resumes without redoing, and
+records a failing cell without stopping the others."""
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from cthub.errors import ConfigError
+from finetune import study
 from finetune.config import FinetuneConfig
-from finetune.study import StudySpec, available_encoders, run_path, run_study
+from finetune.data import load_splits, select_splits
+from finetune.study import Cell, StudySpec, available_encoders, run_path, run_study
 
 RECIPE = FinetuneConfig(image_size=32, epochs=1, head_epochs=0, batch_size=32, threads=1, lr=1e-3)
 
 
 def _spec(npz: Path, out: Path, fractions: list[float], recipe: FinetuneConfig = RECIPE) -> StudySpec:
-    return StudySpec(data=str(npz), encoders=["scratch"], fractions=fractions, seeds=[0], out=str(out),
-                     recipe=recipe, max_val=150, max_test=200)
+    return StudySpec(
+        data=str(npz),
+        encoders=["scratch"],
+        fractions=fractions,
+        seeds=[0],
+        out=str(out),
+        recipe=recipe,
+        max_val=150,
+        max_test=200,
+    )
+
+
+def _macro_f1(cm: np.ndarray) -> float:
+    """Macro F1 over every class from a confusion matrix (rows = truth), 0 where undefined."""
+    tp = np.diag(cm).astype(float)
+    den = cm.sum(0) + cm.sum(1)
+    return float(np.mean(np.divide(2 * tp, den, out=np.zeros_like(tp), where=den > 0)))
 
 
 def test_study_resumes_and_reports(organamnist_npz: Path, tmp_path: Path, capsys) -> None:
@@ -28,28 +48,115 @@ def test_study_resumes_and_reports(organamnist_npz: Path, tmp_path: Path, capsys
 
     from cthub.cli import main
 
-    rc = main(["study", "--data", str(organamnist_npz), "--encoders", "scratch,no-such-encoder-xyz",
-               "--fractions", "0.005,0.003", "--seeds", "1", "--out", str(out), "--image-size", "32",
-               "--epochs", "1", "--head-epochs", "0", "--batch-size", "32", "--lr", "0.001",
-               "--max-val", "150", "--max-test", "200", "--threads", "1"])
+    rc = main(
+        [
+            "study",
+            "--data",
+            str(organamnist_npz),
+            "--encoders",
+            "scratch,no-such-encoder-xyz",
+            "--fractions",
+            "0.005,0.003",
+            "--seeds",
+            "1",
+            "--out",
+            str(out),
+            "--image-size",
+            "32",
+            "--epochs",
+            "1",
+            "--head-epochs",
+            "0",
+            "--batch-size",
+            "32",
+            "--lr",
+            "0.001",
+            "--max-val",
+            "150",
+            "--max-test",
+            "200",
+            "--threads",
+            "1",
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert "skipping encoder 'no-such-encoder-xyz'" in printed
-    summary = json.loads(printed[printed.index("{"):printed.rindex("}") + 1])
+    summary = json.loads(printed[printed.index("{") : printed.rindex("}") + 1])
     assert summary["ran"] == 1 and summary["skipped_finished"] == 1  # the finished run was not redone
     assert done.stat().st_mtime_ns == stamp
-    rows = (out / "results.csv").read_text().strip().splitlines()
-    assert len(rows) == 3 and rows[0].startswith("encoder,fraction,seed")
-    table = (out / "table2.md").read_text()
-    assert "| scratch |" in table and "| 0.5% AUC | 0.5% F1 | 0.3% AUC |" in table
-    assert "±" not in table and "one run each" in table  # one seed: no spread is claimed
-    assert (out / "figure5.png").read_bytes()[:4] == b"\x89PNG"
+
     runs = json.loads((out / "results.json").read_text())["runs"]
-    assert {r["n_train"] for r in runs} == {round(0.005 * 34561), round(0.003 * 34561)}
-    assert all(0.0 <= r["test"]["auc"] <= 1.0 and r["test"]["n"] == 200 for r in runs)
+    assert [r["fraction"] for r in runs] == [0.005, 0.003]
+    assert [r["n_train"] for r in runs] == [round(0.005 * 34561), round(0.003 * 34561)]
+    # every cell is measured on the same stratified val/test subsets (fixed by the recipe seed)
+    part = select_splits(load_splits(organamnist_npz), split_seed=RECIPE.seed, max_val=150, max_test=200)
+    test_labels = part.test.labels
+    for r in runs:
+        t, cm = r["test"], np.asarray(r["test"]["confusion_matrix"])
+        assert r["n_val"] == 150 and t["n"] == cm.sum() == 200
+        assert np.array_equal(cm.sum(1), np.bincount(test_labels, minlength=11))
+        # the reported metrics are the ones the saved predictions (confusion matrix) give
+        assert t["accuracy"] == pytest.approx(np.trace(cm) / cm.sum())
+        assert t["f1"] == pytest.approx(_macro_f1(cm))
+        assert r["converged"] is (r["best_epoch"] < r["epochs_run"])  # 1 epoch: best is the last, False
+
+    with (out / "results.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [row["fraction"] for row in rows] == ["0.005", "0.003"]
+    assert all(row["converged"] == "False" for row in rows)
+    assert (out / "summary.csv").read_text().count("\n") == 3  # header + one row per (encoder, fraction)
+    table = (out / "table2.md").read_text()
+    line = next(row for row in table.splitlines() if row.startswith("| scratch |"))
+    assert "| 0.5% AUC | 0.5% F1 | 0.3% AUC |" in table and "–" not in line and line.count("|") == 6
+    assert "±" not in table and "one run each" in table  # one seed: no spread is claimed
+    assert "2 of 2 runs selected their last epoch" in table
+    assert (out / "figure5.png").read_bytes()[:4] == b"\x89PNG"
 
     with pytest.raises(ConfigError):  # resuming with another recipe would mix incomparable runs
         run_study(_spec(organamnist_npz, out, [0.005], RECIPE.replace(lr=0.5)))
+
+
+def test_failing_cell_is_recorded_and_the_others_finish(
+    head_ct_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a train/test source without validation (a KeyError in every cell before), one cell fails."""
+    rows = [
+        f"{head_ct_dir / f'{i:03d}.png'},{int(i < 100)},{'test' if i % 5 == 0 else 'train'}"
+        for i in range(80, 120)
+    ]
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,label,split\n" + "\n".join(rows) + "\n")
+    spec = StudySpec(
+        data=str(manifest),
+        encoders=["scratch", "random"],
+        fractions=[1.0],
+        seeds=[0],
+        out=str(tmp_path / "study"),
+        recipe=RECIPE,
+        val_fraction=0.25,
+    )
+    real_fit = study.fit
+
+    def flaky(encoder, *args, **kw):
+        if encoder == "random":
+            raise RuntimeError("boom")
+        return real_fit(encoder, *args, **kw)
+
+    monkeypatch.setattr(study, "fit", flaky)
+    s = run_study(spec)
+    key = Cell("random", 1.0, 0).key
+    assert s["ran"] == 1 and list(s["failed"]) == [key] and "boom" in s["failed"][key]
+    assert "boom" in json.loads(run_path(spec.out, Cell("random", 1.0, 0)).read_text())["error"]
+    results = json.loads((Path(spec.out) / "results.json").read_text())
+    assert [r["encoder"] for r in results["runs"]] == ["scratch"] and key in results["failed"]
+    assert results["runs"][0]["n_train"] == 24 and results["runs"][0]["n_val"] == 8
+    table = (Path(spec.out) / "table2.md").read_text()
+    assert "| random | – | – |" in table and "1 run(s) failed" in table
+
+    monkeypatch.setattr(study, "fit", real_fit)  # resume: the failed cell is retried, the finished one kept
+    again = run_study(spec)
+    assert again["ran"] == 1 and again["skipped_finished"] == 1 and not again["failed"]
 
 
 def test_missing_encoder_is_a_clear_skip() -> None:

@@ -1,9 +1,17 @@
-"""Local hub: publish, resolve by name/alias/path, verify checksums, strict loading, heads and stage features."""
+"""Local hub: publish, resolve by name/alias/path, verify checksums, strict loading, heads, stage features,
+and failing fast when the Hub cannot be reached."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -40,10 +48,13 @@ def test_publish_then_load_by_name_and_alias(encoder: ResNet50) -> None:
     folder = publish_local(encoder, "spark-organamnist-cpu", _cfg(), source="pretrain")
     assert folder == hub_dir() / "spark-organamnist-cpu"
     rec = manifest.read_manifest(hub_dir())["spark-organamnist-cpu"]
-    assert rec["sha256"] == manifest.sha256_file(folder / "model.safetensors") == manifest.read_sidecar(
-        folder / "model.safetensors")
+    assert (
+        rec["sha256"]
+        == manifest.sha256_file(folder / "model.safetensors")
+        == manifest.read_sidecar(folder / "model.safetensors")
+    )
     model = from_pretrained("spark-organamnist-cpu")
-    for (k, a), b in zip(encoder.state_dict().items(), model.state_dict().values()):
+    for (k, a), b in zip(encoder.state_dict().items(), model.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
     assert model.config.preprocessing.mean == (0.3,)  # the preprocessing travels with the weights
     assert model.config.name == "spark-organamnist-cpu" and model.config.provenance["license"] == "apache-2.0"
@@ -123,21 +134,89 @@ def test_local_only_entry_and_unknown_name() -> None:
     with pytest.raises(ModelNotFoundError, match="no remote copy") as e:
         from_pretrained("mocov2-organamnist-cpu")
     assert "cthub pretrain --method mocov2 --publish mocov2-organamnist-cpu" in str(e.value)
-    with pytest.raises(ModelNotFoundError, match="known: .*spark-lidc"):
+    with pytest.raises(ModelNotFoundError, match=r"known: .*spark-lidc"):
         from_pretrained("no-such-model")
 
 
-def test_unreachable_hub_fails_fast_without_retries(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Online mode, but the endpoint is a closed local port: the probe is refused at once (no outside network).
+_WATCHED_PORTS: dict[int, list[float]] = {}
+
+
+def _audit(event: str, args: tuple[Any, ...]) -> None:
+    if event == "socket.connect" and _WATCHED_PORTS:
+        address = args[1]
+        if isinstance(address, tuple) and len(address) >= 2 and address[1] in _WATCHED_PORTS:
+            _WATCHED_PORTS[address[1]].append(time.monotonic())
+
+
+@contextlib.contextmanager
+def _connect_attempts(port: int) -> Iterator[list[float]]:
+    """Every `socket.connect` to `port` made in this process, seen through CPython's audit events (a refused
+    connection leaves no trace on a server). The hook is installed once: audit hooks cannot be removed."""
+    if not getattr(_audit, "installed", False):
+        sys.addaudithook(_audit)
+        _audit.installed = True  # type: ignore[attr-defined]
+    _WATCHED_PORTS[port] = attempts = []
+    try:
+        yield attempts
+    finally:
+        del _WATCHED_PORTS[port]
+
+
+def _online_endpoint(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
     from huggingface_hub import constants
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
-    monkeypatch.delenv("HTTPS_PROXY", raising=False)
-    monkeypatch.delenv("https_proxy", raising=False)
-    with pytest.raises(ModelNotFoundError, match="did not answer"):
-        from_pretrained("byol-lidc")
+    monkeypatch.setattr(constants, "ENDPOINT", url)
+    template = url + "/{repo_id}/resolve/{revision}/{filename}"
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+    for var in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def test_unreachable_hub_fails_fast_without_retries(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # Online mode, but the endpoint is a closed local port: every connection is refused (no outside network).
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    _online_endpoint(monkeypatch, f"http://127.0.0.1:{port}")
+    with _connect_attempts(port) as attempts:
+        t0 = time.monotonic()
+        with pytest.raises(ModelNotFoundError, match="did not answer"):
+            from_pretrained("byol-lidc", cache_dir=tmp_path)
+        elapsed = time.monotonic() - t0
+    # One refused reachability probe, then the cache alone. huggingface_hub on its own makes 8 attempts over
+    # ~24 s here (its HEAD, then backed-off retries; measured with this hook), so both bounds are behaviour.
+    assert len(attempts) == 1
+    assert elapsed < 5.0
+
+
+def test_hub_that_drops_connections_fails_fast_with_a_typed_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # The endpoint accepts TCP connections and closes them without answering (a broken proxy or server).
+    accepted: list[float] = []
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):  # the listening socket is closed at the end of the test
+            while True:
+                conn, _ = server.accept()
+                accepted.append(time.monotonic())
+                conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    _online_endpoint(monkeypatch, f"http://127.0.0.1:{server.getsockname()[1]}")
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(ModelNotFoundError, match=r"did not answer the request for ct-ssl-hub/byol-lidc/"):
+            from_pretrained("byol-lidc", cache_dir=tmp_path)
+    finally:
+        server.close()
+    # the probe, then the one HEAD for config.json (its HTTP client re-sends once on a dropped connection);
+    # no further file is tried and nothing is retried with backoff
+    assert 2 <= len(accepted) <= 3
+    assert time.monotonic() - t0 < 5.0
 
 
 def test_save_into_hub_dir_records_manifest_and_first_load_records(encoder: ResNet50) -> None:

@@ -20,18 +20,41 @@ def organ_images(organamnist_npz: Path) -> np.ndarray:
 
 
 def _cfg(method: str, out: Path, **kw):
-    base = {"out": str(out), "image_size": 32, "batch_size": 8, "steps": 3, "log_every": 1, "ckpt_every": 100, "amp": False,
-                "tensorboard": False, "threads": 1}  # 1 thread: the 2 cores are shared
+    base = {
+        "out": str(out),
+        "image_size": 32,
+        "batch_size": 8,
+        "steps": 3,
+        "log_every": 1,
+        "ckpt_every": 100,
+        "amp": False,
+        "tensorboard": False,
+        "threads": 1,
+    }  # 1 thread: the 2 cores are shared
     base.update(kw)
     return config_for(method, None, **base)
 
 
 # MoCo is not here: its loss first rises while the queue of random vectors fills with real keys.
-@pytest.mark.parametrize("method,kw", [
-    ("spark", {"image_size": 64, "steps": 16, "base_lr": 0.05, "warmup_steps": 1, "method_kwargs": {"decoder_width": 32}}),
-    ("byol", {"steps": 16, "base_lr": 8.0, "warmup_steps": 1, "method_kwargs": {"hidden": 256}}),
-])
-def test_loss_goes_down_on_real_ct_slices(method: str, kw: dict, organ_images: np.ndarray, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "method,kw",
+    [
+        (
+            "spark",
+            {
+                "image_size": 64,
+                "steps": 16,
+                "base_lr": 0.05,
+                "warmup_steps": 1,
+                "method_kwargs": {"decoder_width": 32},
+            },
+        ),
+        ("byol", {"steps": 16, "base_lr": 8.0, "warmup_steps": 1, "method_kwargs": {"hidden": 256}}),
+    ],
+)
+def test_loss_goes_down_on_real_ct_slices(
+    method: str, kw: dict, organ_images: np.ndarray, tmp_path: Path
+) -> None:
     from pretrain.trainer import train
 
     fixed = organ_images[:8]  # one fixed batch of real slices, labels unused
@@ -44,9 +67,19 @@ def test_loss_goes_down_on_real_ct_slices(method: str, kw: dict, organ_images: n
 def test_swav_step_freezes_and_normalizes_prototypes(organ_images: np.ndarray, tmp_path: Path) -> None:
     from pretrain.trainer import train
 
-    cfg = _cfg("swav", tmp_path, steps=2, batch_size=4, accum_steps=2,  # 2 micro-batches per optimizer step
-               method_kwargs={"n_prototypes": 20, "freeze_prototypes_steps": 1, "queue_length": 16,
-                              "queue_start_step": 0})
+    cfg = _cfg(
+        "swav",
+        tmp_path,
+        steps=2,
+        batch_size=4,
+        accum_steps=2,  # 2 micro-batches per optimizer step
+        method_kwargs={
+            "n_prototypes": 20,
+            "freeze_prototypes_steps": 1,
+            "queue_length": 16,
+            "queue_start_step": 0,
+        },
+    )
     res = train(cfg, images=organ_images[:32])
     m = res.method
     assert np.isfinite(res.losses).all() and len(res.losses) == 2 and res.steps == 2
@@ -70,18 +103,49 @@ def test_prototypes_frozen_in_first_steps() -> None:
     assert m.prototypes.weight.grad is not None
 
 
-def test_exact_resume(organ_images: np.ndarray, tmp_path: Path) -> None:
+RESUME_KW = {
+    "mocov2": {"queue_size": 48},
+    "swav": {
+        "n_prototypes": 16,
+        "n_small": 2,
+        "queue_length": 16,
+        "queue_start_step": 1,
+        "freeze_prototypes_steps": 1,
+    },
+    "byol": {"hidden": 64},
+    "spark": {"decoder_width": 32},
+}
+
+
+@pytest.mark.parametrize("method", list(RESUME_KW))
+def test_exact_resume(method: str, organ_images: np.ndarray, tmp_path: Path) -> None:
+    """Interrupted at step 2 and resumed: the same losses and the same state (weights, EMA targets, queues,
+    BN statistics, optimizer moments) as an uninterrupted run, with views prefetched on a helper thread."""
     from pretrain.trainer import train
 
     imgs = organ_images[:64]
-    full = train(_cfg("mocov2", tmp_path / "a", steps=4, method_kwargs={"queue_size": 48}), images=imgs)
-    train(_cfg("mocov2", tmp_path / "b", steps=4, method_kwargs={"queue_size": 48}), images=imgs, stop_at=2)
-    resumed = train(_cfg("mocov2", tmp_path / "b", steps=4, method_kwargs={"queue_size": 48}), images=imgs,
-                    resume=True)
+    size = 64 if method == "spark" else 32
+
+    def cfg(sub: str):
+        return _cfg(
+            method,
+            tmp_path / sub,
+            steps=4,
+            image_size=size,
+            warmup_steps=0,
+            method_kwargs=RESUME_KW[method],
+            prefetch=True,
+        )
+
+    full = train(cfg("a"), images=imgs)
+    train(cfg("b"), images=imgs, stop_at=2)
+    resumed = train(cfg("b"), images=imgs, resume=True)
     assert resumed.steps == 4 and full.losses[2:] == pytest.approx(resumed.losses, rel=1e-5)
     a, b = full.method.state_dict(), resumed.method.state_dict()
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=f"{k} differs after resume")
+        torch.testing.assert_close(
+            a[k], b[k], rtol=1e-5, atol=1e-6, msg=f"{method}: {k} differs after resume"
+        )
     with open(tmp_path / "b" / "metrics.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
@@ -102,9 +166,35 @@ def test_cli_trains_saves_and_publishes(organamnist_npz: Path, tmp_path: Path, c
     from hub import from_pretrained
 
     out = tmp_path / "run"
-    rc = cthub_main(["pretrain", "--method", "byol", "--data", str(organamnist_npz), "--steps", "2",
-                     "--image-size", "32", "--batch-size", "4", "--max-images", "64", "--out", str(out),
-                     "--amp", "off", "--publish", "byol-organamnist-test", "--probe-max-train", "33", "--threads", "1"])
+    rc = cthub_main(
+        [
+            "pretrain",
+            "--method",
+            "byol",
+            "--data",
+            str(organamnist_npz),
+            "--steps",
+            "2",
+            "--image-size",
+            "32",
+            "--batch-size",
+            "4",
+            "--max-images",
+            "64",
+            "--out",
+            str(out),
+            "--amp",
+            "off",
+            "--publish",
+            "byol-organamnist-test",
+            "--probe-max-train",
+            "33",
+            "--threads",
+            "1",
+            "--monitor-size",
+            "200",
+        ]
+    )
     assert rc == 0
     assert (out / "checkpoint.pt").is_file() and (out / "metrics.csv").is_file()
     enc = from_pretrained("byol-organamnist-test")
@@ -112,13 +202,35 @@ def test_cli_trains_saves_and_publishes(organamnist_npz: Path, tmp_path: Path, c
     assert cfg.method == "byol" and cfg.num_classes == 0 and cfg.preprocessing.input_size == 32
     assert "OrganAMNIST" in cfg.pretraining_data and cfg.provenance["steps"] == 2
     assert "final_loss" in cfg.provenance and "wall_time_s" in cfg.provenance
-    probe = cfg.metrics["linear_probe"]  # measured by finetune.linear_probe on the labeled OrganAMNIST splits
-    assert 0.0 <= probe["test"]["accuracy"] <= 1.0 and probe["n_train"] == 33
+    ff = cfg.metrics["frozen_features"]  # finetune.evaluate_encoder on the labeled OrganAMNIST splits
+    for who in ("encoder", "random_init"):
+        for bn in ("stored", "recalibrated"):
+            r = ff[who][bn]
+            assert r["linear_probe"]["n_train"] == ff[who]["n_train"] == 33
+            assert {"accuracy", "auc", "f1"} <= set(r["knn"]) and r["collapse_std"] >= 0
+    # the reference row is real: random features (identity BN) beat always answering the majority class
+    rnd = ff["random_init"]["stored"]
+    assert rnd["knn"]["accuracy"] > ff["random_init"]["majority_accuracy"] + 0.1
+    assert cfg.metrics["weight_change_from_init"]["total"] > 0  # the two steps moved the encoder
+    assert cfg.metrics["knn_monitor_last"]["step"] == 2  # the monitor ran on the npz's val split at the end
     card = (Path(str(__import__("hub").hub_dir())) / "byol-organamnist-test" / "README.md").read_text()
     assert "final_loss" in card and "OrganAMNIST" in card
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert enc(x).shape == (2, 2048)
-    rc = cthub_main(["pretrain", "--method", "byol", "--data", str(organamnist_npz), "--steps", "1",
-                     "--publish", "byol-lidc", "--out", str(tmp_path / "x")])
+    rc = cthub_main(
+        [
+            "pretrain",
+            "--method",
+            "byol",
+            "--data",
+            str(organamnist_npz),
+            "--steps",
+            "1",
+            "--publish",
+            "byol-lidc",
+            "--out",
+            str(tmp_path / "x"),
+        ]
+    )
     assert rc == 2 and "LIDC" in capsys.readouterr().err
