@@ -62,6 +62,7 @@ def recalibrate_bn(
     images (cumulative average, no augmentation); weights untouched. Returns the copy in eval mode."""
     model = copy.deepcopy(model)
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in bns]
     for m in bns:
         m.reset_running_stats()
         m.momentum = None  # cumulative moving average: every batch weighs the same
@@ -74,8 +75,8 @@ def recalibrate_bn(
             break
         x = model_inputs(images[chunk], pp).to(device, memory_format=torch.channels_last)
         model.forward_features(x)
-    for m in bns:
-        m.momentum = 0.1
+    for m, momentum in zip(bns, momenta, strict=True):
+        m.momentum = momentum
     return model.eval()
 
 

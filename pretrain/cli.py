@@ -6,6 +6,7 @@ import argparse
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
 from cthub.errors import ConfigError
 from pretrain.config import METHODS
@@ -204,9 +205,10 @@ def _evaluate(a: argparse.Namespace) -> int:
     modes = ("stored", "recalibrated") if a.bn == "both" else (a.bn,)
     results = []
     for name in a.encoder:
-        size = a.image_size or _input_size(name)
+        encoder, own_size = _load_encoder(name)
+        size = a.image_size or own_size
         r = evaluate_encoder(
-            name,
+            encoder,
             train,
             val,
             test,
@@ -233,13 +235,16 @@ def _evaluate(a: argparse.Namespace) -> int:
     return 0
 
 
-def _input_size(name: str) -> int:
-    """The encoder's own training input size (64 for scratch, the CPU recipes' size)."""
-    if name.lower() in ("scratch", "random", "none"):
-        return 64
+def _load_encoder(name: str) -> tuple[Any, int]:
+    """The encoder (loaded and verified once) and its own training input size; scratch stays a name (64 px,
+    the CPU recipes' size)."""
+    from finetune.train import SCRATCH_NAMES
     from hub import from_pretrained
 
-    return int(from_pretrained(name, num_classes=0).config.preprocessing.input_size)
+    if name.lower() in SCRATCH_NAMES:
+        return name, 64
+    enc = from_pretrained(name, num_classes=0)
+    return enc, int(enc.config.preprocessing.input_size)
 
 
 def _report(a: argparse.Namespace) -> int:
