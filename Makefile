@@ -18,7 +18,7 @@ DEMO := models/organamnist-demo
 HOST ?= 127.0.0.1
 PORT ?= 3000
 
-.PHONY: venv run test bench study pretrain evaluate clean lint
+.PHONY: venv run test bench study study-headct pretrain pretrain-extra evaluate experiments clean lint
 
 venv: $(STAMP)
 $(STAMP): pyproject.toml
@@ -65,12 +65,27 @@ pretrain: $(STAMP) | $(ORGAN_NPZ)
 	  done; wait; done
 	$(CTHUB) pretrain-report $(RUNS)/spark-cpu $(RUNS)/byol-cpu $(RUNS)/mocov2-cpu $(RUNS)/swav-cpu --out docs/results
 
+# Two questions of the CPU recipe, each at equal minutes of one core (see docs/results/README.md):
+# SparK at 96 px (3x3 mask grid) vs 64 px (2x2), and BYOL continued from the SparK encoder (`--init`,
+# hierarchical pretraining) vs BYOL from scratch over its first 300 steps (same schedule, same step cost).
+pretrain-extra: $(STAMP) | $(ORGAN_NPZ)
+	@mkdir -p $(RUNS)
+	$(CTHUB) pretrain --method spark --data $(ORGAN_NPZ) --recipe cpu-organamnist --image-size 96 --steps 380 \
+	  --max-minutes 86 --out $(RUNS)/spark96-cpu --resume --publish spark96-organamnist-cpu \
+	  > $(RUNS)/spark96-cpu.log 2>&1 & \
+	$(CTHUB) pretrain --method byol --data $(ORGAN_NPZ) --recipe cpu-organamnist --init spark-organamnist-cpu \
+	  --steps 600 --max-minutes 45 --out $(RUNS)/byol-from-spark-cpu --resume \
+	  --publish byol-from-spark-organamnist-cpu > $(RUNS)/byol-from-spark-cpu.log 2>&1 & wait
+	$(CTHUB) pretrain-report $(RUNS)/spark-cpu $(RUNS)/byol-cpu $(RUNS)/mocov2-cpu $(RUNS)/swav-cpu \
+	  $(RUNS)/spark96-cpu $(RUNS)/byol-from-spark-cpu --out docs/results
+
 comma := ,
 STUDY_ENCODERS ?= scratch,spark-organamnist-cpu,mocov2-organamnist-cpu,byol-organamnist-cpu,swav-organamnist-cpu
+EVAL_ENCODERS ?= $(STUDY_ENCODERS),spark96-organamnist-cpu,byol-from-spark-organamnist-cpu
 
 # Frozen-feature evaluation of every local encoder beside a random init (BN stored and recalibrated).
 evaluate: $(STAMP) | $(ORGAN_NPZ)
-	$(CTHUB) evaluate $(subst $(comma), ,$(STUDY_ENCODERS)) --data $(ORGAN_NPZ) --threads 1 \
+	$(CTHUB) evaluate $(subst $(comma), ,$(EVAL_ENCODERS)) --data $(ORGAN_NPZ) --threads 1 \
 	  --json docs/results/frozen-features.json
 
 # The label-reduction study (paper Table 2 / Fig. 5) over the encoders that exist locally: the paper's recipe
@@ -85,6 +100,19 @@ study: $(STAMP) | $(ORGAN_NPZ)
 	@mkdir -p docs/results/study-organamnist
 	cp $(RUNS)/study-organamnist/*.md $(RUNS)/study-organamnist/*.csv $(RUNS)/study-organamnist/*.png \
 	  docs/results/study-organamnist/
+
+# Head CT hemorrhage (../shared/data/head_ct: 200 PNG slices, windowed by the dataset's authors; labels.csv):
+# the paper's brain protocol, 5 stratified folds at 100% and 75% of each training part.
+HEAD_CT ?= ../shared/data/head_ct
+study-headct: $(STAMP)
+	$(CTHUB) study --data $(HEAD_CT) --protocol kfold --folds 5 --encoders $(STUDY_ENCODERS) --fractions 1,0.75 \
+	  --seeds 1 --image-size 64 --epochs 60 --head-epochs 2 --patience 10 --select auc --workers 2 --threads 1 \
+	  --out $(RUNS)/study-headct
+	@mkdir -p docs/results/study-headct
+	cp $(RUNS)/study-headct/*.md $(RUNS)/study-headct/*.csv $(RUNS)/study-headct/*.png docs/results/study-headct/
+
+# Everything the results in docs/results need, in order; every step resumes where it stopped.
+experiments: pretrain evaluate study study-headct pretrain-extra
 
 bench: $(STAMP)
 	$(PY) -m bench

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +87,9 @@ def _study(a: argparse.Namespace) -> int:
         max_val=a.max_val,
         max_test=a.max_test,
     )
-    summary = run_study(spec, workers=a.workers, threads_per_worker=threads or 1)
+    argv = sys.argv[sys.argv.index("study") :] if "study" in sys.argv else []  # as typed, for the cards
+    command = "cthub " + " ".join(map(shlex.quote, argv)) if argv else ""
+    summary = run_study(spec, workers=a.workers, threads_per_worker=threads or 1, command=command)
     summary["skipped_encoders"] = skipped
     print(json.dumps(summary, indent=2))
     table = Path(a.out) / "table2.md"

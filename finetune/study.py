@@ -20,8 +20,9 @@ from typing import Any
 from cthub.errors import ConfigError, CTHubError
 from finetune.config import FinetuneConfig
 from finetune.data import load_splits, select_splits
-from finetune.report import aggregate, write_csv, write_reports
+from finetune.report import aggregate, pct, write_csv, write_reports
 from finetune.train import SCRATCH_NAMES, fit
+from hub.config import ModelConfig
 
 __all__ = [
     "Cell",
@@ -30,6 +31,7 @@ __all__ = [
     "available_encoders",
     "is_done",
     "load_runs",
+    "record_in_cards",
     "run_cell",
     "run_path",
     "run_study",
@@ -37,6 +39,8 @@ __all__ = [
 ]
 log = logging.getLogger(__name__)
 METRICS = ("accuracy", "auc", "f1")
+# what a card needs to say about how its study rows were trained
+STUDY_RECIPE_KEYS = ("image_size", "epochs", "head_epochs", "patience", "select_metric", "lr", "batch_size")
 
 
 @dataclass(frozen=True)
@@ -197,8 +201,56 @@ def _outcomes(
             yield futs[fut], _attempt(futs[fut].key, fut.result)
 
 
-def run_study(spec: StudySpec, workers: int = 1, threads_per_worker: int = 1) -> dict[str, Any]:
-    """Run every unfinished cell (finished ones are read back, not redone), then aggregate."""
+def card_rows(rows: list[dict[str, Any]], encoder: str) -> dict[str, dict[str, Any]]:
+    """An encoder's aggregated test results per training fraction, beside scratch's on the same cells."""
+    scratch = {r["fraction"]: r for r in rows if r["encoder"].lower() in SCRATCH_NAMES}
+    out: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        if r["encoder"] != encoder:
+            continue
+        entry: dict[str, Any] = {"runs": r["runs"], "n_train": r["n_train"], "unconverged": r["unconverged"]}
+        for m in METRICS:
+            entry[m] = {"mean": round(r[f"{m}_mean"], 4), "std": round(r[f"{m}_std"], 4)}
+        base = scratch.get(r["fraction"])
+        if base is not None:
+            entry["scratch_auc"] = {"mean": round(base["auc_mean"], 4), "std": round(base["auc_std"], 4)}
+            entry["delta_auc_vs_scratch"] = round(r["auc_mean"] - base["auc_mean"], 4)
+        out[pct(r["fraction"])] = entry
+    return out
+
+
+def record_in_cards(spec: StudySpec, rows: list[dict[str, Any]], command: str = "") -> list[str]:
+    """Write each local hub encoder's own study rows into its config metrics and card
+    (`metrics.finetune_study["<data>:<protocol>"]`); returns the encoders updated. Scratch and encoders
+    that only exist remotely are left alone."""
+    from hub import local_model_dir, record_metrics
+
+    key = f"{Path(spec.data).name}:{spec.protocol}"
+    recipe = spec.recipe.to_dict()
+    updated = []
+    for enc in spec.encoders:
+        d = None if enc.lower() in SCRATCH_NAMES else local_model_dir(enc)
+        mine = card_rows(rows, enc)
+        if d is None or not mine:
+            continue
+        study = dict(ModelConfig.load(d).metrics.get("finetune_study") or {})
+        study[key] = {
+            "test": mine,
+            "seeds": spec.seeds,
+            "metric_split": "test (mean and std over seeds)",
+            "recipe": {k: recipe.get(k) for k in STUDY_RECIPE_KEYS},
+            "command": command or "cthub study (see the study folder's study.json)",
+        }
+        record_metrics(d, {"finetune_study": study})
+        updated.append(enc)
+    return updated
+
+
+def run_study(
+    spec: StudySpec, workers: int = 1, threads_per_worker: int = 1, command: str = ""
+) -> dict[str, Any]:
+    """Run every unfinished cell (finished ones are read back, not redone), aggregate, and write each local
+    encoder's rows into its model card."""
     out = Path(spec.out)
     out.mkdir(parents=True, exist_ok=True)
     _check_same_recipe(spec, out / "study.json")
@@ -229,8 +281,10 @@ def run_study(spec: StudySpec, workers: int = 1, threads_per_worker: int = 1) ->
                 "" if outcome["converged"] else " (best epoch = last epoch)",
             )
     title = f"{Path(spec.data).name}: {spec.protocol}"
-    summary = write_reports(out, load_runs(spec, out), spec=spec.to_dict(), title=title, failed=failed)
+    runs = load_runs(spec, out)
+    summary = write_reports(out, runs, spec=spec.to_dict(), title=title, failed=failed)
     summary.update(ran=len(todo) - len(failed), skipped_finished=len(cells) - len(todo), failed=failed)
+    summary["cards_updated"] = record_in_cards(spec, aggregate(runs), command)
     return summary
 
 

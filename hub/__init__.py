@@ -8,7 +8,15 @@ feats = from_pretrained("spark", features_only=True)    # forward -> 4 stage map
 
 from hub.config import ModelConfig
 from hub.features import FeaturesOnly
-from hub.io import from_pretrained, hub_dir, load_dir, publish_local, save_pretrained
+from hub.io import (
+    from_pretrained,
+    hub_dir,
+    load_dir,
+    local_model_dir,
+    publish_local,
+    record_metrics,
+    save_pretrained,
+)
 from hub.registry import load_registry
 from hub.resnet import ResNet50
 
@@ -20,6 +28,8 @@ __all__ = [
     "hub_dir",
     "load_dir",
     "load_registry",
+    "local_model_dir",
     "publish_local",
+    "record_metrics",
     "save_pretrained",
 ]

@@ -56,7 +56,9 @@ class ModelConfig:
 
     def save(self, directory: str | Path) -> Path:
         path = Path(directory) / CONFIG_NAME
-        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        tmp = path.with_name(path.name + ".tmp")  # atomic: a reader never sees half a config
+        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        tmp.replace(path)
         return path
 
     @classmethod

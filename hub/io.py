@@ -31,7 +31,16 @@ HUB_DIR_ENV = "CTHUB_HOME"
 DEFAULT_HUB_DIR = Path.home() / ".cache" / "ct-ssl-hub"
 log = logging.getLogger(__name__)
 
-__all__ = ["from_pretrained", "hub_dir", "load_dir", "publish_local", "save_pretrained", "sha256_file"]
+__all__ = [
+    "from_pretrained",
+    "hub_dir",
+    "load_dir",
+    "local_model_dir",
+    "publish_local",
+    "record_metrics",
+    "save_pretrained",
+    "sha256_file",
+]
 
 
 def hub_dir(override: str | Path | None = None) -> Path:
@@ -98,6 +107,29 @@ def publish_local(
     sha = sha256_file(folder / WEIGHTS_NAME)
     manifest.record(hub, name, sha, source=source, method=cfg.method)
     return folder
+
+
+def local_model_dir(name_or_path: str | Path) -> Path | None:
+    """The folder of a model that exists on this machine (an explicit folder, else `hub_dir()/<name>`), or
+    None when it is only reachable remotely or not at all. Nothing is downloaded."""
+    for d in (Path(name_or_path).expanduser(), hub_dir() / str(name_or_path)):
+        if (d / "config.json").is_file() and (d / WEIGHTS_NAME).is_file():
+            return d
+    return None
+
+
+def record_metrics(directory: str | Path, updates: dict[str, object]) -> ModelConfig:
+    """Merge `updates` into the config.json metrics of a model folder and rewrite its card.
+
+    The weights (and so their sha256 in the sidecar and the manifest) are untouched: a card gains measured
+    results without republishing the model.
+    """
+    d = Path(directory)
+    cfg = ModelConfig.load(d)
+    cfg.metrics = {**cfg.metrics, **updates}
+    cfg.save(d)
+    write_card(cfg, d)
+    return cfg
 
 
 def _load_verified(

@@ -178,6 +178,69 @@ def _initial_encoder(cfg: TrainConfig) -> tuple[ResNet50 | None, dict[str, Any] 
     return enc, parent
 
 
+def _preprocessing(cfg: TrainConfig, ckpt: dict[str, Any] | None, imgs: Any) -> PreprocessConfig:
+    """The run's input normalisation: the checkpoint's when resuming, else measured on the images."""
+    if ckpt is not None:
+        return PreprocessConfig.from_dict(ckpt["preprocessing"])
+    mean, std = dataset_stats(imgs, seed=cfg.seed) if cfg.normalize == "dataset" else (0.5, 0.25)
+    return PreprocessConfig(
+        input_size=cfg.image_size,
+        in_chans=cfg.in_chans,
+        mean=(mean,),
+        std=(std,),
+        extra={"source": "uint8 grey 0..255 (already mapped)"},
+    )
+
+
+@dataclass(frozen=True)
+class _Schedule:
+    """Steps and learning rates of a run (rates scaled linearly by the global batch / 256)."""
+
+    total: int
+    warmup: int
+    steps_per_epoch: int
+    global_batch: int
+    lr_base: float
+    lr_final: float
+
+
+def _schedule(cfg: TrainConfig, per_epoch: int, world: int) -> _Schedule:
+    steps_per_epoch = max(1, per_epoch // cfg.accum_steps)
+    if cfg.steps is None and cfg.epochs is None:
+        total = 10**9  # --max-minutes alone: the clock ends the run (schedule then has no end)
+    else:
+        total = cfg.steps or math.ceil((cfg.epochs or 1e9) * steps_per_epoch)
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_epochs * steps_per_epoch)
+    global_batch = cfg.batch_size * cfg.accum_steps * world
+    return _Schedule(
+        total=total,
+        warmup=min(warmup, total // 2),
+        steps_per_epoch=steps_per_epoch,
+        global_batch=global_batch,
+        lr_base=cfg.base_lr * global_batch / 256,
+        lr_final=cfg.final_lr * global_batch / 256,
+    )
+
+
+def _restore(
+    ckpt: dict[str, Any],
+    method: SSLMethod,
+    opt: torch.optim.Optimizer,
+    scaler: Any,
+    g: torch.Generator,
+    rank: int,
+) -> tuple[int, float]:
+    """Load a checkpoint into the live objects (weights, optimizer, scaler, both RNGs); (step, elapsed)."""
+    method.load_state_dict(ckpt["method"])
+    opt.load_state_dict(ckpt["optimizer"])
+    if scaler and ckpt["scaler"]:
+        scaler.load_state_dict(ckpt["scaler"])
+    aug_state, torch_state = ckpt.get("rank_rng", [None])[rank] or (ckpt["aug_rng"], ckpt["torch_rng"])
+    g.set_state(aug_state)
+    torch.set_rng_state(torch_state)
+    return int(ckpt["step"]), float(ckpt["elapsed"])
+
+
 def _setup(cfg: TrainConfig, resume: bool, images: Any) -> _Run:
     device = select_device(cfg.device)
     pdist.init_from_env(device)
@@ -192,36 +255,18 @@ def _setup(cfg: TrainConfig, resume: bool, images: Any) -> _Run:
         if resume and ckpt_path.is_file()
         else None
     )
-
     imgs = images if images is not None else load_images(cfg.data, cfg.storage_size, cfg.max_images)
-    if ckpt is not None:
-        pp = PreprocessConfig.from_dict(ckpt["preprocessing"])
-    else:
-        mean, std = dataset_stats(imgs, seed=cfg.seed) if cfg.normalize == "dataset" else (0.5, 0.25)
-        pp = PreprocessConfig(
-            input_size=cfg.image_size,
-            in_chans=cfg.in_chans,
-            mean=(mean,),
-            std=(std,),
-            extra={"source": "uint8 grey 0..255 (already mapped)"},
-        )
+    pp = _preprocessing(cfg, ckpt, imgs)
     torch.manual_seed(cfg.seed * 1000 + rank)
     g = torch.Generator().manual_seed(cfg.seed * 1000 + 17 + rank)
     parent_enc, parent = _initial_encoder(cfg) if ckpt is None else (None, (ckpt.get("parent") or None))
     method = build_method(cfg, parent_enc).to(device)
     stream = BatchStream(imgs, cfg.batch_size, cfg.seed, rank, world)
-    steps_per_epoch = max(1, stream.per_epoch // cfg.accum_steps)
-    total = cfg.steps or math.ceil((cfg.epochs or 1e9) * steps_per_epoch)
-    if cfg.steps is None and cfg.epochs is None:
-        total = 10**9  # --max-minutes alone: the clock ends the run (schedule then has no end)
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_epochs * steps_per_epoch)
-    warmup = min(warmup, total // 2)
-    global_batch = cfg.batch_size * cfg.accum_steps * world
-    lr_base, lr_final = cfg.base_lr * global_batch / 256, cfg.final_lr * global_batch / 256
+    sched = _schedule(cfg, stream.per_epoch, world)
     opt = build_optimizer(
         cfg.optimizer,
         method.param_groups(cfg.weight_decay),
-        lr_base,
+        sched.lr_base,
         cfg.weight_decay,
         cfg.betas,
         cfg.momentum,
@@ -230,44 +275,36 @@ def _setup(cfg: TrainConfig, resume: bool, images: Any) -> _Run:
     scaler = torch.amp.GradScaler("cuda") if needs_grad_scaler(device, amp) else None
     step, elapsed = 0, 0.0
     if ckpt is not None:
-        method.load_state_dict(ckpt["method"])
-        opt.load_state_dict(ckpt["optimizer"])
-        if scaler and ckpt["scaler"]:
-            scaler.load_state_dict(ckpt["scaler"])
-        step, elapsed = int(ckpt["step"]), float(ckpt["elapsed"])
-        aug_state, torch_state = ckpt.get("rank_rng", [None])[rank] or (ckpt["aug_rng"], ckpt["torch_rng"])
-        g.set_state(aug_state)
-        torch.set_rng_state(torch_state)
-        _log(f"[{cfg.method}] resumed at step {step}/{total}")
+        step, elapsed = _restore(ckpt, method, opt, scaler, g, rank)
+        _log(f"[{cfg.method}] resumed at step {step}/{sched.total}")
     if world > 1:
         method.prepare_distributed(sync=True)
     if cfg.channels_last:
         method = to_channels_last(method)
-    model: torch.nn.Module = DDP(method) if world > 1 else method
     method.train()
     return _Run(
-        cfg,
-        device,
-        method,
-        model,
-        opt,
-        scaler,
-        stream,
-        method.view_specs(cfg.image_size, cfg.hflip),
-        pp,
-        g,
-        amp,
-        step,
-        elapsed,
-        total,
-        warmup,
-        steps_per_epoch,
-        global_batch,
-        lr_base,
-        lr_final,
-        ckpt is None,
-        len(imgs),
-        parent,
+        cfg=cfg,
+        device=device,
+        method=method,
+        model=DDP(method) if world > 1 else method,
+        opt=opt,
+        scaler=scaler,
+        stream=stream,
+        specs=method.view_specs(cfg.image_size, cfg.hflip),
+        pp=pp,
+        g=g,
+        amp=amp,
+        step=step,
+        elapsed=elapsed,
+        total=sched.total,
+        warmup=sched.warmup,
+        steps_per_epoch=sched.steps_per_epoch,
+        global_batch=sched.global_batch,
+        lr_base=sched.lr_base,
+        lr_final=sched.lr_final,
+        fresh=ckpt is None,
+        n_images=len(imgs),
+        parent=parent,
     )
 
 

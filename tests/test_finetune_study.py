@@ -162,3 +162,31 @@ def test_failing_cell_is_recorded_and_the_others_finish(
 def test_missing_encoder_is_a_clear_skip() -> None:
     ok, skipped = available_encoders(["scratch", "definitely-not-a-model"])
     assert ok == ["scratch"] and "definitely-not-a-model" in skipped
+
+
+def test_study_writes_each_local_encoders_rows_into_its_card(organamnist_npz: Path, tmp_path: Path) -> None:
+    """A hub encoder's card carries its own study rows beside scratch's, with the delta, after a study."""
+    import torch
+
+    from hub import ModelConfig, ResNet50, hub_dir, save_pretrained
+
+    torch.manual_seed(0)
+    enc_dir = save_pretrained(
+        ResNet50(num_classes=0), hub_dir() / "tiny-enc", ModelConfig(name="tiny-enc", method="random")
+    )
+    spec = _spec(organamnist_npz, tmp_path / "study", [0.005])
+    spec.encoders = ["scratch", "tiny-enc"]
+    s = run_study(spec, command="cthub study --encoders scratch,tiny-enc")
+    assert s["cards_updated"] == ["tiny-enc"]
+    cfg = ModelConfig.load(enc_dir)
+    entry = cfg.metrics["finetune_study"][f"{organamnist_npz.name}:split"]
+    row = entry["test"]["0.5%"]
+    runs = {r["encoder"]: r for r in json.loads((Path(spec.out) / "results.json").read_text())["runs"]}
+    assert row["auc"]["mean"] == pytest.approx(runs["tiny-enc"]["test"]["auc"], abs=1e-4)
+    assert row["scratch_auc"]["mean"] == pytest.approx(runs["scratch"]["test"]["auc"], abs=1e-4)
+    assert row["delta_auc_vs_scratch"] == pytest.approx(
+        runs["tiny-enc"]["test"]["auc"] - runs["scratch"]["test"]["auc"], abs=2e-4
+    )
+    assert entry["command"].startswith("cthub study") and entry["recipe"]["image_size"] == 32
+    card = (enc_dir / "README.md").read_text()
+    assert "finetune_study" in card and "delta_auc_vs_scratch" in card
