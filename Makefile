@@ -14,11 +14,10 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 # Data: ../shared/data when present (CI, this team's machines), else the project's own MD5-checked fetch.
 SHARED_NPZ := ../shared/data/organamnist.npz
 ORGAN_NPZ := $(if $(wildcard $(SHARED_NPZ)),$(SHARED_NPZ),data/organamnist.npz)
-DEMO := models/organamnist-demo
 HOST ?= 127.0.0.1
 PORT ?= 3000
 
-.PHONY: venv run test bench study study-headct pretrain pretrain-extra evaluate experiments clean lint
+.PHONY: venv run test bench study study-organamnist study-headct pretrain pretrain-extra evaluate experiments clean lint
 
 venv: $(STAMP)
 $(STAMP): pyproject.toml
@@ -33,16 +32,14 @@ $(STAMP): pyproject.toml
 data/organamnist.npz: | $(STAMP)
 	$(CTHUB) data fetch organamnist --root data
 
-# A short, bounded, honestly labeled fine-tune (see the model card it writes), then export.
-$(DEMO)/model.safetensors: | $(STAMP) $(ORGAN_NPZ)
-	$(CTHUB) finetune --data $(ORGAN_NPZ) --encoder scratch --out $(DEMO) \
-	  --image-size 64 --epochs 4 --head-epochs 1 --max-train 4000 --backbone-lr-ratio 1 --max-test 5000 --seed 42
-
-$(DEMO)/model.onnx: $(DEMO)/model.safetensors
-	$(CTHUB) export $(DEMO)
-
-run: $(DEMO)/model.onnx
-	$(CTHUB) serve --model $(DEMO) --host $(HOST) --port $(PORT)
+# The main job: the best `make pretrain` SparK/MoCo/BYOL/SwAV encoder in the local hub, else a short SparK run
+# (~10 min), fine-tuned on 1% of the labels beside a random-init baseline (the comparison lands in the
+# served model's card), ONNX fp32 + int8, then the API and the demo on $(HOST):$(PORT). Every step is
+# reused when current: a second `make run` starts serving in seconds. BUDGET=tiny: the same path in ~1 min.
+BUDGET ?= quick
+MODELS ?= models
+run: $(STAMP) | $(ORGAN_NPZ)
+	$(CTHUB) quickstart --data $(ORGAN_NPZ) --budget $(BUDGET) --models $(MODELS) --serve --host $(HOST) --port $(PORT)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -88,31 +85,43 @@ evaluate: $(STAMP) | $(ORGAN_NPZ)
 	$(CTHUB) evaluate $(subst $(comma), ,$(EVAL_ENCODERS)) --data $(ORGAN_NPZ) --threads 1 \
 	  --json docs/results/frozen-features.json
 
-# The label-reduction study (paper Table 2 / Fig. 5) over the encoders that exist locally: the paper's recipe
-# (head-only warm-up, then everything), one budget for every init with early stopping counted after
-# unfreezing and selection on validation AUC, 3 seeds; resumable, independent cells in parallel at one thread
-# each. Tables and the figure are copied to docs/results/study-organamnist/.
-STUDY_FRACTIONS ?= 0.01,0.05
-study: $(STAMP) | $(ORGAN_NPZ)
+# The label-reduction study (paper Table 2 / Fig. 5) over the encoders that exist locally and scratch: the
+# paper's recipe (head-only warm-up, then everything), one budget for every init with early stopping counted
+# after unfreezing and selection on validation AUC, 3 seeds, OrganAMNIST label fractions 1/5/10/25/100 % and
+# the head CT set (5-fold at 100 and 75 %); resumable, independent cells in parallel at one thread each,
+# smallest fraction first. The study folders live in the repo (small JSON per finished cell, tables, figure),
+# so a finished cell is never run again on another machine; each cell records the sha256 of the encoder it
+# measured. CPU scale: a 1% cell takes ~10-20 min of one core, a 100% cell about a day; the whole design is
+# weeks of one core, accumulated session by session (`make study-organamnist STUDY_FRACTIONS=0.01,0.05` for
+# the part that decides).
+STUDY_FRACTIONS ?= 0.01,0.05,0.1,0.25,1
+STUDY_WORKERS ?= 2
+study: study-organamnist study-headct
+
+study-organamnist: $(STAMP) | $(ORGAN_NPZ)
 	$(CTHUB) study --data $(ORGAN_NPZ) --encoders $(STUDY_ENCODERS) --fractions $(STUDY_FRACTIONS) --seeds 3 \
 	  --image-size 64 --epochs 60 --head-epochs 2 --patience 10 --select auc --max-val 1000 --max-test 3000 \
-	  --workers 2 --threads 1 --out $(RUNS)/study-organamnist
-	@mkdir -p docs/results/study-organamnist
-	cp $(RUNS)/study-organamnist/*.md $(RUNS)/study-organamnist/*.csv $(RUNS)/study-organamnist/*.png \
-	  docs/results/study-organamnist/
+	  --workers $(STUDY_WORKERS) --threads 1 --out docs/results/study-organamnist
 
 # Head CT hemorrhage (../shared/data/head_ct: 200 PNG slices, windowed by the dataset's authors; labels.csv):
 # the paper's brain protocol, 5 stratified folds at 100% and 75% of each training part.
 HEAD_CT ?= ../shared/data/head_ct
 study-headct: $(STAMP)
 	$(CTHUB) study --data $(HEAD_CT) --protocol kfold --folds 5 --encoders $(STUDY_ENCODERS) --fractions 1,0.75 \
-	  --seeds 1 --image-size 64 --epochs 60 --head-epochs 2 --patience 10 --select auc --workers 2 --threads 1 \
-	  --out $(RUNS)/study-headct
-	@mkdir -p docs/results/study-headct
-	cp $(RUNS)/study-headct/*.md $(RUNS)/study-headct/*.csv $(RUNS)/study-headct/*.png docs/results/study-headct/
+	  --seeds 1 --image-size 64 --epochs 60 --head-epochs 2 --patience 10 --select auc \
+	  --workers $(STUDY_WORKERS) --threads 1 --out docs/results/study-headct
+
+# Robustness of the classifiers of `make run` (its served model and the random-init baseline, both in
+# $(MODELS)/organamnist-*) in the manner of Ghesu et al.: test AUC under HU offset/scale, rotation, zoom and
+# resolution shifts of their own test images (finetune/robustness.py; table in docs/results/robustness).
+ROBUSTNESS_MODELS ?= $(filter-out $(DEMO)/,$(dir $(wildcard $(MODELS)/organamnist-*/model.safetensors)))
+.PHONY: robustness
+robustness: $(STAMP) | $(ORGAN_NPZ)
+	@test -n "$(ROBUSTNESS_MODELS)" || { echo "no classifier in $(MODELS)/organamnist-*: make run"; exit 1; }
+	$(CTHUB) robustness $(ROBUSTNESS_MODELS) --data $(ORGAN_NPZ) --threads 1 --out docs/results/robustness
 
 # Everything the results in docs/results need, in order; every step resumes where it stopped.
-experiments: pretrain evaluate study study-headct pretrain-extra
+experiments: pretrain evaluate study pretrain-extra
 
 bench: $(STAMP)
 	$(PY) -m bench
@@ -123,3 +132,13 @@ lint: $(STAMP)
 
 clean:
 	rm -rf models .pytest_cache build *.egg-info
+
+# PACS in the loop (README "PACS in the loop"): Debian's Orthanc (apt-get install orthanc orthanc-dicomweb) on
+# 127.0.0.1 with the classifier of `make run`; each CT series sent to it gets a DICOM SR in its study. Ctrl+C stops both.
+PACS_DIR ?= $(CTHUB_HOME)/pacs
+PACS_HTTP_PORT ?= 8042
+PACS_DICOM_PORT ?= 4242
+.PHONY: pacs
+pacs: $(STAMP) | $(ORGAN_NPZ)
+	$(CTHUB) quickstart --data $(ORGAN_NPZ) --budget $(BUDGET) --models $(MODELS)
+	$(CTHUB) pacs --model $(MODELS)/organamnist-ssl --dir $(PACS_DIR) --http-port $(PACS_HTTP_PORT) --dicom-port $(PACS_DICOM_PORT)

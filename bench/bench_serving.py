@@ -1,181 +1,329 @@
-"""End-to-end serving: a real `cthub serve` (BentoML + ONNX Runtime) answering real DICOM uploads.
+"""Load benchmark of the serving stack: a real `cthub serve` (API service + batchable ONNX inference
+service) on 127.0.0.1 under a bounded load generator, beside raw ONNX Runtime batch throughput measured in
+the same run.
 
-    .venv/bin/python -m bench.bench_serving [--size 224] [--requests 24] [--concurrency 8]
+    .venv/bin/python -m bench.bench_serving [--size 64] [--requests 1000] [--concurrency 1,8,32] [--bad 0.1]
 
-Measures, side by side: in-process Predictor.predict (no HTTP), sequential POST /predict (latency p50/p95),
-concurrent POST /predict, and concurrent POST /predict_batched (adaptive batching; mean batch size read from
-/metrics). Random ResNet50 weights: speed does not depend on them. Writes bench/results/serving.json.
+For each concurrency: `--requests` POST /predict uploads of real DICOM slices (pydicom / pydicom-data:
+128x128 and 512x512 uncompressed CT), a fraction `--bad` of them malformed (random bytes, truncated files,
+text) sent by `concurrency` client threads with keep-alive connections. Reported: throughput (all, valid),
+latency p50/p99 of valid requests, status counts (the goal: no 5xx), the batch sizes the inference service
+formed, RSS of the server's processes before and after (bounded growth), and the ratio of end-to-end valid
+throughput to raw ONNX Runtime batch throughput (goal >= 0.8 at concurrency 32) with where the rest of the
+time goes per valid request: decode, preprocessing, the model's share of its batch, and the remainder (HTTP,
+multipart parsing, the hop to the inference service, JSON). The CPU and the load average are recorded:
+figures taken while other jobs share the cores say so. Writes bench/results/serving.json (64 px) or
+serving-<size>px.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
-import re
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
 import torch
 
-from ctdata.preprocess import PreprocessConfig
+from bench.common import cpu_info
+from ctdata.preprocess import PreprocessConfig, prepare
 from export import export_onnx
+from export.session import OnnxClassifier
 from hub import ModelConfig, ResNet50, save_pretrained
-from serving.predictor import Predictor
+from serving.launch import Server, start_server
+from serving.settings import usable_cpus
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "serving.json"
+SAMPLES = ("CT_small.dcm", "693_UNCI.dcm", "693_UNCR.dcm")
+MAX_BATCH = 16
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _samples() -> list[bytes]:
+def samples() -> list[bytes]:
+    """Real uncompressed CT slices: pydicom's wheel (128x128) and pydicom-data (512x512) when installed."""
     from pydicom.data import get_testdata_file
 
-    names = ("CT_small.dcm", "693_UNCI.dcm")
-    return [Path(p).read_bytes() for n in names if (p := get_testdata_file(n, download=False))]
+    out = []
+    for name in SAMPLES:
+        p = get_testdata_file(name, download=False)
+        if p:
+            out.append(Path(p).read_bytes())
+    return out
 
 
-def _start(model_dir: Path, port: int, log: Path) -> subprocess.Popen:
-    env = os.environ | {
-        "PYTHONPATH": str(ROOT),
-        "BENTOML_DO_NOT_TRACK": "True",
-        "GRADIO_ANALYTICS_ENABLED": "False",
+def malformed(good: bytes, i: int) -> bytes:
+    """Three kinds of bad upload in turn: random bytes, a truncated DICOM, text."""
+    kind = i % 3
+    if kind == 0:
+        return os.urandom(4096)
+    if kind == 1:
+        return good[: len(good) // 3]
+    return b"patient notes, not an image\n" * 50
+
+
+def model_dir(tmp: Path, size: int) -> Path:
+    """A random-init 11-class ResNet50 at `size` px, exported to ONNX (speed does not depend on weights)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        name="bench-serving",
+        num_classes=11,
+        labels=[f"organ_{i}" for i in range(11)],
+        preprocessing=PreprocessConfig(input_size=size),
+    )
+    d = save_pretrained(ResNet50(num_classes=11), tmp / "model", cfg)
+    print(f"exporting ResNet50 at {size} px ...", file=sys.stderr, flush=True)
+    export_onnx(d)
+    return d
+
+
+def raw_ort(model: Path, data: list[bytes], batches: int, threads: int | None) -> dict[str, float]:
+    """ONNX Runtime alone on batches of MAX_BATCH real preprocessed slices (the service's own session
+    settings), and the in-process cost of decode + preprocessing per slice."""
+    clf = OnnxClassifier(model / "model.onnx", threads=threads)
+    pp = clf.config.preprocessing
+    t0 = time.perf_counter()
+    xs = [prepare(d, pp) for d in data]
+    prep_ms = 1000 * (time.perf_counter() - t0) / len(xs)
+    batch = torch.stack([xs[i % len(xs)] for i in range(MAX_BATCH)]).numpy()
+    clf.outputs(batch)  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        clf.outputs(batch)
+    img_s = batches * MAX_BATCH / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        clf.outputs(batch[:1])
+    single = batches / (time.perf_counter() - t0)
+    return {
+        "batch_img_s": round(img_s, 2),
+        "batch1_img_s": round(single, 2),
+        "decode_preprocess_ms": round(prep_ms, 2),
     }
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "cthub", "serve", "--model", str(model_dir), "--port", str(port)],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    deadline = time.monotonic() + 300
-    while "cthub is ready" not in log.read_text():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"server did not start:\n{log.read_text()[-2000:]}")
-        time.sleep(1)
-    return proc
 
 
-def _timed(fn, items: list, concurrency: int) -> tuple[float, list[float]]:
-    lat: list[float] = []
+def processes(server: Server) -> dict[str, list[Any]]:
+    """The server's processes by role: the API worker, the inference worker, the rest (CLI, arbiter)."""
+    import psutil
 
-    def one(item):
+    root = psutil.Process(server.proc.pid)
+    roles: dict[str, list[Any]] = {"api": [], "inference": [], "other": []}
+    for p in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):  # a process that just exited
+            cmd = " ".join(p.cmdline())
+            role = (
+                "inference"
+                if "cthub-inference" in cmd
+                else "api"
+                if "--service-name cthub " in cmd
+                else "other"
+            )
+            roles[role].append(p)
+    return roles
+
+
+def rss_mb(server: Server) -> float:
+    """Resident memory of the server's whole process tree (CLI, BentoML arbiter, both services)."""
+    import psutil
+
+    total = 0
+    for procs in processes(server).values():
+        for p in procs:
+            with contextlib.suppress(psutil.Error):
+                total += p.memory_info().rss
+    return round(total / 2**20, 1)
+
+
+def cpu_seconds(server: Server) -> dict[str, float]:
+    """CPU time (user + system) used so far by each role of the server, and by this load generator."""
+    import psutil
+
+    out: dict[str, float] = {"client": time.process_time()}
+    for role, procs in processes(server).items():
+        total = 0.0
+        for p in procs:
+            with contextlib.suppress(psutil.Error):
+                t = p.cpu_times()
+                total += t.user + t.system
+        out[role] = total
+    return out
+
+
+def run_load(base: str, data: list[bytes], n: int, concurrency: int, bad: float) -> dict[str, Any]:
+    """`n` POST /predict from `concurrency` threads (a bounded generator: each thread sends its share)."""
+    every = round(1 / bad) if bad > 0 else 0
+    jobs = [(i, every > 0 and i % every == every - 1) for i in range(n)]
+    local = threading.local()
+    records: list[dict[str, Any]] = []
+    lock = threading.Lock()
+
+    def one(job: tuple[int, bool]) -> None:
+        i, is_bad = job
+        client = getattr(local, "client", None)
+        if client is None:
+            client = local.client = httpx.Client(timeout=300)
+        good = data[i % len(data)]
+        body = malformed(good, i) if is_bad else good
         t = time.perf_counter()
-        r = fn(item)
-        r.raise_for_status()
-        lat.append(time.perf_counter() - t)
+        r = client.post(base + "/predict", files={"file": ("x.dcm", body, "application/octet-stream")})
+        rec: dict[str, Any] = {"bad": is_bad, "status": r.status_code, "ms": 1000 * (time.perf_counter() - t)}
+        if r.status_code == 200:
+            rec["timing"] = r.json()["timing_ms"]
+        with lock:
+            records.append(rec)
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
-        list(pool.map(one, items))
-    return len(items) / (time.perf_counter() - t0), lat
+        list(pool.map(one, jobs))
+    wall = time.perf_counter() - t0
+    return summarize(records, wall, concurrency)
 
 
-def _mean_batch(metrics: str) -> float | None:
-    vals = {}
-    for kind in ("sum", "count"):
-        pattern = rf'adaptive_batch_size_{kind}\{{[^}}]*method_name="predict_batched"[^}}]*\}} ([0-9.e+]+)'
-        m = re.search(pattern, metrics)
-        vals[kind] = float(m.group(1)) if m else None
-    return round(vals["sum"] / vals["count"], 2) if vals["sum"] and vals["count"] else None
+def summarize(records: list[dict[str, Any]], wall: float, concurrency: int) -> dict[str, Any]:
+    valid = [r for r in records if not r["bad"]]
+    ok = [r for r in valid if r["status"] == 200]
+    lat = np.array([r["ms"] for r in ok]) if ok else np.zeros(1)
+    statuses: dict[str, int] = {}
+    for r in records:
+        statuses[str(r["status"])] = statuses.get(str(r["status"]), 0) + 1
+    t = [r["timing"] for r in ok]
+    mean = {
+        k: round(float(np.mean([x[k] for x in t])), 2) if t else None
+        for k in ("decode", "preprocess", "inference", "model", "model_cpu", "batch_size")
+    }
+    model_share = float(np.mean([x["model_cpu"] / x["batch_size"] for x in t])) if t else 0.0
+    return {
+        "concurrency": concurrency,
+        "requests": len(records),
+        "malformed": len(records) - len(valid),
+        "wall_s": round(wall, 2),
+        "throughput_req_s": round(len(records) / wall, 2),
+        "valid_throughput_img_s": round(len(ok) / wall, 2),
+        "latency_ms_p50": round(float(np.percentile(lat, 50)), 1),
+        "latency_ms_p99": round(float(np.percentile(lat, 99)), 1),
+        "status_counts": statuses,
+        "server_errors_5xx": sum(v for k, v in statuses.items() if k.startswith("5")),
+        "bad_answered_4xx": sum(1 for r in records if r["bad"] and 400 <= r["status"] < 500),
+        "mean_ms": mean,
+        "model_share_ms_per_image": round(model_share, 3),
+    }
+
+
+def breakdown(row: dict[str, Any], cpu: dict[str, float]) -> dict[str, float]:
+    """Where the time per valid request goes, from CPU time measured per process over the level (`cpu`:
+    seconds used during it), so that waiting threads are not counted: the API worker (HTTP, multipart,
+    decode, preprocessing, JSON; the malformed uploads' share included), the inference worker split into the
+    model's forward passes and the rest (the hop from the API, pickling, BentoML's dispatcher), the load
+    generator itself, and whatever else ran on the CPUs."""
+    n = max(1, round(row["valid_throughput_img_s"] * row["wall_s"]))
+    per = {k: 1000.0 * v / n for k, v in cpu.items()}
+    model = row["model_share_ms_per_image"]
+    wall = 1000.0 / row["valid_throughput_img_s"] if row["valid_throughput_img_s"] else float("nan")
+    return {
+        "wall_ms_per_valid_request": round(wall, 2),
+        "api_worker_cpu_ms": round(per["api"], 2),
+        "model_ms": round(model, 2),
+        "inference_worker_other_cpu_ms": round(per["inference"] - model, 2),
+        "load_generator_cpu_ms": round(per["client"], 2),
+        "arbiter_cli_cpu_ms": round(per["other"], 2),
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", type=int, default=224)
-    ap.add_argument("--requests", type=int, default=24)
-    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--size", type=int, default=64, help="model input size (64: the demo model; 224: paper)")
+    ap.add_argument("--requests", type=int, default=1000)
+    ap.add_argument("--concurrency", default="1,8,32")
+    ap.add_argument("--bad", type=float, default=0.1, help="fraction of malformed uploads")
+    ap.add_argument("--ort-batches", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: the CPUs this may use)")
     args = ap.parse_args([] if argv is None else argv)
-    data = _samples()
-    items = [data[i % len(data)] for i in range(args.requests)]
-    load_before = os.getloadavg()[0]
+    levels = [int(c) for c in args.concurrency.split(",")]
+    data = samples()
+    cpu_before = cpu_info()
+    threads = args.threads or usable_cpus()  # what the server's inference session uses by default
     with tempfile.TemporaryDirectory() as tmp:
-        torch.manual_seed(0)
-        cfg = ModelConfig(
-            name="bench-serving",
-            num_classes=11,
-            labels=[f"organ_{i}" for i in range(11)],
-            preprocessing=PreprocessConfig(input_size=args.size),
-        )
-        model_dir = save_pretrained(ResNet50(num_classes=11), Path(tmp) / "m", cfg)
-        print(f"exporting ResNet50 at {args.size} px ...", file=sys.stderr, flush=True)
-        export_onnx(model_dir)
-        pred = Predictor(model_dir)
-        pred.predict(data[0])
-        t0 = time.perf_counter()
-        for d in items:
-            pred.predict(d)
-        inproc = args.requests / (time.perf_counter() - t0)
-        del pred
-        port, base = _free_port(), ""
+        model = model_dir(Path(tmp), args.size)
+        print("raw ONNX Runtime ...", file=sys.stderr, flush=True)
+        raw = raw_ort(model, data, args.ort_batches, threads)
+        env = {
+            "BENTOML_HOME": str(Path(tmp) / "bentoml"),
+            "CTHUB_BATCH_MAX_SIZE": str(MAX_BATCH),
+            "CTHUB_DEMO": "0",
+            "CTHUB_ORT_THREADS": str(threads),
+        }
         print("starting cthub serve ...", file=sys.stderr, flush=True)
-        proc = _start(model_dir, port, Path(tmp) / "server.log")
-        base = f"http://127.0.0.1:{port}"
+        server = start_server(model, Path(tmp) / "server.log", env=env)
         try:
-            with httpx.Client(timeout=300) as c:
-
-                def single(d: bytes) -> httpx.Response:
-                    return c.post(base + "/predict", files={"file": ("x.dcm", d)})
-
-                def batched(d: bytes) -> httpx.Response:
-                    return c.post(base + "/predict_batched", files={"files": ("x.dcm", d)})
-
-                single(data[0]), batched(data[0])  # warm-up
-                print("timing sequential /predict ...", file=sys.stderr, flush=True)
-                seq, lat = _timed(single, items, 1)
-                print("timing concurrent /predict and /predict_batched ...", file=sys.stderr, flush=True)
-                conc, _ = _timed(single, items, args.concurrency)
-                conc_b, _ = _timed(batched, items, args.concurrency)
-                mean_batch = _mean_batch(c.get(base + "/metrics").text)
+            with httpx.Client(timeout=300) as c:  # warm-up: the first answers load lazy parts
+                for d in data:
+                    c.post(server.base + "/predict", files={"file": ("x.dcm", d)}).raise_for_status()
+            rss_before = rss_mb(server)
+            rows = []
+            for level in levels:
+                print(
+                    f"load: {args.requests} requests at concurrency {level} ...", file=sys.stderr, flush=True
+                )
+                cpu0 = cpu_seconds(server)
+                row = run_load(server.base, data, args.requests, level, args.bad)
+                cpu1 = cpu_seconds(server)
+                row["ratio_to_raw_ort_batch"] = round(row["valid_throughput_img_s"] / raw["batch_img_s"], 3)
+                row["breakdown"] = breakdown(row, {k: cpu1[k] - cpu0[k] for k in cpu0})
+                row["rss_mb_after"] = rss_mb(server)
+                rows.append(row)
+            rss_after = rss_mb(server)
         finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=60)
+            server.stop()
     result = {
         "size": args.size,
-        "requests": args.requests,
-        "concurrency": args.concurrency,
-        "in_process_img_s": round(inproc, 2),
-        "http_sequential_img_s": round(seq, 2),
-        "http_latency_ms_p50": round(1000 * float(np.percentile(lat, 50)), 1),
-        "http_latency_ms_p95": round(1000 * float(np.percentile(lat, 95)), 1),
-        "http_concurrent_img_s": round(conc, 2),
-        "http_batched_concurrent_img_s": round(conc_b, 2),
-        "batched_mean_batch_size": mean_batch,
-        "http_overhead_ratio": round(inproc / seq, 2),
-        "batched_vs_concurrent": round(conc_b / conc, 2),
-        "cpu_count": os.cpu_count(),
-        "load_avg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "requests_per_level": args.requests,
+        "malformed_fraction": args.bad,
+        "samples": len(data),
+        "max_batch": MAX_BATCH,
+        "raw_onnxruntime": raw,
+        "levels": rows,
+        "rss_mb": {"before": rss_before, "after": rss_after, "growth": round(rss_after - rss_before, 1)},
+        "cpu": cpu_before,
+        "load_avg_1min_after": round(os.getloadavg()[0], 2),
+        "affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
     }
-    print(f"\nserving ResNet50 {args.size} px, ONNX Runtime, {args.requests} real DICOM uploads (img/s):")
-    print(
-        f"  in-process {result['in_process_img_s']}  |  HTTP sequential {result['http_sequential_img_s']} "
-        f"(p50 {result['http_latency_ms_p50']} ms, p95 {result['http_latency_ms_p95']} ms; in-process/HTTP "
-        f"{result['http_overhead_ratio']}x)"
-    )
-    print(
-        f"  HTTP x{args.concurrency} concurrent: /predict {result['http_concurrent_img_s']}  |  "
-        f"/predict_batched {result['http_batched_concurrent_img_s']} (mean batch {mean_batch}; ratio "
-        f"{result['batched_vs_concurrent']}x)"
-    )
-    print(f"  1-min load average before/after {result['load_avg_1min']} on {os.cpu_count()} CPUs")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    report(result)
+    out = RESULTS if args.size == 64 else RESULTS.with_name(f"serving-{args.size}px.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def report(r: dict[str, Any]) -> None:
+    raw = r["raw_onnxruntime"]
+    print(
+        f"\nserving ResNet50 {r['size']} px, ONNX fp32, CPUs {r['affinity']} ({r['cpu']['model']}, load "
+        f"{r['cpu']['load_avg_1min']} before / {r['load_avg_1min_after']} after)\n"
+        f"raw ONNX Runtime: {raw['batch_img_s']} img/s at batch {r['max_batch']}, {raw['batch1_img_s']} at "
+        f"batch 1; decode + preprocess in-process {raw['decode_preprocess_ms']} ms/slice"
+    )
+    for row in r["levels"]:
+        b = row["breakdown"]
+        print(
+            f"  c={row['concurrency']:>2}: {row['throughput_req_s']} req/s, valid "
+            f"{row['valid_throughput_img_s']} img/s = {row['ratio_to_raw_ort_batch']} x raw; p50 "
+            f"{row['latency_ms_p50']} ms, p99 {row['latency_ms_p99']} ms; statuses {row['status_counts']}; "
+            f"mean batch {row['mean_ms']['batch_size']}\n        per valid request: wall "
+            f"{b['wall_ms_per_valid_request']} ms; CPU: API worker {b['api_worker_cpu_ms']} (decode "
+            f"{row['mean_ms']['decode']} + preprocess {row['mean_ms']['preprocess']} wall inside it), model "
+            f"{b['model_ms']}, inference worker other {b['inference_worker_other_cpu_ms']}, load generator "
+            f"{b['load_generator_cpu_ms']}, arbiter/CLI {b['arbiter_cli_cpu_ms']}; RSS after "
+            f"{row['rss_mb_after']} MB"
+        )
+    print(f"  RSS of the server processes: {r['rss_mb']}")
 
 
 if __name__ == "__main__":

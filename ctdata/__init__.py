@@ -1,6 +1,6 @@
 """CT data: DICOM reading, the shared preprocessing path, and labeled/unlabeled datasets."""
 
-from ctdata.datasets import ArraySplit, load_labeled, load_medmnist, load_unlabeled
+from ctdata.datasets import ArraySplit, load_labeled, load_medmnist, load_unlabeled, source_preprocessing
 from ctdata.dicom import CTImage, DicomError, DicomPolicy, read_dicom
 from ctdata.io import load_image
 from ctdata.preprocess import (
@@ -37,6 +37,7 @@ __all__ = [
     "prepare_batch",
     "read_dicom",
     "resize_unit",
+    "source_preprocessing",
     "to_unit",
     "unit_to_input",
     "unit_to_uint8",

@@ -41,6 +41,11 @@ ORGANAMNIST_LABELS: list[str] = [
     "pancreas",
     "spleen",
 ]
+# How a known dataset's grey levels were made from HU. MedMNIST v2 on Organ{A,C,S}MNIST: "Hounsfield-Unit (HU)
+# of the 3D images are transformed into gray-scale with an abdominal window"; the window's values are not
+# published, so the abdomen preset (W400/L40) stands for it, checked on data: a real abdominal CT slice mapped
+# with it has a grey-level histogram close to the training images' (tests/test_data_datasets.py).
+SOURCE_WINDOWS: dict[str, str] = {name: "abdomen" for name in ("organamnist", "organcmnist", "organsmnist")}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom", "")
 
 
@@ -63,6 +68,13 @@ class ArraySplit:
             None if self.groups is None else self.groups[idx],
             self.class_names,
         )
+
+
+def source_preprocessing(source: str | Path, **kw: Any) -> PreprocessConfig | None:
+    """The HU -> grey mapping that made a known dataset's images (`organamnist.npz`, `organamnist_64.npz`...),
+    as a PreprocessConfig (other fields from `kw`); None when the source is not one of SOURCE_WINDOWS."""
+    window = SOURCE_WINDOWS.get(Path(source).stem.lower().split("_")[0])
+    return None if window is None else PreprocessConfig.for_window(window, **kw)
 
 
 def load_medmnist(path: str | Path, split: str, class_names: list[str] | None = None) -> ArraySplit:

@@ -43,6 +43,7 @@ WINDOW_PRESETS: dict[str, tuple[float, float]] = {
     "bone": (400.0, 1800.0),
 }
 MAPPINGS = ("interval", "minmax", "window")
+INTENSITY_FIELDS = ("mapping", "hu_range", "window", "window_center", "window_width")
 PRETRAIN_HU_RANGE: tuple[float, float] = (-1024.0, 3071.0)
 
 
@@ -117,6 +118,11 @@ class PreprocessConfig:
     @classmethod
     def for_window(cls, preset: str, **kw: Any) -> PreprocessConfig:
         return cls(mapping="window", window=preset, **kw)
+
+    def with_intensity_of(self, other: PreprocessConfig) -> PreprocessConfig:
+        """This config with `other`'s HU -> grey mapping (mapping, HU range, window): a classifier keeps
+        its encoder's size and normalization but maps HU the way its own training images were made."""
+        return self.replace(**{k: getattr(other, k) for k in INTENSITY_FIELDS})
 
 
 def hu_to_unit(hu: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:

@@ -7,7 +7,9 @@ InstanceNumber, then file name. Multi-frame objects contribute all their frames.
 
 from __future__ import annotations
 
+import io
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ctdata.dicom import CTImage, DicomError, DicomPolicy, is_dicom, read_dicom
-from cthub.errors import InputError
+from cthub.errors import InputError, PayloadTooLargeError
 
 MAX_ZIP_BYTES = 8 << 30
 MAX_ZIP_MEMBERS = 20000
@@ -32,6 +34,32 @@ class Series:
     skipped: int = 0
 
 
+def is_zip(data: bytes) -> bool:
+    """True for bytes that start like a zip archive (local file header or an empty archive)."""
+    return data[:4] in (b"PK\x03\x04", b"PK\x05\x06")
+
+
+def iter_zip_members(
+    source: str | Path | bytes, *, max_bytes: int = MAX_ZIP_BYTES, max_members: int = MAX_ZIP_MEMBERS
+) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of every file in a zip, sorted by name, read one at a time. The member count and the
+    declared uncompressed total are checked against the limits before anything is decompressed
+    (`PayloadTooLargeError`); a member that decompresses to more than it declared fails its CRC check."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(source) if isinstance(source, bytes) else source) as z:
+            infos = [i for i in z.infolist() if not i.is_dir() and not i.filename.startswith("__MACOSX")]
+            total = sum(i.file_size for i in infos)
+            if len(infos) > max_members or total > max_bytes:
+                raise PayloadTooLargeError(
+                    f"zip holds {len(infos)} files / {total:,} bytes uncompressed, above the limit of "
+                    f"{max_members} files / {max_bytes:,} bytes for one series"
+                )
+            for info in sorted(infos, key=lambda i: i.filename):
+                yield info.filename, z.read(info)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, RuntimeError, ValueError) as e:
+        raise InputError(f"the zip file cannot be read ({type(e).__name__})") from None
+
+
 def _blobs(source: str | Path | list[bytes]) -> list[tuple[str, bytes]]:
     if isinstance(source, list):
         return [(f"{i:06d}", b) for i, b in enumerate(source)]
@@ -40,18 +68,7 @@ def _blobs(source: str | Path | list[bytes]) -> list[tuple[str, bytes]]:
         files = sorted(f for f in p.rglob("*") if f.is_file() and f.name != "DICOMDIR")
         return [(f.relative_to(p).as_posix(), f.read_bytes()) for f in files]
     if p.is_file() and zipfile.is_zipfile(p):
-        try:
-            with zipfile.ZipFile(p) as z:
-                infos = [i for i in z.infolist() if not i.is_dir() and not i.filename.startswith("__MACOSX")]
-                total = sum(i.file_size for i in infos)
-                if len(infos) > MAX_ZIP_MEMBERS or total > MAX_ZIP_BYTES:
-                    raise InputError(
-                        f"zip holds {len(infos)} files / {total:,} bytes uncompressed, "
-                        "above the limit for one series"
-                    )
-                return [(i.filename, z.read(i)) for i in sorted(infos, key=lambda i: i.filename)]
-        except (zipfile.BadZipFile, OSError, EOFError, RuntimeError) as e:
-            raise InputError(f"the zip file cannot be read ({type(e).__name__})") from None
+        return list(iter_zip_members(p))
     raise InputError(f"{p.name}: expected a folder or a zip file of one DICOM series")
 
 
@@ -60,6 +77,28 @@ def _normal(orientation: list[float] | None) -> np.ndarray | None:
         return None
     n = np.cross(np.asarray(orientation[:3]), np.asarray(orientation[3:]))
     return n if np.linalg.norm(n) > 0 else None
+
+
+def slice_position(meta: dict[str, object], frame: int = 0) -> float | None:
+    """Position of one frame along its slice normal (ImagePositionPatient · (row × column direction)), in
+    mm, from `CTImage.meta`; None without orientation or position."""
+    orientation, stored = meta.get("orientation"), meta.get("positions")
+    n = _normal(orientation if isinstance(orientation, list) else None)
+    positions: list[Any] = stored if isinstance(stored, list) else []
+    pos = positions[frame] if frame < len(positions) else None
+    return float(np.dot(n, pos)) if n is not None and pos is not None else None
+
+
+def slice_sort_key(position: float | None, instance_number: object, name: str, frame: int) -> tuple:
+    """THE order of slices in a series: position along the normal (slices without one last), then
+    InstanceNumber, then the source's name (file or zip member), then the frame."""
+    return (
+        0 if position is not None else 1,
+        position if position is not None else 0.0,
+        instance_number if isinstance(instance_number, int) else 1 << 30,
+        name,
+        frame,
+    )
 
 
 def read_series(source: str | Path | list[bytes], *, policy: DicomPolicy | None = None) -> Series:
@@ -83,20 +122,10 @@ def read_series(source: str | Path | list[bytes], *, policy: DicomPolicy | None 
         kinds.add(img.is_hu)
         series_keys.add(str(img.meta.get("series_key", "")))
         warns.extend(w for w in img.warnings if w not in warns)
-        orientation, stored = img.meta.get("orientation"), img.meta.get("positions")
-        n = _normal(orientation if isinstance(orientation, list) else None)
-        positions: list[Any] = stored if isinstance(stored, list) else []
         inst = img.meta.get("instance_number")
         for f, frame in enumerate(img.pixels):
-            pos = positions[f] if f < len(positions) else None
-            z = float(np.dot(n, pos)) if n is not None and pos is not None else None
-            key = (
-                0 if z is not None else 1,
-                z if z is not None else 0.0,
-                inst if isinstance(inst, int) else 1 << 30,
-                name,
-                f,
-            )
+            z = slice_position(img.meta, f)
+            key = slice_sort_key(z, inst, name, f)
             items.append((key, frame, z))
     if not items:
         raise InputError("no DICOM images found in the series source")

@@ -16,7 +16,7 @@ import sys
 from cthub import __version__
 from cthub.errors import CTHubError
 
-STAGES: tuple[str, ...] = ("ctdata", "hub", "pretrain", "finetune", "export", "serving")
+STAGES: tuple[str, ...] = ("ctdata", "hub", "pretrain", "finetune", "export", "serving", "pacs", "quickstart")
 
 
 def build_parser() -> argparse.ArgumentParser:

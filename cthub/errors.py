@@ -65,3 +65,44 @@ class PayloadTooLargeError(InputError):
 
     http_status = 413
     code = "payload_too_large"
+
+
+class UnsupportedMediaError(InputError):
+    """An upload in a format or encoding the service cannot decode (e.g. an unknown transfer syntax)."""
+
+    http_status = 415
+    code = "unsupported_media_type"
+
+
+class UnprocessableInputError(InputError):
+    """A well-formed upload that is not what the model can analyse (no pixels, not a grey-level CT...)."""
+
+    http_status = 422
+    code = "unprocessable_input"
+
+
+class AuthError(CTHubError):
+    """A request without the bearer token the server requires."""
+
+    http_status = 401
+    code = "unauthorized"
+
+
+class ServiceBusyError(CTHubError):
+    """The inference service cannot take more work within its latency budget; retry later."""
+
+    http_status = 503
+    code = "overloaded"
+
+
+class StaleModelError(IntegrityError):
+    """An exported model no longer matches its source: its weights or preprocessing changed since export."""
+
+    code = "stale_model"
+
+
+class ToleranceError(IntegrityError):
+    """A converted model (ONNX export, int8 quantization) does not reproduce its source within the configured
+    tolerance; the file was not written."""
+
+    code = "tolerance_exceeded"

@@ -1,22 +1,32 @@
 """One inference interface for exported and native classifiers.
 
-`Classifier` turns preprocessed inputs [B, C, S, S] into logits and probabilities and carries the model's
-identity (config, weights sha256, backend, providers). Its input check and softmax live here, once;
-an implementation only runs a checked float32 batch. `OnnxClassifier` (export.session) runs `model.onnx`
-with ONNX Runtime; `TorchClassifier` runs the safetensors weights with torch.
+`Classifier` turns preprocessed inputs [B, C, S, S] into logits, probabilities, class activation maps and
+embeddings (`outputs`), scores how far an embedding lies from the training data (`ood_score`), and carries
+the model's identity (config, weights sha256, backend, providers). Its input check and softmax live here,
+once; an implementation only runs a checked float32 batch. `OnnxClassifier` (export.session) runs an
+exported ONNX file with ONNX Runtime; `TorchClassifier` runs the safetensors weights with torch.
+
+The class activation maps are those of the GAP + linear head at the last stage, for every class, before
+upsampling: cam[b, k] = sum_c W[k, c] * A[b, c] ([B, K, S/32, S/32], no ReLU, no bias), so that
+logits[b, k] = mean_ij cam[b, k, i, j] + bias[k]. ReLU(cam[:, k]) is `finetune.cam.class_activation_map`
+for target k with normalize=False, upsample=False.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from cthub.errors import ConfigError, ShapeError
+from export.ood import OodReference
 from hub.config import ModelConfig
+from hub.resnet import ResNet50
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -48,11 +58,45 @@ def class_labels(config: ModelConfig, num_classes: int) -> list[str]:
     return labels if len(labels) == num_classes else [f"class_{i}" for i in range(num_classes)]
 
 
-class Classifier(ABC):
-    """Probabilities for a batch of preprocessed inputs, plus what identifies the model that gave them.
+@dataclass(frozen=True)
+class InferenceOutputs:
+    """Everything one forward pass gives for a batch of B inputs and K classes."""
 
-    Subclasses set `config`, `sha256` (of the source weights), `providers`, `input_shape` [C, S, S] and
-    `num_classes`, and implement `_run` on a batch already checked and converted to float32.
+    logits: np.ndarray  # [B, K] float32
+    probabilities: np.ndarray  # [B, K] float64 (softmax of the logits)
+    cam: np.ndarray  # [B, K, h, w] float32, class activation maps at the last stage (h = w = S/32)
+    embedding: np.ndarray  # [B, D] float32, globally pooled last-stage features
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    return t.float().cpu().numpy()
+
+
+class CamHead(torch.nn.Module):
+    """A ResNet50 classifier giving logits, probabilities, cam and embedding (the exported graph)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        fc = getattr(model, "fc", None)
+        if not isinstance(model, ResNet50) or not isinstance(fc, torch.nn.Linear):
+            raise ConfigError("class activation maps need a ResNet50 with a linear head (num_classes > 0)")
+        self.model: ResNet50 = model
+        self.fc: torch.nn.Linear = fc
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        feats = self.model.forward_features(x)
+        embedding = torch.flatten(self.model.avgpool(feats), 1)
+        logits = self.fc(embedding)
+        cam = F.conv2d(feats, self.fc.weight[:, :, None, None])  # a 1x1 convolution: fast in ONNX
+        return logits, torch.softmax(logits, dim=1), cam, embedding
+
+
+class Classifier(ABC):
+    """Probabilities, maps and embeddings for a batch of preprocessed inputs, plus the model's identity.
+
+    Subclasses set `config`, `sha256` (of the source weights), `providers`, `input_shape` [C, S, S],
+    `num_classes` and optionally `ood` (the out-of-distribution reference), and implement `_run` (logits)
+    and `_run_outputs` (logits, cam, embedding) on a batch already checked and converted to float32.
     """
 
     backend: ClassVar[str]
@@ -61,10 +105,15 @@ class Classifier(ABC):
     providers: list[str]
     input_shape: tuple[int, int, int]
     num_classes: int
+    ood: OodReference | None = None
 
     @abstractmethod
     def _run(self, batch: np.ndarray) -> np.ndarray:
         """Logits [B, num_classes] for a C-contiguous float32 batch of the expected shape."""
+
+    @abstractmethod
+    def _run_outputs(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(logits [B, K], cam [B, K, h, w], embedding [B, D]) as float32 for a checked batch."""
 
     @property
     def labels(self) -> list[str]:
@@ -81,8 +130,8 @@ class Classifier(ABC):
             "providers": list(self.providers),
         }
 
-    def logits(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
-        """Raw logits [B, num_classes] for inputs [B, C, S, S] (or one [C, S, S])."""
+    def _checked(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Inputs [B, C, S, S] (or one [C, S, S]) as a C-contiguous float32 batch; ShapeError otherwise."""
         arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
         if arr.ndim == 3:
             arr = arr[None]
@@ -90,7 +139,11 @@ class Classifier(ABC):
             raise ShapeError(
                 f"expected input [B, {', '.join(map(str, self.input_shape))}], got {tuple(arr.shape)}"
             )
-        return self._run(np.ascontiguousarray(arr, dtype=np.float32))
+        return np.ascontiguousarray(arr, dtype=np.float32)
+
+    def logits(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Raw logits [B, num_classes] for inputs [B, C, S, S] (or one [C, S, S])."""
+        return self._run(self._checked(x))
 
     def predict_proba(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
         """Class probabilities [B, num_classes] as float64 (softmax over the logits)."""
@@ -98,8 +151,28 @@ class Classifier(ABC):
 
     __call__ = predict_proba
 
+    def outputs(self, x: np.ndarray | torch.Tensor) -> InferenceOutputs:
+        """Logits, float64 probabilities, class activation maps and embeddings in one forward pass."""
+        logits, cam, embedding = self._run_outputs(self._checked(x))
+        return InferenceOutputs(logits, softmax(logits.astype(np.float64)), cam, embedding)
+
+    @property
+    def ood_threshold(self) -> float | None:
+        """Scores above this are out of distribution; None when the model carries no reference."""
+        return None if self.ood is None else self.ood.threshold
+
+    def ood_score(self, embedding: np.ndarray) -> np.ndarray:
+        """Out-of-distribution scores [B] for embeddings [B, D] (see export.ood); ConfigError without a
+        reference (check `ood_threshold is None` first)."""
+        if self.ood is None:
+            raise ConfigError(
+                f"{self.config.name} has no out-of-distribution reference: re-export it with its training "
+                "data (`cthub export MODEL_DIR --data FILE`)"
+            )
+        return self.ood.score(embedding)
+
     def torch_module(self) -> torch.nn.Module | None:
-        """The torch model behind this classifier, when it is one (class activation maps need it)."""
+        """The torch model behind this classifier, when it is one."""
         return None
 
 
@@ -109,13 +182,19 @@ class TorchClassifier(Classifier):
     backend: ClassVar[str] = "torch"
 
     def __init__(
-        self, model: torch.nn.Module, config: ModelConfig, sha256: str, device: torch.device | None = None
+        self,
+        model: torch.nn.Module,
+        config: ModelConfig,
+        sha256: str,
+        device: torch.device | None = None,
+        ood: OodReference | None = None,
     ) -> None:
         if config.num_classes <= 0:
             raise ConfigError(f"{config.name} is an encoder without a classification head")
         self.device = device or next(model.parameters()).device
         self.module = model.to(self.device).float().eval()
-        self.config, self.sha256 = config, sha256
+        self.head = CamHead(self.module)
+        self.config, self.sha256, self.ood = config, sha256, ood
         self.providers = [f"torch:{self.device.type}"]
         pp = config.preprocessing
         self.input_shape = (pp.in_chans, pp.input_size, pp.input_size)
@@ -123,20 +202,35 @@ class TorchClassifier(Classifier):
 
     @classmethod
     def from_dir(
-        cls, model_dir: str | Path, *, sha256: str | None = None, device: torch.device | None = None
+        cls,
+        model_dir: str | Path,
+        *,
+        sha256: str | None = None,
+        device: torch.device | None = None,
+        ood: bool = True,
     ) -> TorchClassifier:
-        """Load a model folder strictly; its weights are hashed once, while loading, and verified."""
+        """Load a model folder strictly; its weights are hashed once, while loading, and verified. With `ood`
+        the out-of-distribution reference comes from the folder's model.onnx when that is verified and
+        exported from these weights (else the classifier has none)."""
         from cthub.runtime import select_device
+        from export.session import ood_reference_of
         from hub.io import load_dir
 
         model = load_dir(model_dir, sha256=sha256)
         cfg = model_config(model)
-        return cls(model, cfg, loaded_sha256(cfg), device or select_device())
+        sha = loaded_sha256(cfg)
+        reference = ood_reference_of(Path(model_dir), sha, cfg) if ood else None
+        return cls(model, cfg, sha, device or select_device(), reference)
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
             out = self.module(torch.from_numpy(batch).to(self.device))
         return out.float().cpu().numpy()
+
+    def _run_outputs(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        with torch.inference_mode():
+            logits, _, cam, embedding = self.head(torch.from_numpy(batch).to(self.device))
+        return _numpy(logits), _numpy(cam), _numpy(embedding)
 
     def torch_module(self) -> torch.nn.Module:
         return self.module

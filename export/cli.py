@@ -1,41 +1,112 @@
-"""`cthub export MODEL_DIR [--out PATH] [--opset N] [--sample FILE ...]`."""
+"""`cthub export MODEL [--out FILE] [--int8] ...`: ONNX (fp32, optionally int8), checked on its data."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 
-from export.exporter import DEFAULT_OPSET, PARITY_TOLERANCE, export_onnx
+from export.exporter import (
+    DEFAULT_OOD_IMAGES,
+    DEFAULT_OPSET,
+    DEFAULT_PARITY_IMAGES,
+    EXPORTERS,
+    PARITY_TOLERANCE,
+    export_onnx,
+)
+from export.ood import DEFAULT_QUANTILE
+from export.quantize import (
+    CALIBRATION_METHODS,
+    DEFAULT_CALIBRATION_IMAGES,
+    DEFAULT_EVAL_IMAGES,
+    Int8Tolerance,
+    QuantSettings,
+    quantize_int8,
+)
 from export.session import quiet_onnxruntime_process
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "export",
-        help="export a classifier to ONNX and check it against torch",
-        description="Writes MODEL_DIR/model.onnx (dynamic batch, config.json and the "
-        "weights' sha256 in its metadata) and checks ONNX Runtime against "
-        "torch on real preprocessed CT slices.",
+        help="export a classifier to ONNX (fp32, optionally int8) and check it against torch",
+        description="Writes MODEL/model.onnx (dynamic batch; outputs logits, probabilities, cam, embedding; "
+        "config, weights sha256 and an out-of-distribution reference in its metadata; a sha256 sidecar), "
+        "checks ONNX Runtime against torch on real images of the model's own data and records the figures "
+        "in its card. --int8 also writes model.int8.onnx, refused when it falls behind fp32.",
     )
-    p.add_argument("model_dir", metavar="MODEL_DIR", help="folder with model.safetensors + config.json")
-    p.add_argument("--out", default=None, help="output path (default MODEL_DIR/model.onnx)")
+    p.add_argument("model_dir", metavar="MODEL", help="folder with model.safetensors + config.json")
+    p.add_argument("--out", default=None, help="output path (default MODEL/model.onnx)")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    p.add_argument("--exporter", choices=EXPORTERS, default="dynamo", help="torch exporter (default dynamo)")
     p.add_argument(
-        "--sample",
-        action="append",
-        default=[],
-        metavar="FILE",
-        help="extra real image/DICOM for the parity check (repeatable)",
+        "--data", default=None, help="the classifier's labeled data (default: the one its config names)"
+    )
+    p.add_argument(
+        "--sample", action="append", default=[], metavar="FILE", help="extra real image/DICOM for parity"
     )
     p.add_argument("--tolerance", type=float, default=PARITY_TOLERANCE, help="max allowed |Δ logits|")
+    p.add_argument("--parity-images", type=int, default=DEFAULT_PARITY_IMAGES, help="test images for parity")
+    p.add_argument(
+        "--ood-images", type=int, default=DEFAULT_OOD_IMAGES, help="train/val images for the OOD reference"
+    )
+    p.add_argument(
+        "--ood-quantile", type=float, default=DEFAULT_QUANTILE, help="OOD threshold: this quantile of val"
+    )
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    q = p.add_argument_group("int8")
+    q.add_argument("--int8", action="store_true", help="also write the static int8 (QDQ) model")
+    q.add_argument("--calibration-images", type=int, default=DEFAULT_CALIBRATION_IMAGES)
+    q.add_argument("--calibrate-method", choices=CALIBRATION_METHODS, default="minmax")
+    q.add_argument("--reduce-range", action="store_true", help="7-bit weights (older CPUs without VNNI)")
+    q.add_argument("--eval-images", type=int, default=DEFAULT_EVAL_IMAGES, help="test images for ΔAUC/ΔF1")
+    q.add_argument("--max-auc-drop", type=float, default=Int8Tolerance.max_auc_drop)
+    q.add_argument("--max-f1-drop", type=float, default=None)
+    q.add_argument("--min-agreement", type=float, default=None, help="min top-1 agreement with fp32")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     quiet_onnxruntime_process()  # this command is an entry point: process-wide ORT settings belong here
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" notes
+    for name in ("onnxscript", "onnx_ir"):  # the exporter's optimizer passes log every step at INFO
+        logging.getLogger(name).setLevel(logging.WARNING)
     report = export_onnx(
-        args.model_dir, args.out, opset=args.opset, samples=args.sample, tolerance=args.tolerance
+        args.model_dir,
+        args.out,
+        opset=args.opset,
+        samples=args.sample,
+        tolerance=args.tolerance,
+        exporter=args.exporter,
+        data=args.data,
+        parity_images=args.parity_images,
+        ood_images=args.ood_images,
+        ood_quantile=args.ood_quantile,
+        threads=args.threads,
     )
-    print(json.dumps(report.to_dict(), indent=2) if args.json else report.summary())
+    out = {"fp32": report.to_dict()}
+    if not args.json:
+        print(report.summary())
+    if args.int8:
+        int8 = quantize_int8(
+            args.model_dir,
+            report.path,
+            data=args.data,
+            settings=QuantSettings(
+                calibration_images=args.calibration_images,
+                reduce_range=args.reduce_range,
+                calibrate_method=args.calibrate_method,
+            ),
+            eval_images=args.eval_images,
+            tolerance=Int8Tolerance(args.max_auc_drop, args.max_f1_drop, args.min_agreement),
+            ood_images=args.ood_images,
+            ood_quantile=args.ood_quantile,
+            threads=args.threads,
+        )
+        out["int8"] = int8.to_dict()
+        if not args.json:
+            print(int8.summary())
+    if args.json:
+        print(json.dumps(out if args.int8 else out["fp32"], indent=2))
     return 0

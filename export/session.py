@@ -1,13 +1,16 @@
-"""`OnnxClassifier`: an ONNX Runtime session around an exported classifier, with its config from metadata.
+"""`OnnxClassifier`: the one ONNX Runtime session class (serving, the demo, the CLI and the benchmark), around
+an exported classifier, verified on load, with its config and out-of-distribution reference from metadata.
 
 Providers are asked for CUDA then CPU; what the session really uses is read back from `get_providers()`
-(onnxruntime-gpu without CUDA libraries silently falls back to CPU). Logging is set per session; the one
-process-wide ONNX Runtime setting is `quiet_onnxruntime_process`, for entry points only.
+(onnxruntime-gpu without CUDA libraries silently falls back to CPU). Logging is set per session; the
+process-wide ONNX Runtime settings (telemetry off, the default logger's level that hides the CUDA provider's
+load error on CPU-only hosts) are in `quiet_onnxruntime_process`, for entry points only.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -15,24 +18,34 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from cthub.errors import ConfigError, InputError, ModelNotFoundError
+from cthub.errors import ConfigError, CTHubError, InputError, ModelNotFoundError
 from export.classifier import Classifier, softmax
-from hub.config import ModelConfig
+from export.integrity import ONNX_FILES, ONNX_NAME, check_fresh, verify_onnx_file
+from export.ood import OodReference
+from hub.config import WEIGHTS_NAME, ModelConfig
+from hub.manifest import read_sidecar, sha256_file
+
+log = logging.getLogger(__name__)
 
 META_PREFIX = "cthub."
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
+OUTPUT_NAMES: tuple[str, ...] = ("logits", "probabilities", "cam", "embedding")
 PREFERRED_PROVIDERS: tuple[str, ...] = ("CUDAExecutionProvider", "CPUExecutionProvider")
 ORT_ERRORS_ONLY = 3  # ONNX Runtime severities: 0 verbose, 1 info, 2 warning, 3 error, 4 fatal
+OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 
 __all__ = [
     "INPUT_NAME",
     "META_PREFIX",
     "OUTPUT_NAME",
+    "OUTPUT_NAMES",
     "OnnxClassifier",
+    "ood_reference_of",
     "quiet_onnxruntime_process",
     "read_metadata",
     "softmax",
+    "weights_sha256",
 ]
 
 
@@ -45,13 +58,14 @@ def _import_ort() -> Any:
 
 
 def quiet_onnxruntime_process() -> bool:
-    """For entry points only (`cthub export`, the serving worker): process-wide ONNX Runtime settings.
-    False when onnxruntime is not installed (nothing to configure).
+    """For entry points only (`cthub export`, the serving worker, benchmarks): process-wide ONNX Runtime
+    settings. False when onnxruntime is not installed (nothing to configure).
 
     onnxruntime-gpu on a host without CUDA libraries logs a provider load error through ORT's *default*
     logger while a session is created; `SessionOptions.log_severity_level` covers only the session's own
-    logger, so the public process-wide `set_default_logger_severity` is the one switch that hides it. It and
-    the telemetry opt-out change the whole process, which is why library code never calls this.
+    logger, so the public process-wide `set_default_logger_severity` is the one switch that hides it. It,
+    the telemetry opt-out and `disable_telemetry_events` change the whole process, which is why library code
+    never calls this.
     """
     os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
     try:
@@ -59,6 +73,7 @@ def quiet_onnxruntime_process() -> bool:
     except ConfigError:
         return False
     ort.set_default_logger_severity(ORT_ERRORS_ONLY)
+    ort.disable_telemetry_events()
     return True
 
 
@@ -81,11 +96,31 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     return _decode_metadata((p.key, p.value) for p in model.metadata_props)
 
 
-class OnnxClassifier(Classifier):
-    """Predicts from preprocessed tensors [B, C, S, S] with an exported `model.onnx`.
+def _session_options(ort: Any, threads: int | None, optimization: str) -> Any:
+    if optimization not in OPTIMIZATION_LEVELS:
+        raise ConfigError(f"optimization must be one of {', '.join(OPTIMIZATION_LEVELS)}")
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = int(threads)
+    opts.inter_op_num_threads = 1  # one chain of convolutions: parallelism is inside each operator
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[optimization]
+    opts.log_severity_level = ORT_ERRORS_ONLY
+    return opts
 
-    `config` defaults to the one stored in the file's metadata; `sha256` is that of the weights it was
-    exported from (metadata `source_sha256`).
+
+class OnnxClassifier(Classifier):
+    """Predicts from preprocessed tensors [B, C, S, S] with an exported ONNX file (fp32 or int8).
+
+    With `verify` (the default) the file must match the sha256 recorded beside it at export (and in the hub
+    manifest for hub models), and, when given, have been exported from `source_sha256` with the
+    preprocessing of `config`: IntegrityError / StaleModelError otherwise, and nothing is loaded.
+    `config` defaults to the one stored in the file's metadata; `sha256` is that of the source weights.
     """
 
     backend: ClassVar[str] = "onnx"
@@ -97,32 +132,71 @@ class OnnxClassifier(Classifier):
         providers: Sequence[str] | None = None,
         threads: int | None = None,
         config: ModelConfig | None = None,
+        verify: bool = True,
+        source_sha256: str | None = None,
+        optimization: str = "all",
     ) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise ModelNotFoundError(f"no ONNX model at {self.path}")
         ort = _import_ort()
+        self.file_sha256 = verify_onnx_file(self.path) if verify else None
         available = set(ort.get_available_providers())
         wanted = [p for p in (providers or PREFERRED_PROVIDERS) if p in available] or ["CPUExecutionProvider"]
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = int(threads)
-        opts.log_severity_level = ORT_ERRORS_ONLY
+        opts = _session_options(ort, threads, optimization)
         try:
             self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=wanted)
         except Exception as e:  # noqa: BLE001 -- onnxruntime raises its own exception types for unreadable models
             raise InputError(f"{self.path.name} is not a loadable ONNX model ({type(e).__name__})") from None
         self.providers = list(self.session.get_providers())
         self.metadata = _decode_metadata(self.session.get_modelmeta().custom_metadata_map.items())
+        if verify:
+            check_fresh(self.metadata, self.path, config=config, source_sha256=source_sha256)
         stored = self.metadata.get("config")
         self.config = config or (ModelConfig.from_dict(stored) if isinstance(stored, dict) else ModelConfig())
         self.sha256 = str(self.metadata.get("source_sha256", ""))
+        self.variant = str(self.metadata.get("variant", "fp32"))
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.input_shape, self.num_classes = self._shapes()
+        ood = self.metadata.get("ood")
+        self.ood = OodReference.from_metadata(ood) if isinstance(ood, dict) else None
+
+    def _shapes(self) -> tuple[tuple[int, int, int], int]:
         try:
             c, h, w = (int(d) for d in self.session.get_inputs()[0].shape[1:])  # ['batch', C, S, S]
-            self.num_classes = int(self.session.get_outputs()[0].shape[-1])
-        except (TypeError, ValueError):
+            out = next(o for o in self.session.get_outputs() if o.name == OUTPUT_NAME)
+            return (c, h, w), int(out.shape[-1])
+        except (TypeError, ValueError, StopIteration):
             raise InputError(f"{self.path.name} is not a classifier with input [batch, C, S, S]") from None
-        self.input_shape = (c, h, w)
+
+    @classmethod
+    def from_model_dir(
+        cls,
+        model_dir: str | Path,
+        variant: str = "fp32",
+        *,
+        threads: int | None = None,
+        providers: Sequence[str] | None = None,
+        optimization: str = "all",
+    ) -> OnnxClassifier:
+        """The verified ONNX classifier of a model folder: its checksum, and that it was exported from the
+        folder's current weights and preprocessing (IntegrityError / StaleModelError otherwise)."""
+        model_dir = Path(model_dir)
+        if variant not in ONNX_FILES:
+            raise ConfigError(f"unknown ONNX variant {variant!r}; choose one of {', '.join(ONNX_FILES)}")
+        path = model_dir / ONNX_FILES[variant]
+        if not path.is_file():
+            how = "cthub export" + (" --int8" if variant == "int8" else "")
+            raise ModelNotFoundError(f"no {path.name} in {model_dir}: run `{how} {model_dir}` first")
+        config = ModelConfig.load(model_dir)
+        return cls(
+            path,
+            providers=providers,
+            threads=threads,
+            config=config,
+            source_sha256=weights_sha256(model_dir),
+            optimization=optimization,
+        )
 
     @property
     def device(self) -> str:
@@ -130,3 +204,41 @@ class OnnxClassifier(Classifier):
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         return np.asarray(self.session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0])
+
+    def _run_outputs(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        missing = [n for n in ("cam", "embedding") if n not in self.output_names]
+        if missing:
+            raise ConfigError(
+                f"{self.path.name} has no {' / '.join(missing)} output (exported by an older version): "
+                "re-export it with `cthub export`"
+            )
+        logits, cam, embedding = self.session.run(["logits", "cam", "embedding"], {INPUT_NAME: batch})
+        return np.asarray(logits), np.asarray(cam), np.asarray(embedding)
+
+
+def weights_sha256(model_dir: Path) -> str:
+    """The sha256 of the folder's weights, checked against their sidecar when there is one."""
+    weights = model_dir / WEIGHTS_NAME
+    if not weights.is_file():
+        raise ModelNotFoundError(f"no {WEIGHTS_NAME} in {model_dir}")
+    from hub.manifest import verify
+
+    expected = {f"the sidecar {weights.name}.sha256": read_sidecar(weights)}
+    return verify(weights, expected, sha256_file(weights))
+
+
+def ood_reference_of(model_dir: Path, source_sha256: str, config: ModelConfig) -> OodReference | None:
+    """The out-of-distribution reference of the folder's model.onnx when that file is verified and was
+    exported from these weights and preprocessing; None (logged) otherwise."""
+    path = model_dir / ONNX_NAME
+    if not path.is_file():
+        return None
+    try:
+        verify_onnx_file(path)
+        meta = read_metadata(path)
+        check_fresh(meta, path, config=config, source_sha256=source_sha256)
+    except CTHubError as e:
+        log.warning("no out-of-distribution reference: %s", e)
+        return None
+    ood = meta.get("ood")
+    return OodReference.from_metadata(ood) if isinstance(ood, dict) else None

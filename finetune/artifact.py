@@ -58,6 +58,12 @@ def classifier_config(
         "note": note,
         "encoder": result.encoder,
         "encoder_method": enc.get("method", "random"),
+        "encoder_sha256": ((enc.get("provenance") or {}).get("loaded") or {}).get("sha256"),  # as verified
+        "encoder_pretraining": {  # what the encoder's own card records of its pretraining
+            k: (enc.get("provenance") or {}).get(k) for k in ("steps", "epochs", "wall_time_s", "command")
+        }
+        if enc
+        else None,
         "wall_time_s": round(result.wall_time_s, 1),
         "epochs": len(result.history),
         "best_epoch": result.best_epoch,

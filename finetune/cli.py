@@ -6,7 +6,9 @@ import argparse
 import json
 import logging
 
-from finetune.cli_recipe import add_recipe_args, command_line, recipe_from_args
+from cthub.provenance import command_line
+from finetune.cli_recipe import add_recipe_args, recipe_from_args
+from finetune.cli_robustness import register_robustness
 from finetune.cli_study import register_study
 
 __all__ = ["add_recipe_args", "recipe_from_args", "register"]
@@ -52,19 +54,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--note", default=None, help="what this model is (default: generated)")
     p.set_defaults(func=_finetune)
     register_study(sub)
+    register_robustness(sub)
 
 
 def _finetune(a: argparse.Namespace) -> int:
-    from ctdata.preprocess import PreprocessConfig
-    from finetune.data import describe, kfold_pool, load_splits, select_splits
+    from finetune.data import data_preprocessing, describe, kfold_pool, load_splits, select_splits
     from finetune.protocols import run_kfold, run_split
 
     cfg = recipe_from_args(a)
-    pp = PreprocessConfig.for_window(a.window, input_size=a.image_size) if a.window else None
-    splits = load_splits(a.data, pp or PreprocessConfig(input_size=a.image_size), storage_size=a.storage_size)
+    pp = data_preprocessing(a.data, a.window, a.image_size)
+    splits = load_splits(a.data, pp, storage_size=a.storage_size)
     protocol = a.protocol if a.protocol != "auto" else ("split" if "train" in splits else "kfold")
     size: int | float | None = a.fraction if a.fraction is not None else a.max_train
-    command = command_line(a, "finetune")
+    command = command_line("finetune", a)
     if protocol == "split":
         train, val, test = select_splits(
             splits,

@@ -1,27 +1,11 @@
-"""Recipe options shared by `cthub finetune` and `cthub study`, and the command line recorded with a model."""
+"""Recipe options shared by `cthub finetune` and `cthub study`."""
 
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
 from typing import Any
 
 from finetune.config import BALANCE_MODES, SELECT_METRICS, FinetuneConfig
-
-
-def command_line(args: argparse.Namespace, sub: str) -> str:
-    """The exact command as typed when run from the console, else rebuilt from the parsed options."""
-    if sub in sys.argv[1:]:
-        return "cthub " + shlex.join(sys.argv[1:])
-    skip = {"func", "command", "verbose"}
-    parts = ["cthub", sub]
-    for k, v in sorted(vars(args).items()):
-        if k in skip or v is None or v is False:
-            continue
-        flag = "--" + k.replace("_", "-")
-        parts += [flag] if v is True else [flag, str(v)]
-    return shlex.join(parts)
 
 
 def add_recipe_args(p: argparse.ArgumentParser) -> None:

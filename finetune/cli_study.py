@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import sys
 from pathlib import Path
 from typing import Any
 
 from cthub.errors import ConfigError, MissingSplitError
+from cthub.provenance import command_line
 from finetune.cli_recipe import add_recipe_args, recipe_from_args
 
 DEFAULT_ENCODERS = "scratch,spark,mocov2,byol,swav"
@@ -87,8 +86,7 @@ def _study(a: argparse.Namespace) -> int:
         max_val=a.max_val,
         max_test=a.max_test,
     )
-    argv = sys.argv[sys.argv.index("study") :] if "study" in sys.argv else []  # as typed, for the cards
-    command = "cthub " + " ".join(map(shlex.quote, argv)) if argv else ""
+    command = command_line("study", a)
     summary = run_study(spec, workers=a.workers, threads_per_worker=threads or 1, command=command)
     summary["skipped_encoders"] = skipped
     print(json.dumps(summary, indent=2))

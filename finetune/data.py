@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import csv
+import logging
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from ctdata.datasets import ArraySplit, load_labeled, load_medmnist
+from ctdata.datasets import ArraySplit, load_labeled, load_medmnist, source_preprocessing
 from ctdata.preprocess import PreprocessConfig
-from cthub.errors import DataError, MissingSplitError
+from cthub.errors import ConfigError, CTHubError, DataError, MissingSplitError
 from finetune.splits import kfold_splits, stratified_subset, train_val_split
+
+if TYPE_CHECKING:
+    from hub.config import ModelConfig
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 
@@ -63,6 +69,18 @@ def predefined_splits(source: str | Path) -> set[str] | None:
         return None
     col = header.index("split")
     return {r[col].strip().lower() for r in rows[1:] if len(r) > col} & set(SPLITS)
+
+
+def data_preprocessing(
+    source: str | Path, window: str | None = None, input_size: int = 224
+) -> PreprocessConfig:
+    """How the labeled data's grey levels come from HU: an explicit window preset (DICOM sources are read
+    with it), else the known mapping of a published dataset (`ctdata.source_preprocessing`: OrganAMNIST's
+    abdominal window), else the default interval mapping. A classifier records it, so serving maps an
+    uploaded DICOM the way its training images were made."""
+    if window:
+        return PreprocessConfig.for_window(window, input_size=input_size)
+    return source_preprocessing(source, input_size=input_size) or PreprocessConfig(input_size=input_size)
 
 
 def load_splits(
@@ -150,3 +168,54 @@ def describe(split: ArraySplit) -> str:
         return f"{len(split)} images, unlabeled"
     counts = np.bincount(split.labels, minlength=len(split.class_names))
     return f"{len(split)} images, per class {list(map(int, counts))}"
+
+
+def recorded_splits(config: ModelConfig, source: str | Path) -> tuple[ArraySplit, ArraySplit, ArraySplit]:
+    """Train / val / test of `source` split exactly as `cthub finetune` split it for this classifier (the
+    seed, `max_val`, `max_test` and, for k-fold, the saved fold its config records): what export checks and
+    robustness tables measure on. ConfigError when the data cannot be the classifier's."""
+    source = Path(source)
+    pp = config.preprocessing
+    splits = load_splits(source, pp, storage_size=pp.input_size)
+    prov = config.provenance
+    ft = prov.get("finetune")
+    rule: dict[str, Any] = {
+        "split_seed": int(ft.get("seed", 42)) if isinstance(ft, dict) else 42,
+        "max_val": prov.get("max_val"),
+        "max_test": prov.get("max_test"),
+    }
+    folds, saved = config.metrics.get("cv_folds"), config.metrics.get("saved_fold")
+    if isinstance(folds, list) and isinstance(saved, int):
+        rule |= {"fold": saved - 1, "folds": len(folds)}
+    elif "all" in splits:
+        rule |= {"fold": 0, "folds": 5}
+    try:
+        train, val, test = select_splits(splits, **rule)
+    except CTHubError as e:
+        raise ConfigError(f"cannot split {source.name} as the classifier was trained: {e}") from None
+    if train.labels is None or test.labels is None:
+        raise ConfigError(f"{source.name} has no labels: measuring the classifier needs labeled images")
+    n_classes = int(max(train.labels.max(), test.labels.max())) + 1
+    if config.num_classes and n_classes > config.num_classes:
+        raise ConfigError(
+            f"{source.name} has {n_classes} classes but {config.name} predicts {config.num_classes}: "
+            "not the classifier's data"
+        )
+    return train, val, test
+
+
+def data_source(config: ModelConfig, override: str | Path | None = None) -> Path | None:
+    """The labeled data the classifier was fine-tuned on: `override`, else its provenance's `data` when that
+    file or folder exists here; None otherwise."""
+    if override is not None:
+        p = Path(override).expanduser()
+        if not p.exists():
+            raise ConfigError(f"--data {p} does not exist")
+        return p
+    recorded = config.provenance.get("data")
+    if isinstance(recorded, str) and recorded:
+        p = Path(recorded).expanduser()
+        if p.exists():
+            return p
+        log.warning("the model's data %s is not on this machine: pass --data to check on it", recorded)
+    return None

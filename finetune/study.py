@@ -19,10 +19,12 @@ from typing import Any
 
 from cthub.errors import ConfigError, CTHubError
 from finetune.config import FinetuneConfig
-from finetune.data import load_splits, select_splits
+from finetune.data import data_preprocessing, load_splits, select_splits
 from finetune.report import aggregate, pct, write_csv, write_reports
 from finetune.train import SCRATCH_NAMES, fit
-from hub.config import ModelConfig
+from hub.config import WEIGHTS_NAME, ModelConfig
+from hub.io import local_model_dir, record_metrics
+from hub.manifest import sha256_file
 
 __all__ = [
     "Cell",
@@ -80,9 +82,15 @@ class StudySpec:
         return self.recipe.seed
 
     def cells(self) -> list[Cell]:
+        """Smallest fraction first, then seed and fold, every encoder within: a study stopped part-way has
+        comparable rows (all encoders on the same labels) rather than one encoder done everywhere."""
         folds: list[int | None] = list(range(self.folds)) if self.protocol == "kfold" else [None]
         return [
-            Cell(e, f, s, k) for e in self.encoders for f in self.fractions for s in self.seeds for k in folds
+            Cell(e, f, s, k)
+            for f in sorted(self.fractions)
+            for s in self.seeds
+            for k in folds
+            for e in self.encoders
         ]
 
     def to_dict(self) -> dict[str, Any]:
@@ -119,6 +127,15 @@ def _write_record(out: str | Path, cell: Cell, rec: dict[str, Any]) -> None:
     os.replace(tmp, p)
 
 
+def encoder_sha256(name: str) -> str | None:
+    """The sha256 of a local encoder's weights (None for scratch or an encoder not stored locally): each
+    record says which weights it measured, so cells resumed after an encoder was re-made can be told apart."""
+    if name.lower() in SCRATCH_NAMES:
+        return None
+    d = local_model_dir(name)
+    return None if d is None else sha256_file(d / WEIGHTS_NAME)
+
+
 def run_cell(spec: StudySpec, cell: Cell) -> dict[str, Any]:
     """Train and measure one cell; writes runs/<key>.json (the resume marker)."""
     train, val, test = select_splits(
@@ -132,10 +149,12 @@ def run_cell(spec: StudySpec, cell: Cell) -> dict[str, Any]:
         max_val=spec.max_val,
         max_test=spec.max_test,
     )
-    res = fit(cell.encoder, train, val, test, spec.recipe.replace(seed=cell.seed))
+    pp = data_preprocessing(spec.data, input_size=spec.recipe.image_size)
+    res = fit(cell.encoder, train, val, test, spec.recipe.replace(seed=cell.seed), preprocessing=pp)
     assert res.test_metrics is not None
     rec = {
         **asdict(cell),
+        "encoder_sha256": encoder_sha256(cell.encoder),
         "n_train": len(train),
         "n_val": len(val),
         "best_epoch": res.best_epoch,
@@ -223,7 +242,6 @@ def record_in_cards(spec: StudySpec, rows: list[dict[str, Any]], command: str = 
     """Write each local hub encoder's own study rows into its config metrics and card
     (`metrics.finetune_study["<data>:<protocol>"]`); returns the encoders updated. Scratch and encoders
     that only exist remotely are left alone."""
-    from hub import local_model_dir, record_metrics
 
     key = f"{Path(spec.data).name}:{spec.protocol}"
     recipe = spec.recipe.to_dict()
@@ -297,11 +315,10 @@ def _check_same_recipe(spec: StudySpec, path: Path) -> None:
     ignore = {"threads", "device"}
     old_recipe = old.get("recipe", {})
     diff = sorted(k for k in new["recipe"] if k not in ignore and old_recipe.get(k) != new["recipe"][k])
-    diff += [
-        k
-        for k in ("data", "protocol", "folds", "val_fraction", "max_val", "max_test")
-        if old.get(k) != new[k]
-    ]
+    diff += [k for k in ("protocol", "folds", "val_fraction", "max_val", "max_test") if old.get(k) != new[k]]
+    # the same file may sit elsewhere on another machine (../shared/data or data/): compare by file name
+    if Path(str(old.get("data"))).name != Path(str(new["data"])).name:
+        diff.append("data")
     # studies written before `split_seed` was recorded drew split-protocol val/test subsets with seed 0
     legacy = 0 if old.get("protocol") == "split" else old_recipe.get("seed")
     if old.get("split_seed", legacy) != new["split_seed"]:

@@ -79,13 +79,22 @@ def resolve_encoder(
     encoder: str | Path | nn.Module | None,
     num_classes: int,
     image_size: int,
-    scratch_preprocessing: PreprocessConfig | None = None,
+    data_preprocessing: PreprocessConfig | None = None,
 ) -> tuple[ResNet50, PreprocessConfig, str, dict[str, Any]]:
     """(model with a fresh K-class head, preprocessing at `image_size`, name, encoder config dict).
-    A pretrained encoder keeps its own preprocessing (except the size); scratch uses the one given."""
+    Scratch uses `data_preprocessing` (the labeled data's); a pretrained encoder keeps its own normalization
+    and takes only the data's HU -> grey mapping (how the classifier's training images were made)."""
+    model, pp, name, enc_cfg = _encoder_and_preprocessing(encoder, num_classes, data_preprocessing)
+    if data_preprocessing is not None:
+        pp = pp.with_intensity_of(data_preprocessing)
+    return model, pp.replace(input_size=image_size), name, enc_cfg
+
+
+def _encoder_and_preprocessing(
+    encoder: str | Path | nn.Module | None, num_classes: int, data_pp: PreprocessConfig | None
+) -> tuple[ResNet50, PreprocessConfig, str, dict[str, Any]]:
     if encoder is None or (isinstance(encoder, str) and encoder.lower() in SCRATCH_NAMES):
-        pp = (scratch_preprocessing or PreprocessConfig()).replace(input_size=image_size)
-        return ResNet50(num_classes=num_classes), pp, "scratch", {}
+        return ResNet50(num_classes=num_classes), data_pp or PreprocessConfig(), "scratch", {}
     if isinstance(encoder, nn.Module):
         if not isinstance(encoder, ResNet50):
             raise ConfigError(f"fine-tuning needs a ResNet50 encoder, got {type(encoder).__name__}")
@@ -94,14 +103,14 @@ def resolve_encoder(
             model.reset_classifier(num_classes)
         cfg = hub_config(model)
         if cfg is None:
-            return model, PreprocessConfig().replace(input_size=image_size), "module", {}
-        return model, cfg.preprocessing.replace(input_size=image_size), cfg.name, cfg.to_dict()
+            return model, PreprocessConfig(), "module", {}
+        return model, cfg.preprocessing, cfg.name, cfg.to_dict()
     from hub import from_pretrained
 
     model = from_pretrained(str(encoder), num_classes=num_classes)  # raises ModelNotFoundError
     cfg = hub_config(model)
     assert cfg is not None, "from_pretrained always attaches a config"
-    return model, cfg.preprocessing.replace(input_size=image_size), str(encoder), cfg.to_dict()
+    return model, cfg.preprocessing, str(encoder), cfg.to_dict()
 
 
 def model_inputs(
@@ -463,8 +472,9 @@ def fit(
     preprocessing: PreprocessConfig | None = None,
 ) -> FitResult:
     """Fine-tune `encoder` (hub name/path, a model, or "scratch") with a linear head on `train`; select the
-    epoch by validation `cfg.select_metric`; measure `test` once with the selected model. `preprocessing`
-    (intensity mapping, e.g. a window) applies to a scratch encoder; pretrained ones keep their own."""
+    epoch by validation `cfg.select_metric`; measure `test` once with the selected model. `preprocessing` is
+    the labeled data's (`finetune.data.data_preprocessing`): all of it for scratch, its HU -> grey mapping
+    for a pretrained encoder, whose normalization stays."""
     cfg = cfg or FinetuneConfig()
     k = _check_inputs(train, val, test)
     assert train.labels is not None and val.labels is not None

@@ -58,6 +58,75 @@ def front_matter(cfg: ModelConfig) -> dict[str, Any]:
     return meta
 
 
+def _fmt(v: Any, spec: str) -> str:
+    return format(v, spec) if isinstance(v, (int, float)) else "n/a"
+
+
+def comparison_lines(cfg: ModelConfig) -> list[str]:
+    """The card's "What the pretraining bought" section from `metrics["vs_random_init"]` (written by the
+    main job) and the encoder's pretraining budget from provenance, else nothing."""
+    cmp, enc = cfg.metrics.get("vs_random_init"), cfg.provenance.get("encoder_pretraining") or {}
+    if not isinstance(cmp, dict):
+        return []
+    ours, base = cmp.get("test") or {}, cmp.get("baseline_test") or {}
+    wall = enc.get("wall_time_s")
+    minutes = wall / 60 if isinstance(wall, (int, float)) else None
+    budget = (
+        f"{METHOD_NAMES.get(cfg.method, cfg.method)} on {cfg.pretraining_data}, {enc.get('steps')} steps"
+        + (f", {_fmt(enc.get('epochs'), '.2f')} epochs" if enc.get("epochs") is not None else "")
+        + (f", {minutes:.0f} min" if minutes is not None else "")
+    )
+    return [
+        "",
+        "## What the pretraining bought",
+        "",
+        f"- Encoder `{cfg.provenance.get('encoder')}`: {budget}.",
+        f"- Fine-tuned on {cmp.get('n_train')} labeled images; on {ours.get('n')} test images: AUC "
+        f"{_fmt(ours.get('auc'), '.4f')} vs {_fmt(base.get('auc'), '.4f')} for {cmp.get('baseline')} "
+        f"(Δ {_fmt(cmp.get('delta_auc'), '+.4f')}), macro F1 {_fmt(ours.get('f1'), '.4f')} vs "
+        f"{_fmt(base.get('f1'), '.4f')} (Δ {_fmt(cmp.get('delta_f1'), '+.4f')}). One seed: a single "
+        "comparison, not a study (`make study` has the 3-seed tables).",
+        f"- Baseline: `{cmp.get('baseline_command')}`",
+    ]
+
+
+def export_lines(onnx: Any) -> list[str]:
+    """The card's "ONNX export" section from `metrics["onnx"]` (written by `cthub export`), else nothing."""
+    if not isinstance(onnx, dict) or not onnx:
+        return []
+    lines = ["", "## ONNX export", ""]
+    fp32, int8 = onnx.get("fp32"), onnx.get("int8")
+    if isinstance(fp32, dict):
+        par, ood = fp32.get("parity", {}), fp32.get("ood")
+        lines.append(
+            f"- `{fp32.get('file')}` (fp32, opset {fp32.get('opset')}, {fp32.get('exporter')} exporter, "
+            f"sha256 `{str(fp32.get('sha256'))[:12]}...`): torch vs ONNX Runtime on {par.get('images')} "
+            f"real images ({'; '.join(par.get('inputs', []))}): max |Δ logits| "
+            f"{_fmt(par.get('max_abs_diff_logits'), '.1e')}, max |Δ CAM| "
+            f"{_fmt(par.get('max_abs_diff_cam'), '.1e')}, top-1 agreement "
+            f"{_fmt(par.get('top1_agreement'), '.4f')}."
+        )
+        if isinstance(ood, dict):
+            lines.append(
+                f"- Out-of-distribution reference: {ood.get('method')} (rank {ood.get('rank')}) over "
+                f"{ood.get('n_reference')} {ood.get('data')} training images; threshold "
+                f"{_fmt(ood.get('threshold'), '.4f')} = {_fmt(100 * float(ood.get('quantile', 0)), '.0f')}th "
+                f"percentile of {ood.get('n_held_out')} validation images."
+            )
+    if isinstance(int8, dict):
+        a, b = int8.get("fp32", {}), int8.get("int8", {})
+        lines.append(
+            f"- `{int8.get('file')}` (int8 static QDQ, per-channel weights, calibrated on "
+            f"{int8.get('calibration_images')} training images): on {int8.get('eval_images')} "
+            f"{int8.get('data')} test images AUC {_fmt(a.get('auc'), '.4f')} -> {_fmt(b.get('auc'), '.4f')}"
+            f" (Δ {_fmt(int8.get('delta_auc'), '+.4f')}), F1 {_fmt(a.get('f1'), '.4f')} -> "
+            f"{_fmt(b.get('f1'), '.4f')} (Δ {_fmt(int8.get('delta_f1'), '+.4f')}), top-1 agreement with fp32 "
+            f"{_fmt(int8.get('top1_agreement'), '.4f')} (always predicting fp32's commonest class: "
+            f"{_fmt(int8.get('agreement_baseline'), '.4f')})."
+        )
+    return lines
+
+
 def render_card(cfg: ModelConfig) -> str:
     front = ["---", yaml.safe_dump(front_matter(cfg), sort_keys=False).rstrip(), "---"]
     pp = cfg.preprocessing
@@ -87,10 +156,13 @@ def render_card(cfg: ModelConfig) -> str:
     if cfg.provenance.get("note"):
         lines += ["", f"**Note.** {cfg.provenance['note']}"]
     lines += ["", "## Measured results", ""]
-    if cfg.metrics:
-        lines += ["```json", json.dumps(cfg.metrics, indent=2, sort_keys=True), "```"]
+    measured = {k: v for k, v in cfg.metrics.items() if k != "onnx"}
+    if measured:
+        lines += ["```json", json.dumps(measured, indent=2, sort_keys=True), "```"]
     else:
         lines.append("Nothing has been measured for this model yet.")
+    lines += comparison_lines(cfg)
+    lines += export_lines(cfg.metrics.get("onnx"))
     lines += ["", "## Provenance", ""]
     for k in (
         "command",

@@ -112,3 +112,8 @@ def record(hub: Path, key: str, sha256: str, **info: Any) -> dict[str, Any]:
 
 def remote_key(repo_id: str, commit: str) -> str:
     return f"hf:{repo_id}@{commit}"
+
+
+def file_key(model: str, filename: str) -> str:
+    """The manifest key of a derived file of a hub model (e.g. its ONNX export): `<model>/<filename>`."""
+    return f"{model}/{filename}"

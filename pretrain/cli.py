@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
 from pathlib import Path
 from typing import Any
 
 from cthub.errors import ConfigError, ModelNotFoundError
+from cthub.provenance import command_line
 from pretrain.config import METHODS
 
 
@@ -162,7 +161,7 @@ def _pretrain(a: argparse.Namespace) -> int:
     result = train(cfg, resume=a.resume)
     if rank() != 0:
         return 0
-    command = "cthub " + " ".join(shlex.quote(x) for x in sys.argv[1:]) if sys.argv else "cthub pretrain"
+    command = command_line("pretrain", a)
     from hub.io import save_pretrained
     from pretrain.publish import model_config
 
@@ -254,9 +253,6 @@ def _load_encoder(name: str) -> tuple[Any, int]:
 def _report(a: argparse.Namespace) -> int:
     from pretrain.report import write_report
 
-    command = (
-        "cthub " + " ".join(shlex.quote(x) for x in sys.argv[1:]) if sys.argv else "cthub pretrain-report"
-    )
-    for kind, path in write_report(a.runs, a.out, command=command).items():
+    for kind, path in write_report(a.runs, a.out, command=command_line("pretrain-report", a)).items():
         print(f"{kind}: {path}")
     return 0

@@ -8,6 +8,7 @@ Reads each run directory's `checkpoint.pt` (config, step, elapsed), `metrics.csv
 from __future__ import annotations
 
 import csv
+import datetime as _dt
 import json
 import logging
 from pathlib import Path
@@ -65,10 +66,22 @@ def summarize_run(run_dir: str | Path) -> dict[str, Any]:
     return out
 
 
+def merge_runs(earlier: list[dict[str, Any]], fresh: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows of `earlier` (a previous report) whose run is not among `fresh` stay, marked as such: run
+    folders live on one machine, the report in the repository outlives it. Fresh rows replace same-named
+    ones; order: earlier rows' order, new runs after."""
+    by_name = {r["run"]: r for r in fresh}
+    merged = [
+        by_name.pop(r["run"]) if r["run"] in by_name else {**r, "from_earlier_report": True} for r in earlier
+    ]
+    return merged + [r for r in fresh if r["run"] in by_name]
+
+
 def write_report(run_dirs: list[str | Path], out_dir: str | Path, command: str = "") -> dict[str, Path]:
-    """The table, JSON and curves of `run_dirs` into `out_dir`; returns the written paths."""
-    runs = [
-        summarize_run(d)
+    """The table, JSON and curves of `run_dirs` into `out_dir`, keeping the rows of runs reported there
+    earlier whose folders are not on this machine; returns the written paths."""
+    fresh = [
+        summarize_run(d) | {"reported": _dt.date.today().isoformat()}
         for d in run_dirs
         if (Path(d) / "checkpoint.pt").is_file() or (Path(d) / "run_config.json").is_file()
     ]
@@ -79,6 +92,8 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path, command: str =
         "md": out / "pretrain-runs.md",
         "png": out / "knn-monitor.png",
     }
+    earlier = json.loads(paths["json"].read_text()) if paths["json"].is_file() else []
+    runs = merge_runs(earlier, fresh)
     paths["json"].write_text(json.dumps(runs, indent=2))
     paths["md"].write_text(_markdown(runs, command))
     _plot(runs, paths["png"])
@@ -93,8 +108,9 @@ def _markdown(runs: list[dict[str, Any]], command: str) -> str:
     )
     rows = []
     for r in runs:
+        mark = " †" if r.get("from_earlier_report") else ""
         rows.append(
-            f"| {r['run']} | {r['method']} | {r['image_size']} | {r['optimizer']} {r['base_lr']:g} "
+            f"| {r['run']}{mark} | {r['method']} | {r['image_size']} | {r['optimizer']} {r['base_lr']:g} "
             f"| {r['steps']} "
             f"({r['planned_steps']}) | {r['minutes']} | {r.get('epochs', float('nan')):.2f} "
             f"| {r.get('images_per_s_median', float('nan')):.1f} "
@@ -107,6 +123,10 @@ def _markdown(runs: list[dict[str, Any]], command: str) -> str:
         "queries, "
         "the encoder's own BN statistics; weight change: ||W - W0|| / ||W0|| over all convolutions.\n"
     )
+    if any(r.get("from_earlier_report") for r in runs):
+        note += (
+            "\n† kept from an earlier report: the run's folder is not on the machine that wrote this one.\n"
+        )
     return (f"Made by `{command}`\n\n" if command else "") + head + "\n".join(rows) + "\n" + note
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from ctdata.datasets import source_preprocessing
 from ctdata.preprocess import PreprocessConfig
 from cthub.errors import ConfigError
 from cthub.runtime import autocast, needs_grad_scaler, resolve_amp, select_device
@@ -174,16 +175,19 @@ def _initial_encoder(cfg: TrainConfig) -> tuple[ResNet50 | None, dict[str, Any] 
     if enc.in_chans != cfg.in_chans:
         raise ConfigError(f"--init {cfg.init}: {enc.in_chans} input channels, the recipe has {cfg.in_chans}")
     mc = getattr(enc, "config", None)
-    parent = {"name": cfg.init, "method": getattr(mc, "method", None), "sha256": getattr(mc, "sha256", None)}
+    loaded = (getattr(mc, "provenance", None) or {}).get("loaded") or {}  # what from_pretrained verified
+    parent = {"name": cfg.init, "method": getattr(mc, "method", None), "sha256": loaded.get("sha256")}
     return enc, parent
 
 
 def _preprocessing(cfg: TrainConfig, ckpt: dict[str, Any] | None, imgs: Any) -> PreprocessConfig:
-    """The run's input normalisation: the checkpoint's when resuming, else measured on the images."""
+    """The run's input normalisation: the checkpoint's when resuming, else measured on the images; the HU
+    mapping is the one that made the data's grey levels where it is known (`source_preprocessing`)."""
     if ckpt is not None:
         return PreprocessConfig.from_dict(ckpt["preprocessing"])
     mean, std = dataset_stats(imgs, seed=cfg.seed) if cfg.normalize == "dataset" else (0.5, 0.25)
-    return PreprocessConfig(
+    base = source_preprocessing(cfg.data) if cfg.data else None
+    return (base or PreprocessConfig()).replace(
         input_size=cfg.image_size,
         in_chans=cfg.in_chans,
         mean=(mean,),

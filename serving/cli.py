@@ -14,7 +14,8 @@ from typing import Any
 
 from cthub.errors import ConfigError
 from hub.config import ModelConfig
-from serving.predictor import BACKEND_ENV, BACKENDS, MODEL_ENV, resolve_model_dir
+from serving.predictor import BACKENDS, resolve_model_dir
+from serving.settings import MODEL_ENV, VARIANT_ENV, VARIANTS, ServeSettings
 
 SERVICE = "serving.service:CTHubService"
 QUIET_ENV = {
@@ -28,16 +29,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "serve",
         help="serve a classifier: REST API (BentoML) + demo at /ui",
-        description="Starts the BentoML service for MODEL (ONNX Runtime when "
-        "model.onnx is fresh, else torch) with the Gradio demo mounted "
-        "at /ui.",
+        description="Starts the BentoML services for MODEL (its exported ONNX model behind adaptive "
+        "batching) with the Gradio demo mounted at /ui. Limits, auth, CORS and batching are set by "
+        "CTHUB_* environment variables (see serving/settings.py and the README).",
     )
     _model_args(p)
+    p.add_argument(
+        "--variant",
+        choices=VARIANTS,
+        default=None,
+        help=f"ONNX file: fp32 (model.onnx) or int8 (model.int8.onnx); default ${VARIANT_ENV} or fp32",
+    )
     p.add_argument("--port", type=int, default=3000)
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the server to be ready")
     p.set_defaults(func=serve)
     d = subparsers.add_parser("demo", help="run the Gradio demo alone (no REST API)")
     _model_args(d)
+    d.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="auto",
+        help="auto: ONNX Runtime when model.onnx matches the weights, else torch",
+    )
     d.add_argument("--port", type=int, default=7860)
     d.set_defaults(func=demo)
 
@@ -47,12 +60,6 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         "--model", required=True, help="model folder (safetensors + config.json) or local hub name"
     )
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
-    p.add_argument(
-        "--backend",
-        choices=BACKENDS,
-        default="auto",
-        help="auto: ONNX Runtime when model.onnx matches the weights, else torch",
-    )
 
 
 def urls(host: str, port: int) -> dict[str, str]:
@@ -63,6 +70,9 @@ def urls(host: str, port: int) -> dict[str, str]:
         "docs": f"{base}/",
         "openapi": f"{base}/docs.json",
         "predict": f"{base}/predict",
+        "predict_series": f"{base}/predict_series",
+        "predict_image": f"{base}/predict_image",
+        "report": f"{base}/report",
         "predict_batched": f"{base}/predict_batched",
         "ui": f"{base}/ui/",
         "ready": f"{base}/readyz",
@@ -70,12 +80,13 @@ def urls(host: str, port: int) -> dict[str, str]:
     }
 
 
-def _post_json(url: str) -> Any:
+def _post_json(url: str, token: str | None = None) -> Any:
     """POST to `url` (a BentoML API without inputs) and decode its JSON; None unless it answers 200."""
     import httpx
 
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        r = httpx.post(url, timeout=10)
+        r = httpx.post(url, timeout=10, headers=headers)
     except httpx.HTTPError:
         return None
     return r.json() if r.status_code == 200 else None
@@ -97,12 +108,16 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> bool:
 
 
 def serve(args: argparse.Namespace) -> int:
+    from serving.inference import verify_export
+
     model_dir = resolve_model_dir(args.model)
     config = ModelConfig.load(model_dir)  # a broken config.json fails here, before any server starts
     if config.num_classes <= 0:
         raise ConfigError(f"{model_dir} is an encoder without a classification head; fine-tune it first")
-    print(f"cthub: starting the server for {model_dir} (backend {args.backend})", file=sys.stderr, flush=True)
-    env = os.environ | QUIET_ENV | {MODEL_ENV: str(model_dir), BACKEND_ENV: args.backend}
+    variant = args.variant or os.environ.get(VARIANT_ENV, "fp32")
+    verify_export(model_dir, variant)  # missing, tampered or stale: the fix, before any server starts
+    print(f"cthub: starting the server for {model_dir} (ONNX {variant})", file=sys.stderr, flush=True)
+    env = os.environ | QUIET_ENV | {MODEL_ENV: str(model_dir), VARIANT_ENV: variant}
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     cmd = [
@@ -125,17 +140,18 @@ def serve(args: argparse.Namespace) -> int:
     try:
         if wait_ready(u["ready"], proc, args.timeout):
             # what the worker really loaded (ONNX Runtime or torch, and its providers), not a guess made here
-            info = _post_json(u["model"]) or {}
+            info = _post_json(u["model"], ServeSettings.from_env(env).api_token) or {}
             print(
                 f"cthub: serving {info.get('name', model_dir)} with {info.get('backend', '?')} "
-                f"[{', '.join(info.get('providers', []))}]",
+                f"{info.get('variant', '')} [{', '.join(info.get('providers', []))}]",
                 file=sys.stderr,
                 flush=True,
             )
             print(
                 f"\ncthub is ready:\n  API docs   {u['docs']}\n  predict    POST {u['predict']} "
-                f"(multipart field 'file')\n  demo       {u['ui']}\n  health     {u['ready']}\n"
-                f"Try: curl -F file=@slice.dcm {u['predict']}\n",
+                f"(multipart field 'file')\n  series     POST {u['predict_series']} (fields 'files')\n"
+                f"  report     POST {u['report']} (DICOM SR)\n  demo       {u['ui']}\n"
+                f"  health     {u['ready']}\nTry: curl -F file=@slice.dcm {u['predict']}\n",
                 flush=True,
             )
         elif proc.poll() is None:
@@ -159,13 +175,29 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def demo(args: argparse.Namespace) -> int:
     from export.session import quiet_onnxruntime_process
-    from serving.demo import build_demo
-    from serving.predictor import get_predictor
+    from serving.viewer import private_upload_dir
 
     os.environ.update({k: v for k, v in QUIET_ENV.items() if k not in os.environ})
     quiet_onnxruntime_process()  # this command is an entry point: process-wide ORT settings belong here
+    uploads = private_upload_dir()  # before Gradio is imported: its upload directory is process-wide
+
+    from serving.demo import build_demo, launch_options
+    from serving.predictor import get_predictor
+
+    settings = ServeSettings.from_env()
     model_dir = resolve_model_dir(args.model)
     predictor = get_predictor(str(model_dir), args.backend)  # load now: errors before the server starts
-    print(f"cthub: demo for {predictor.config.name} ({predictor.backend})", file=sys.stderr)
-    build_demo(lambda: predictor).launch(server_name=args.host, server_port=args.port)
+    print(
+        f"cthub: demo for {predictor.config.name} ({predictor.backend}); Gradio's upload directory "
+        f"{uploads} (private, emptied as uploads are read, removed at exit)",
+        file=sys.stderr,
+        flush=True,
+    )
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` closes the server like Ctrl+C (and runs atexit)
+    build_demo(lambda: predictor, settings).launch(
+        server_name=args.host,
+        server_port=args.port,
+        max_file_size=settings.max_series_bytes,
+        **launch_options(),
+    )
     return 0

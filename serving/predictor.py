@@ -25,10 +25,11 @@ from export.classifier import Classifier, TorchClassifier
 from hub.config import CONFIG_NAME, WEIGHTS_NAME, ModelConfig
 from hub.io import hub_dir, load_dir, sha256_file
 from hub.resnet import ResNet50
+from serving.results import decide
+from serving.settings import MODEL_ENV
 
 log = logging.getLogger(__name__)
 
-MODEL_ENV = "CTHUB_SERVE_MODEL"
 BACKEND_ENV = "CTHUB_SERVE_BACKEND"
 MAX_UPLOAD_ENV = "CTHUB_MAX_UPLOAD_MB"
 DEFAULT_MAX_UPLOAD_MB = 64.0
@@ -218,10 +219,7 @@ class Predictor:
 
     def decide(self, p: np.ndarray) -> str:
         """Label for one probability vector: the binary operating point when configured, else argmax."""
-        t = self.config.threshold
-        if len(self.labels) == 2 and t is not None:
-            return self.labels[1] if p[1] >= t else self.labels[0]
-        return self.labels[int(np.argmax(p))]
+        return decide(p, self.labels, self.config.threshold)
 
     def _prepare(
         self,

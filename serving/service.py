@@ -1,53 +1,99 @@
-"""The BentoML service: `POST /predict` (DICOM upload -> JSON), `POST /predict_batched` (adaptive batching),
-`/model`, BentoML's health/metrics/docs endpoints, and the Gradio demo at /ui.
+"""The BentoML services: `CTHubService` (the HTTP API and the demo at /ui) and `InferenceService` (the ONNX
+model behind adaptive batching), which `bentoml serve serving.service:CTHubService` starts together.
 
-The model folder comes from $CTHUB_SERVE_MODEL (a path or a local hub name), read when the service starts,
-never at import: `bentoml build` and tests can import this module without a model. User errors become 4xx
-JSON with the `CTHubError.to_dict()` body; nothing a client sends can crash the worker.
+    POST /predict          one DICOM -> label, probabilities, decision, OOD verdict, model, timing (cam=true:
+                           the class activation map as a PNG overlay)
+    POST /predict_series   DICOM files and/or zips of one series -> slices in anatomical order + series result
+    POST /predict_image    a PNG/JPEG slice already windowed for display -> the same answer as /predict
+    POST /report           the series analysis as a DICOM Comprehensive SR (application/dicom)
+    POST /predict_batched  several independent DICOM slices -> one answer each
+    GET|POST /model        the served model: identity, labels, preprocessing, thresholds, card metrics
+    GET /readyz /livez /healthz /metrics /docs.json   (BentoML)
 
-    CTHUB_SERVE_MODEL=models/organamnist-demo bentoml serve serving.service:CTHubService
+The API service decodes and preprocesses (`serving.api.Analyzer`); model inputs go to the inference service,
+where concurrent requests are merged into one forward pass (max batch / max latency configurable). Settings
+come from the environment (`serving.settings`), read when this module is imported (BentoML's decorators need
+them) and again when each service starts. User errors are 4xx JSON `{error, type, detail}`; the gateway
+middleware (`serving.gateway`) adds auth, body limits and the audit log.
 """
 
 from __future__ import annotations
 
-import logging
 import os
-import signal
-from pathlib import Path
-from typing import Any
 
-import bentoml
-from starlette.responses import JSONResponse
+# Telemetry off unless the operator says otherwise: before BentoML reads it (its serve event, Gradio, ORT).
+# MALLOC_ARENA_MAX: BentoML imports this module in its arbiter before it spawns the workers, which inherit
+# the environment; with one glibc arena per thread the API worker's 32 request threads fragment memory and
+# its RSS kept growing under load (~60 kB per request, measured), with 2 arenas it levels off.
+for _name, _value in (
+    ("BENTOML_DO_NOT_TRACK", "True"),
+    ("GRADIO_ANALYTICS_ENABLED", "False"),
+    ("ORT_DISABLE_TELEMETRY", "1"),
+    ("HF_HUB_DISABLE_TELEMETRY", "1"),
+    ("MALLOC_ARENA_MAX", "2"),
+):
+    os.environ.setdefault(_name, _value)
 
-from cthub.errors import CTHubError
-from serving.demo import asgi_app, build_demo
-from serving.predictor import BACKEND_ENV, MODEL_ENV, Predictor, get_predictor
+from serving.viewer import private_upload_dir  # noqa: E402
+
+# Gradio's upload/cache directory, before Gradio is imported (some of its modules create files on import):
+# private to this user, removed on exit; the workers inherit it through the environment.
+private_upload_dir()
+
+import logging  # noqa: E402 -- after the telemetry switches above
+import signal  # noqa: E402
+import threading  # noqa: E402
+import traceback  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Annotated, Any, cast  # noqa: E402
+
+import aiohttp  # noqa: E402
+import bentoml  # noqa: E402
+import numpy as np  # noqa: E402
+from starlette.responses import JSONResponse, Response  # noqa: E402
+
+from cthub.errors import CTHubError, ServiceBusyError, UnprocessableInputError  # noqa: E402
+from serving.api import Analyzer, Options, ServedModel  # noqa: E402
+from serving.audit import AUDIT_KEY, AuditLog  # noqa: E402
+from serving.demo import asgi_app, build_demo  # noqa: E402
+from serving.gateway import Gateway  # noqa: E402
+from serving.inference import InferenceEngine, verify_export  # noqa: E402
+from serving.inputs import error_body, http_status, read_upload  # noqa: E402
+from serving.predictor import BACKEND_ENV, Predictor, get_predictor, resolve_model_dir  # noqa: E402
+from serving.settings import MODEL_ENV, ServeSettings  # noqa: E402
 
 log = logging.getLogger(__name__)
-MAX_BATCH = 16
-# BentoML answers 503 when it predicts a batch will miss this; ResNet50 at 224 px on a few CPU cores needs
-# seconds.
-BATCH_MAX_LATENCY_MS = int(v) if (v := os.environ.get("CTHUB_BATCH_MAX_LATENCY_MS", "")).isdigit() else 20000
+SETTINGS = ServeSettings.from_env()  # frozen: what the decorators below are built from
 # BentoML's server logging config shows only its own logger at INFO; these packages log at INFO in a worker.
 WORKER_LOGGERS = ("serving", "export", "hub", "ctdata")
+QUIET_LOGGERS = ("highdicom",)  # may quote header values (patient data) in warnings
+INFER_ATTEMPTS = 3
+# the inter-service client's errors for a connection the server closed (BentoML's proxy uses aiohttp)
+STALE_CONNECTION_ERRORS = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, ConnectionResetError)
+DicomFile = Annotated[Path, bentoml.validators.ContentType("application/dicom")]  # the /report answer (docs)
+SINGLE_IMAGE_ROUTES = ("/predict", "/predict_image", "/model")
+SERIES_ROUTES = ("/predict_series", "/report", "/predict_batched")
 
 
 def predictor_from_env() -> Predictor:
-    """The Predictor named by $CTHUB_SERVE_MODEL / $CTHUB_SERVE_BACKEND (cached per process)."""
+    """The demo's Predictor named by $CTHUB_SERVE_MODEL / $CTHUB_SERVE_BACKEND (cached per process)."""
     return get_predictor(os.environ.get(MODEL_ENV, ""), os.environ.get(BACKEND_ENV, "auto"))
-
-
-def error_response(err: CTHubError) -> JSONResponse:
-    return JSONResponse(err.to_dict(), status_code=err.http_status)
 
 
 def configure_worker() -> None:
     """Process-wide settings of a serving worker (this module is its entry point): log levels of the
-    project's loggers, and ONNX Runtime's process logger/telemetry (see `quiet_onnxruntime_process`)."""
+    project's loggers, quiet third-party loggers, ONNX Runtime's process logger and telemetry."""
+    import warnings
+
     from export.session import quiet_onnxruntime_process
 
     for name in WORKER_LOGGERS:
         logging.getLogger(name).setLevel(logging.INFO)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="highdicom")
+    warnings.filterwarnings("ignore", module="pydicom")
     quiet_onnxruntime_process()
 
 
@@ -57,70 +103,230 @@ def stop_server_after_startup_failure() -> None:
         os.kill(os.getppid(), signal.SIGTERM)
 
 
-@bentoml.service(name="cthub", traffic={"timeout": 120}, workers=1)
-@bentoml.asgi_app(asgi_app(build_demo(predictor_from_env)), path="/ui", name="demo")
-class CTHubService:
-    """Classifies uploaded CT slices with one model folder."""
+def fail_start(what: str, err: CTHubError) -> None:
+    log.error("cthub: cannot start the %s: %s", what, err)
+    stop_server_after_startup_failure()
+
+
+@bentoml.service(name="cthub-inference", workers=1, traffic={"timeout": SETTINGS.request_timeout_s})
+class InferenceService:
+    """The exported ONNX classifier; concurrent requests are batched into one forward pass."""
 
     def __init__(self) -> None:
         configure_worker()
+        settings = ServeSettings.from_env()
         try:
-            self.predictor = predictor_from_env()
+            self.engine = InferenceEngine.open(settings)
         except CTHubError as e:
-            log.error("cthub: cannot start the service: %s", e)
-            stop_server_after_startup_failure()
+            fail_start("inference service", e)
             raise
-        p = self.predictor
-        log.info("cthub: serving %s (%s, %s)", p.config.name, p.backend, ", ".join(p.providers))
+        ident = self.engine.classifier.identity
+        log.info(
+            "cthub: serving %s (onnx %s, %s)", ident["name"], settings.variant, ", ".join(ident["providers"])
+        )
+
+    @bentoml.api(batchable=True, max_batch_size=SETTINGS.max_batch, max_latency_ms=SETTINGS.max_latency_ms)
+    def infer(self, inputs: np.ndarray) -> list[dict[str, Any]]:
+        """Model inputs [B, C, S, S] float32 -> per-slice outputs (probabilities, cam, ood score...)."""
+        return self.engine.run(inputs)
+
+    @bentoml.api
+    def describe(self) -> dict[str, Any]:
+        """Identity, config, labels, OOD threshold and outputs of the loaded model."""
+        return self.engine.describe()
+
+
+def _with_demo(cls: type) -> type:
+    """Mount the Gradio demo at /ui unless the operator turned it off (CTHUB_DEMO=0)."""
+    if not SETTINGS.demo:
+        return cls
+    return bentoml.asgi_app(asgi_app(build_demo(predictor_from_env)), path="/ui", name="demo")(cls)
+
+
+def _json_error(ctx: bentoml.Context, err: CTHubError, audit: dict[str, Any]) -> JSONResponse:
+    """The 4xx JSON answer of a user error (BentoML applies `ctx.response.status_code` to the response)."""
+    body = error_body(err)
+    audit["error"] = body.get("reason", body["error"])  # a code, never the message
+    ctx.response.status_code = http_status(err)
+    return JSONResponse(body, status_code=ctx.response.status_code)
+
+
+@bentoml.service(
+    name="cthub",
+    workers=SETTINGS.api_workers,
+    threads=SETTINGS.api_threads,  # sync endpoints: several requests decode while others wait for the model
+    traffic={"timeout": SETTINGS.request_timeout_s},
+    http=SETTINGS.http_config(),
+)
+@_with_demo
+class CTHubService:
+    """CT slice and series classification with one exported model (see the module docstring)."""
+
+    inference = bentoml.depends(InferenceService)
+
+    def __init__(self) -> None:
+        configure_worker()
+        self.settings = ServeSettings.from_env()
+        try:
+            # the inference service verifies too; failing here as well stops the server at once (a failing
+            # dependency alone leaves this worker draining for the traffic timeout)
+            verify_export(resolve_model_dir(self.settings.model), self.settings.variant)
+        except CTHubError as e:
+            fail_start("API service", e)
+            raise
+        self._served: ServedModel | None = None
+        self._lock = threading.Lock()
+
+    def served(self) -> ServedModel:
+        """The inference service's description of its model (asked once, on first use)."""
+        with self._lock:
+            if self._served is None:
+                self._served = ServedModel.from_description(self.inference.describe())
+            return self._served
+
+    def _infer(self, batch: np.ndarray) -> list[dict[str, Any]]:
+        """The inference service's outputs for a batch. A pooled connection the inference server closed
+        while idle (keep-alive timeout) fails on reuse: the call is retried (inference is idempotent)."""
+        for attempt in range(INFER_ATTEMPTS):
+            try:
+                return list(self.inference.infer(batch))
+            except STALE_CONNECTION_ERRORS:
+                if attempt + 1 == INFER_ATTEMPTS:
+                    raise
+                log.info("inference connection was closed by the server; retrying")
+            except bentoml.exceptions.BentoMLException as e:
+                if getattr(e, "error_code", None) == 503:
+                    budget = self.settings.max_latency_ms
+                    raise ServiceBusyError(
+                        f"the model is busy beyond its {budget} ms budget; retry"
+                    ) from None
+                raise
+        raise AssertionError("unreachable")
+
+    def _call(self, ctx: bentoml.Context, work: Callable[[Analyzer, dict[str, Any]], Any]) -> Any:
+        """Run `work(analyzer, audit)`; user errors become 4xx JSON, the audit details go to the gateway.
+        An unexpected failure is logged by type and traceback only (exception messages may quote header
+        values) and answered 500 in the API's error shape."""
+        audit: dict[str, Any] = {}
+        try:
+            served = self.served()
+            audit["model_sha256"] = served.sha256
+            return work(Analyzer(self.settings, served, self._infer), audit)
+        except CTHubError as e:
+            return _json_error(ctx, e, audit)
+        except Exception as e:  # noqa: BLE001 -- a bug must not leak the upload through BentoML's log line
+            log.error(
+                "unexpected %s on %s:\n%s",
+                type(e).__name__,
+                ctx.request.url.path,
+                "".join(traceback.format_tb(e.__traceback__)),
+            )
+            audit["error"] = "internal_error"
+            ctx.response.status_code = 500
+            body = {"error": "internal_error", "type": "InternalError", "detail": "the server failed"}
+            return JSONResponse(body, status_code=500)
+        finally:
+            setattr(ctx.request.state, AUDIT_KEY, audit)
 
     @bentoml.api(route="/predict")
     def predict(
         self,
         file: Path,
+        ctx: bentoml.Context,
+        cam: bool = False,
         window: str | None = None,
         window_center: float | None = None,
         window_width: float | None = None,
         model: str | None = None,
     ) -> dict[str, Any]:
-        """Classify one DICOM upload (multipart field `file`); optional window preset or center/width.
+        """Classify one DICOM slice (multipart field `file`; the first frame of multi-frame objects).
 
-        Returns {label, probabilities, model, preprocessing, warnings, image}; user errors give 4xx JSON.
+        Answers {label, probabilities, decision, ood, model, preprocessing, warnings, image, timing_ms}, with
+        `cam` {png_base64, class} when cam=true. Optional window preset or center/width (reported as a
+        warning: the model was trained with its own mapping); `model` must name the served model if given.
         """
-        p = self.predictor
-        try:
-            p.require_model(model)
-            pred = p.predict(file, window=window, center=window_center, width=window_width)
-        except CTHubError as e:
-            return error_response(e)  # type: ignore[return-value]
-        return pred.to_json(p.info)
+        opts = Options(cam, window, window_center, window_width)
 
-    @bentoml.api(
-        route="/predict_batched",
-        batchable=True,
-        max_batch_size=MAX_BATCH,
-        max_latency_ms=BATCH_MAX_LATENCY_MS,
-    )
-    def predict_batched(self, files: list[Path]) -> list[dict[str, Any]]:
-        """One or more DICOM uploads (multipart field `files`, repeatable) -> one result per file, in order.
+        def work(a: Analyzer, audit: dict[str, Any]) -> dict[str, Any]:
+            a.model.require(model)
+            return a.predict_dicom(read_upload(file, self.settings.max_upload_bytes), opts, audit)
 
-        Uses the model's own preprocessing; concurrent requests are merged into one forward pass (adaptive
-        batching). A file that cannot be used gives an item {error, type, detail, status} in its place.
+        return self._call(ctx, work)
+
+    @bentoml.api(route="/predict_image")
+    def predict_image(self, file: Path, ctx: bentoml.Context, cam: bool = False) -> dict[str, Any]:
+        """Classify a PNG or JPEG of a slice already windowed for display (grey 0-255, not HU)."""
+
+        def work(a: Analyzer, audit: dict[str, Any]) -> dict[str, Any]:
+            return a.predict_picture(read_upload(file, self.settings.max_upload_bytes), Options(cam), audit)
+
+        return self._call(ctx, work)
+
+    @bentoml.api(route="/predict_series")
+    def predict_series(self, files: list[Path], ctx: bentoml.Context) -> dict[str, Any]:
+        """Classify one series: DICOM files and/or zips (multipart field `files`, repeatable).
+
+        Answers {series, slices, model, preprocessing, warnings, other_series, rejected, skipped, timing_ms}:
+        slices in anatomical order (position along the slice normal), the series result by the rule stated
+        in `series.rule` (mean of each class's top-k slice probabilities). Objects of other series or
+        modalities are listed in `other_series`, never mixed in; files are named by their upload index.
         """
-        p = self.predictor
-        results = p.predict_many(list(files))
-        usable = sum(not isinstance(r, CTHubError) for r in results)
-        log.info("predict_batched: batch of %d uploads, %d usable, one forward pass", len(results), usable)
-        return [
-            r.to_dict() | {"status": r.http_status} if isinstance(r, CTHubError) else r.to_json(p.info)
-            for r in results
-        ]
+        return self._call(ctx, lambda a, audit: a.analyse_series(list(files), audit)[0])
+
+    @bentoml.api(route="/report")
+    def report(self, files: list[Path], ctx: bentoml.Context) -> DicomFile:
+        """The /predict_series analysis as a DICOM Comprehensive SR (TID 1500), `application/dicom`.
+
+        References the source study, series and instances; the model's identity is in the Contributing
+        Equipment Sequence; VerificationFlag UNVERIFIED; "NOT FOR DIAGNOSTIC USE" series description.
+        """
+
+        def work(a: Analyzer, audit: dict[str, Any]) -> Response:
+            try:
+                body = a.report(list(files), audit)
+            except CTHubError:
+                raise
+            except Exception as e:  # noqa: BLE001 -- the SR writer fails only on what the headers hold
+                raise UnprocessableInputError(
+                    f"no valid report can be written for these images ({type(e).__name__})"
+                ) from None
+            return Response(
+                body,
+                media_type="application/dicom",
+                headers={"Content-Disposition": 'attachment; filename="cthub-report.dcm"'},
+            )
+
+        return self._call(ctx, work)  # a Response passes through BentoML
+
+    @bentoml.api(route="/predict_batched")
+    def predict_batched(self, files: list[Path], ctx: bentoml.Context) -> list[dict[str, Any]]:
+        """Several independent DICOM slices (multipart field `files`) -> one answer each, in order; a file
+        that cannot be used gives {error, type, detail, status} in its place."""
+
+        def work(a: Analyzer, audit: dict[str, Any]) -> list[dict[str, Any]]:
+            blobs: list[bytes | CTHubError] = []
+            for f in files:
+                try:
+                    blobs.append(read_upload(f, self.settings.max_upload_bytes))
+                except CTHubError as e:
+                    blobs.append(e)
+            return a.predict_many(blobs, audit)
+
+        return self._call(ctx, work)
 
     @bentoml.api(route="/model")
-    def model_info(self) -> dict[str, Any]:
-        """The served model: name, version, sha256, backend, labels, preprocessing, metrics."""
-        p = self.predictor
-        return p.info | {
-            "preprocessing": p.config.preprocessing.to_dict(),
-            "metrics": p.config.metrics,
-            "threshold": p.config.threshold,
-        }
+    def model_info(self, ctx: bentoml.Context) -> dict[str, Any]:
+        """The served model (also as GET): identity, labels, preprocessing, operating point, OOD threshold
+        and the metrics of its model card."""
+        return self._call(ctx, lambda a, audit: a.model.card())
+
+
+cast(bentoml.Service[Any], CTHubService).add_asgi_middleware(
+    Gateway,
+    token=SETTINGS.api_token,
+    audit=AuditLog(SETTINGS.audit_salt),
+    limits={r: SETTINGS.max_upload_bytes for r in SINGLE_IMAGE_ROUTES}
+    | {r: SETTINGS.max_series_bytes for r in SERIES_ROUTES},
+    default_limit=SETTINGS.max_upload_bytes,
+    api_paths=frozenset(SINGLE_IMAGE_ROUTES + SERIES_ROUTES),
+)

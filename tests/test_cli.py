@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from cthub.cli import build_parser, main
+from cthub.provenance import command_line
 
-EXPECTED = ["data", "hub", "pretrain", "finetune", "study", "cam", "export", "serve", "demo"]
+EXPECTED = ["data", "hub", "pretrain", "finetune", "study", "cam", "robustness", "export", "serve", "demo"]
+EXPECTED += ["pacs", "quickstart"]
 
 
 def _subcommands() -> list[str]:
@@ -43,3 +47,12 @@ def test_python_dash_m_and_user_error_exit_code() -> None:
     )
     assert bad.returncode == 2
     assert "no-such-model-xyz" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_recorded_commands_start_at_the_subcommand_and_write_home_as_tilde() -> None:
+    home = str(Path.home())
+    argv = ["-v", "study", "--out", f"{home}/runs/a b", "--data", "../shared/x.npz"]
+    assert command_line("study", argv=argv) == "cthub study --out ~'/runs/a b' --data ../shared/x.npz"
+    parsed = argparse.Namespace(model=f"{home}/m", int8=True, json=False, func=print)
+    rebuilt = command_line("export", parsed, argv=[])
+    assert rebuilt == "cthub export --int8 --model ~/m"

@@ -163,3 +163,44 @@ def test_ctdata_modules_import_without_cycles() -> None:
         return any(d == target or (d not in seen and reaches(d, target, seen | {d})) for d in deps[start])
 
     assert [n for n in sorted(names) if reaches(n, n, set())] == []
+
+
+def _grey_histogram_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """1-D Wasserstein distance between two sets of 0..255 grey levels (difference of their CDFs)."""
+    bins = np.arange(257)
+    ca = np.cumsum(np.histogram(a, bins)[0]) / a.size
+    cb = np.cumsum(np.histogram(b, bins)[0]) / b.size
+    return float(np.abs(ca - cb).sum())
+
+
+def test_organamnist_mapping_reproduces_its_grey_levels_from_a_real_abdominal_ct(
+    organamnist_npz: Path,
+) -> None:
+    """MedMNIST made OrganAMNIST's grey levels from HU with an abdominal window: a real abdominal CT slice
+    (pydicom's pancreas CT) mapped by the recorded config looks like the training images; the interval
+    mapping (-1024..3071 HU) squeezes soft tissue into a narrow dark band the model never saw."""
+    from ctdata import load_image, source_preprocessing, to_unit
+
+    pp = source_preprocessing(organamnist_npz)
+    assert pp is not None and pp.mapping == "window" and pp.window == "abdomen"
+    assert source_preprocessing("organamnist_64.npz") == pp and source_preprocessing("head_ct") is None
+    encoder_pp = PreprocessConfig(mean=(0.3,), std=(0.2,), input_size=64)  # a pretrained encoder's own
+    clf_pp = encoder_pp.with_intensity_of(pp)  # what fine-tuning records: the data's HU mapping
+    assert (clf_pp.mean, clf_pp.input_size, clf_pp.mapping, clf_pp.window) == (
+        (0.3,),
+        64,
+        "window",
+        "abdomen",
+    )
+    train = np.load(organamnist_npz)["train_images"][:4000]
+    slice_ = load_image(get_testdata_file("explicit_VR-UN.dcm"))  # BodyPartExamined PANCREAS, 512x512 CT
+    assert slice_.is_hu
+    h, w = slice_.pixels.shape[-2:]
+
+    def centre(cfg: PreprocessConfig) -> np.ndarray:  # the body, without the air around it
+        return (to_unit(slice_, cfg) * 255)[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4]
+
+    served = _grey_histogram_distance(centre(pp), train)
+    interval = _grey_histogram_distance(centre(PreprocessConfig()), train)
+    # measured: 10 (abdominal window) vs 69 (interval) grey levels
+    assert served < 20 and interval > 3 * served

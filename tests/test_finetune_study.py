@@ -87,8 +87,8 @@ def test_study_resumes_and_reports(organamnist_npz: Path, tmp_path: Path, capsys
     assert done.stat().st_mtime_ns == stamp
 
     runs = json.loads((out / "results.json").read_text())["runs"]
-    assert [r["fraction"] for r in runs] == [0.005, 0.003]
-    assert [r["n_train"] for r in runs] == [round(0.005 * 34561), round(0.003 * 34561)]
+    assert [r["fraction"] for r in runs] == [0.003, 0.005]  # smallest fraction first (StudySpec.cells)
+    assert [r["n_train"] for r in runs] == [round(0.003 * 34561), round(0.005 * 34561)]
     # every cell is measured on the same stratified val/test subsets (fixed by the recipe seed)
     part = select_splits(load_splits(organamnist_npz), split_seed=RECIPE.seed, max_val=150, max_test=200)
     test_labels = part.test.labels
@@ -103,7 +103,7 @@ def test_study_resumes_and_reports(organamnist_npz: Path, tmp_path: Path, capsys
 
     with (out / "results.csv").open() as f:
         rows = list(csv.DictReader(f))
-    assert [row["fraction"] for row in rows] == ["0.005", "0.003"]
+    assert [row["fraction"] for row in rows] == ["0.003", "0.005"]
     assert all(row["converged"] == "False" for row in rows)
     assert (out / "summary.csv").read_text().count("\n") == 3  # header + one row per (encoder, fraction)
     table = (out / "table2.md").read_text()

@@ -194,3 +194,5 @@ def test_cli_finetune_writes_loadable_model(organamnist_npz: Path, tmp_path: Pat
     assert "--max-train 200" in prov["command"] and prov["n_train"] == 200
     assert "random-init encoder, 1 epochs on 200 images" in prov["note"]
     assert isinstance(model(torch.zeros(1, 3, 32, 32)), torch.Tensor)
+    # a DICOM sent to this classifier is mapped the way MedMNIST made its training images
+    assert model.config.preprocessing.mapping == "window" and model.config.preprocessing.window == "abdomen"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -234,3 +235,15 @@ def test_cli_trains_saves_and_publishes(organamnist_npz: Path, tmp_path: Path, c
         ]
     )
     assert rc == 2 and "LIDC" in capsys.readouterr().err
+    # the report in the repo outlives run folders: rows of runs not on this machine are kept and marked
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    gone = {"run": "mocov2-cpu", "method": "mocov2", "image_size": 64, "optimizer": "sgd", "base_lr": 0.12}
+    gone |= {"steps": 400, "planned_steps": 1400, "minutes": 30.0}
+    (docs / "pretrain-runs.json").write_text(json.dumps([gone, {"run": "run", "method": "stale"}]))
+    rc = cthub_main(["pretrain-report", str(out), str(tmp_path / "missing"), "--out", str(docs)])
+    rows = json.loads((docs / "pretrain-runs.json").read_text())
+    assert rc == 0 and [r["run"] for r in rows] == ["mocov2-cpu", "run"]
+    assert rows[0]["from_earlier_report"] and rows[1]["method"] == "byol" and rows[1]["steps"] == 2
+    table = (docs / "pretrain-runs.md").read_text()
+    assert "| mocov2-cpu † | mocov2 |" in table and "| run | byol |" in table

@@ -1,0 +1,109 @@
+"""The one table `make bench` ends with: each benchmark's headline ratios, read from what it returned (or,
+for a benchmark not run this time, from its last `bench/results/<topic>.json`, marked as such)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+Row = tuple[str, str, float | None]  # (ratio, what is compared, value)
+
+
+def _get(d: Any, *keys: Any) -> Any:
+    for k in keys:
+        if isinstance(d, dict):
+            d = d.get(k)
+        elif isinstance(d, list) and isinstance(k, int) and -len(d) <= k < len(d):
+            d = d[k]
+        else:
+            return None
+    return d
+
+
+def _hub(r: dict[str, Any]) -> Iterator[Row]:
+    yield (
+        "hub load / torch.load",
+        "from_pretrained (verified) vs torch.load of a .pth",
+        _get(r, "ratio_from_pretrained_over_torch_load"),
+    )
+
+
+def _preprocess(r: dict[str, Any]) -> Iterator[Row]:
+    for name, s in (r.get("slices") or {}).items():
+        yield (
+            f"preprocess / model ({name})",
+            f"decode+preprocess vs ORT batch-1 ({s.get('what')})",
+            s.get("ratio_min"),
+        )
+
+
+def _pretrain(r: dict[str, Any]) -> Iterator[Row]:
+    for m, v in (r.get("overhead_vs_supervised") or {}).items():
+        yield (f"{m} step / supervised step", "time per image, same encoder and input size", v)
+
+
+def _export(r: dict[str, Any]) -> Iterator[Row]:
+    for level in r.get("images_per_s") or []:
+        b = level.get("batch")
+        yield (
+            f"ORT fp32 / torch eager (batch {b})",
+            f"{r.get('size')} px images/s",
+            level.get("ort_fp32_vs_eager"),
+        )
+        yield (
+            f"ORT int8 / ORT fp32 (batch {b})",
+            f"{r.get('size')} px images/s",
+            level.get("ort_int8_vs_fp32"),
+        )
+
+
+def _serving(r: dict[str, Any]) -> Iterator[Row]:
+    for level in r.get("levels") or []:
+        c = level.get("concurrency")
+        yield (
+            f"HTTP / raw ORT (concurrency {c})",
+            f"valid requests/s vs ORT batch images/s, {r.get('size')} px",
+            level.get("ratio_to_raw_ort_batch"),
+        )
+
+
+def _finetune(r: dict[str, Any]) -> Iterator[Row]:
+    for k, v in (r.get("ratio_vs_fp32_eager") or {}).items():
+        if k != "fp32_eager":
+            yield (f"fine-tune {k} / fp32 eager", "training images/s, 64 px", v)
+
+
+EXTRACTORS: dict[str, Callable[[dict[str, Any]], Iterator[Row]]] = {
+    "hub": _hub,
+    "preprocess": _preprocess,
+    "pretrain": _pretrain,
+    "finetune": _finetune,
+    "export": _export,
+    "serving": _serving,
+}
+
+
+def rows(results: dict[str, Any], results_dir: Path) -> list[tuple[str, str, str, float | None]]:
+    """(topic, ratio, compared, value) for every known topic; `results` are this run's returns, missing
+    topics are read from `results_dir/<topic>.json` and marked "(earlier run)"."""
+    out = []
+    for topic, extract in EXTRACTORS.items():
+        r, label = results.get(topic), topic
+        if not isinstance(r, dict):
+            path = results_dir / f"{topic}.json"
+            if not path.is_file():
+                continue
+            r, label = json.loads(path.read_text()), f"{topic} (earlier run)"
+        out += [(label, *row) for row in extract(r)]
+    return out
+
+
+def table(rs: list[tuple[str, str, str, float | None]]) -> str:
+    """A fixed-width text table of the rows."""
+    head = ("benchmark", "ratio", "value", "compared")
+    body = [(t, n, "n/a" if v is None else f"{v:.2f}", c) for t, n, c, v in rs]
+    widths = [max(len(x[i]) for x in [head, *body]) for i in range(3)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths) + "  {}"
+    return "\n".join(fmt.format(*x) for x in [head, *body])

@@ -1,0 +1,403 @@
+"""The API's work without BentoML: uploads -> JSON answers and SR reports, with inference injected.
+
+`Analyzer` decodes and preprocesses through `ctdata` (the one preprocessing path, with the served model's
+config), sends model inputs to `infer` (the batchable inference service in production, an
+`InferenceEngine.run` in-process) and builds the answers. Every refusal is a `CTHubError`
+(`serving.inputs.http_status` gives its status); `audit` dicts passed in receive the request's audit details
+(model sha256, slice count, Study/Series Instance UIDs, which `serving.audit` turns into pseudonyms).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ctdata.dicom import CTImage
+from ctdata.preprocess import PreprocessConfig, intensities_to_unit, unit_to_input
+from cthub.errors import CTHubError, ModelNotFoundError, PayloadTooLargeError
+from hub.config import ModelConfig
+from serving import results
+from serving.inputs import error_body, http_status, load_dicom, load_picture
+from serving.predictor import effective_preprocessing
+from serving.report import ModelIdentity, ReportContent, SliceFinding, to_bytes, write_sr
+from serving.series import (
+    Parsed,
+    SeriesRequest,
+    SliceInput,
+    choose_series,
+    decode_series,
+    expand_uploads,
+    no_series_error,
+    parse_members,
+    slice_inputs,
+)
+from serving.settings import ServeSettings
+
+Infer = Callable[[np.ndarray], list[dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """The model the inference service loaded, as it describes itself (`InferenceEngine.describe`)."""
+
+    identity: dict[str, Any]
+    labels: list[str]
+    config: ModelConfig
+    ood_threshold: float | None
+    has_cam: bool
+    ood_reference: dict[str, Any] | None = None
+
+    @classmethod
+    def from_description(cls, d: dict[str, Any]) -> ServedModel:
+        return cls(
+            identity=dict(d["identity"]),
+            labels=list(d["labels"]),
+            config=ModelConfig.from_dict(d["config"]),
+            ood_threshold=d.get("ood_threshold"),
+            has_cam=bool(d.get("has_cam")),
+            ood_reference=d.get("ood"),
+        )
+
+    @property
+    def sha256(self) -> str:
+        return str(self.identity.get("sha256", ""))
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """The `model` field of every answer: name, version, sha256, backend, variant, providers, labels."""
+        return self.identity | {"labels": self.labels, "task": self.config.task}
+
+    def card(self) -> dict[str, Any]:
+        """GET /model: identity, labels, preprocessing, operating point, OOD threshold, card metrics."""
+        return self.info | {
+            "preprocessing": self.config.preprocessing.to_dict(),
+            "threshold": self.config.threshold,
+            "ood_threshold": self.ood_threshold,
+            "ood_reference": self.ood_reference,
+            "metrics": self.config.metrics,
+            "method": self.config.method,
+            "pretraining_data": self.config.pretraining_data,
+            "outputs": ["probabilities", "decision", "ood"] + (["cam"] if self.has_cam else []),
+        }
+
+    def report_identity(self) -> ModelIdentity:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            software = f"ct-ssl-hub {version('ct-ssl-hub')}"
+        except PackageNotFoundError:
+            software = "ct-ssl-hub"
+        return ModelIdentity(
+            name=str(self.identity.get("name", "model")),
+            version=str(self.identity.get("version", "")),
+            sha256=self.sha256,
+            variant=str(self.identity.get("variant", "fp32")),
+            software_version=software,
+        )
+
+    def require(self, requested: str | None) -> None:
+        """404 unless `requested` is empty or names the served model (name, version or sha256)."""
+        ident = self.identity
+        if requested and requested not in (ident.get("name"), ident.get("version"), ident.get("sha256")):
+            raise ModelNotFoundError(
+                f"model {requested!r} is not served here; this server serves {ident.get('name')!r}"
+            )
+
+
+@dataclass(frozen=True)
+class Options:
+    """Per-request choices of the single-image endpoints."""
+
+    cam: bool = False
+    window: str | None = None
+    window_center: float | None = None
+    window_width: float | None = None
+
+
+@dataclass
+class _Prepared:
+    """One image ready for the model, with what its answer reports besides the model's output."""
+
+    unit: np.ndarray
+    model_input: torch.Tensor
+    preprocessing: PreprocessConfig
+    warnings: list[str]
+    image: dict[str, Any]
+    timing: dict[str, float]
+
+
+def _ms(t0: float) -> float:
+    return round(1000 * (time.perf_counter() - t0), 2)
+
+
+class Analyzer:
+    """Answers of every inference endpoint for one served model."""
+
+    def __init__(self, settings: ServeSettings, model: ServedModel, infer: Infer) -> None:
+        self.settings, self.model, self._infer = settings, model, infer
+
+    # -- single images ---------------------------------------------------------------------------------
+
+    def predict_dicom(self, data: bytes, opts: Options, audit: dict[str, Any]) -> dict[str, Any]:
+        """POST /predict: one DICOM object (its first frame) -> answer."""
+        t0 = time.perf_counter()
+        cfg = effective_preprocessing(
+            self.model.config.preprocessing, opts.window, opts.window_center, opts.window_width
+        )
+        s = load_dicom(data, self.settings)
+        audit.update(study_uid=s.header.get("StudyInstanceUID"), series_uid=s.header.get("SeriesInstanceUID"))
+        decode_ms = _ms(t0)
+        prepared = self._prepare(s.image, cfg, decode_ms)
+        return self._answer_one(prepared, opts.cam, audit)
+
+    def predict_picture(self, data: bytes, opts: Options, audit: dict[str, Any]) -> dict[str, Any]:
+        """POST /predict_image: a PNG/JPEG of a slice already windowed for display -> answer."""
+        t0 = time.perf_counter()
+        image = load_picture(data, self.settings)
+        prepared = self._prepare(image, self.model.config.preprocessing, _ms(t0))
+        prepared.warnings.append(
+            "picture input: taken as already windowed (grey 0-255), not Hounsfield units; the model's "
+            f"own mapping ({self.model.config.preprocessing.mapping}) was not applied"
+        )
+        return self._answer_one(prepared, opts.cam, audit)
+
+    def predict_many(self, blobs: list[bytes | CTHubError], audit: dict[str, Any]) -> list[dict[str, Any]]:
+        """POST /predict_batched: several DICOM objects -> one answer each, in order (errors in place)."""
+        prepared: list[_Prepared | CTHubError] = []
+        for blob in blobs:
+            try:
+                if isinstance(blob, CTHubError):
+                    raise blob
+                t0 = time.perf_counter()
+                s = load_dicom(blob, self.settings)
+                prepared.append(self._prepare(s.image, self.model.config.preprocessing, _ms(t0)))
+            except CTHubError as e:
+                prepared.append(e)
+        ok = [p for p in prepared if isinstance(p, _Prepared)]
+        items = iter(self._run([p.model_input for p in ok]))
+        audit.update(slices=len(ok))
+        out: list[dict[str, Any]] = []
+        for p in prepared:
+            if isinstance(p, CTHubError):
+                out.append(error_body(p) | {"status": http_status(p)})
+            else:
+                out.append(self._slice_answer(next(items), p))
+        return out
+
+    def _prepare(self, image: CTImage, cfg: PreprocessConfig, decode_ms: float) -> _Prepared:
+        t1 = time.perf_counter()
+        base = self.model.config.preprocessing
+        notes = list(image.warnings)
+        if cfg != base:
+            notes.append(
+                "window override: the model was trained with its own preprocessing "
+                f"({base.mapping}); predictions under another window may be unreliable"
+            )
+            if not image.is_hu:
+                notes.append("window override ignored: the image is not in Hounsfield units")
+        frames = image.pixels.shape[0] if image.pixels.ndim == 3 else 1
+        if frames > 1:
+            notes.append(f"multi-frame image ({frames} frames): only the first frame was used")
+        frame = image.pixels[0] if image.pixels.ndim == 3 else image.pixels
+        unit = intensities_to_unit(frame, image.is_hu, cfg)
+        x = unit_to_input(unit, cfg)
+        return _Prepared(
+            unit=unit,
+            model_input=x,
+            preprocessing=cfg,
+            warnings=notes,
+            image={
+                "source": image.source,
+                "rows": int(unit.shape[-2]),
+                "columns": int(unit.shape[-1]),
+                "hounsfield": bool(image.is_hu),
+            },
+            timing={"decode": decode_ms, "preprocess": _ms(t1)},
+        )
+
+    def _answer_one(self, p: _Prepared, cam: bool, audit: dict[str, Any]) -> dict[str, Any]:
+        t2 = time.perf_counter()
+        item = self._run([p.model_input])[0]
+        p.timing["inference"] = _ms(t2)
+        answer = self._slice_answer(item, p)
+        if cam:
+            answer["cam"] = self._cam(item, p.unit, answer["label"])
+        audit.update(slices=1)
+        return answer
+
+    def _slice_answer(self, item: dict[str, Any], p: _Prepared) -> dict[str, Any]:
+        probs = np.asarray(item["probabilities"], dtype=np.float64)
+        decided = results.decision(probs, self.model.labels, self.model.config.threshold)
+        verdict = results.ood(item.get("ood_score"), self.model.ood_threshold)
+        warnings = list(p.warnings)
+        if note := results.ood_note(verdict):
+            warnings.append(note)
+        return {
+            "label": decided["label"],
+            "probabilities": {k: float(v) for k, v in zip(self.model.labels, probs, strict=True)},
+            "decision": decided,
+            "ood": verdict,
+            "model": self.model.info,
+            "preprocessing": p.preprocessing.to_dict(),
+            "warnings": warnings,
+            "image": p.image,
+            "timing_ms": p.timing
+            | {
+                "model": item.get("model_ms"),
+                "model_cpu": item.get("model_cpu_ms"),
+                "batch_size": item.get("batch_size"),
+            },
+        }
+
+    def _cam(self, item: dict[str, Any], unit: np.ndarray, label: str) -> dict[str, Any]:
+        """The class activation map of the decided class as a PNG overlay (base64), or why there is none."""
+        cam = item.get("cam")
+        if cam is None:
+            return {"available": False, "detail": "the exported model has no 'cam' output: re-export it"}
+        maps = np.asarray(cam, dtype=np.float32)
+        c = self.model.labels.index(label)
+        return {
+            "available": True,
+            "class": label,
+            "map_size": list(maps.shape[-2:]),
+            "png_base64": results.cam_overlay_png(unit, maps[c]),
+            "media_type": "image/png",
+        }
+
+    def _run(self, inputs: list[torch.Tensor]) -> list[dict[str, Any]]:
+        """Model outputs for model inputs, sent in chunks of at most the service's batch size."""
+        out: list[dict[str, Any]] = []
+        step = self.settings.max_batch
+        for i in range(0, len(inputs), step):
+            batch = torch.stack(inputs[i : i + step]).numpy()
+            out.extend(self._infer(batch))
+        return out
+
+    # -- series ----------------------------------------------------------------------------------------
+
+    def analyse_series(
+        self, paths: list[Path], audit: dict[str, Any]
+    ) -> tuple[dict[str, Any], SeriesRequest]:
+        """POST /predict_series (and /report): uploads -> per-slice results in anatomical order + the series
+        result; other series, unusable and skipped objects reported by index."""
+        t0 = time.perf_counter()
+        request = SeriesRequest()
+        parsed = parse_members(expand_uploads(paths, self.settings), request)
+        group = choose_series(parsed, self.settings, request)
+        decoded = decode_series(group, self.settings, request)
+        if not decoded:
+            raise no_series_error(request)
+        cfg = self.model.config.preprocessing
+        slices, inputs = self._series_inputs(group, decoded, cfg, request)
+        first = group[0]
+        request.study_uid, request.series_uid, request.modality = (
+            first.study_uid,
+            first.series_uid,
+            first.modality,
+        )
+        audit.update(study_uid=request.study_uid, series_uid=request.series_uid, slices=len(slices))
+        prep_ms = _ms(t0)
+        t1 = time.perf_counter()
+        items = self._run(inputs)
+        answer = self._series_answer(slices, items, request)
+        answer["timing_ms"] = {"decode_and_preprocess": prep_ms, "inference": _ms(t1), "total": _ms(t0)}
+        return answer, request
+
+    def _series_inputs(
+        self, group: list[Parsed], decoded: list[Any], cfg: PreprocessConfig, request: SeriesRequest
+    ) -> tuple[list[SliceInput], list[torch.Tensor]]:
+        """Every frame of the decoded objects, preprocessed, in anatomical order."""
+        by_header = {id(p.dataset): p for p in group}
+        pairs: list[tuple[SliceInput, torch.Tensor]] = []
+        for s in decoded:
+            p = by_header[id(s.header)]
+            for sl, frame in slice_inputs(p, s):
+                unit = intensities_to_unit(frame, s.image.is_hu, cfg)
+                pairs.append((sl, unit_to_input(unit, cfg)))
+            s.image.pixels = np.empty((0, 0, 0), np.float32)  # decoded pixels are no longer needed
+        if len(pairs) > self.settings.max_slices:
+            raise PayloadTooLargeError(f"more than {self.settings.max_slices} slices in one request")
+        pairs.sort(key=lambda pair: pair[0].sort_key)
+        return [a for a, _ in pairs], [b for _, b in pairs]
+
+    def _series_answer(
+        self, slices: list[SliceInput], items: list[dict[str, Any]], request: SeriesRequest
+    ) -> dict[str, Any]:
+        labels, threshold = self.model.labels, self.model.config.threshold
+        probs = np.asarray([it["probabilities"] for it in items], dtype=np.float64)
+        ood_scores = [it.get("ood_score") for it in items]
+        per_slice = []
+        warnings: list[str] = []
+        for i, (sl, it) in enumerate(zip(slices, items, strict=True)):
+            verdict = results.ood(it.get("ood_score"), self.model.ood_threshold)
+            per_slice.append(
+                {
+                    "index": i,
+                    "file": sl.member.file,
+                    "member": sl.member.member,
+                    "frame": sl.frame,
+                    "instance_number": sl.instance_number,
+                    "position_mm": sl.position,
+                    "label": results.decide(probs[i], labels, threshold),
+                    "probabilities": {k: float(v) for k, v in zip(labels, probs[i], strict=True)},
+                    "ood": verdict,
+                }
+            )
+            warnings.extend(w for w in sl.warnings if w not in warnings)
+        series = results.aggregate_series(probs, labels, threshold, self.settings.series_top_k, ood_scores)
+        series["ood"] = results.ood(series.pop("ood_median"), self.model.ood_threshold)
+        series["modality"] = request.modality
+        if note := results.ood_note(series["ood"]):
+            warnings.append(note)
+        if any(sl.position is None for sl in slices):
+            warnings.append("some slices have no position: ordered by InstanceNumber, then upload order")
+        return {
+            "series": series,
+            "slices": per_slice,
+            "model": self.model.info,
+            "preprocessing": self.model.config.preprocessing.to_dict(),
+            "warnings": warnings,
+            **request.report(),
+        }
+
+    def report(self, paths: list[Path], audit: dict[str, Any]) -> bytes:
+        """POST /report: the series analysis as a DICOM Comprehensive SR (Part 10 bytes)."""
+        answer, request = self.analyse_series(paths, audit)
+        content = report_content(answer, request, self.model)
+        return to_bytes(write_sr(request.headers, content))
+
+
+def report_content(answer: dict[str, Any], request: SeriesRequest, model: ServedModel) -> ReportContent:
+    """The SR content of a series answer: slices point at their source header (and 1-based frame)."""
+    index = {where: i for i, where in enumerate(request.sources)}
+    findings = []
+    for s in answer["slices"]:
+        source = index[(s["file"], s["member"])]
+        frames = int(request.headers[source].get("NumberOfFrames", 1) or 1)
+        findings.append(
+            SliceFinding(
+                source=source,
+                label=s["label"],
+                probabilities=s["probabilities"],
+                frame=s["frame"] + 1 if frames > 1 else None,
+                ood_score=s["ood"]["score"],
+            )
+        )
+    series = answer["series"]
+    return ReportContent(
+        model=model.report_identity(),
+        labels=model.labels,
+        label=series["label"],
+        scores=series["scores"],
+        rule=series["rule"],
+        slices=findings,
+        ood_score=series["ood"]["score"],
+        ood_threshold=model.ood_threshold,
+        ood_warning=series["ood"]["warning"],
+    )

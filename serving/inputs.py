@@ -1,0 +1,167 @@
+"""What the API accepts, and the HTTP status of everything it refuses.
+
+Uploads are read into memory (size checked before reading) and decoded only through `ctdata`; every
+refusal is a `CTHubError` whose JSON body is `{error, type, detail}` (plus `reason` for DICOM errors) and
+whose status comes from `http_status`:
+
+    400  not DICOM / not a picture, truncated, corrupt header, undecodable pixel data
+    413  upload, unzipped series, slice count or declared pixel count over the configured limits
+    415  unsupported transfer syntax (no decoder), a DICOM file sent to the picture endpoint
+    422  no pixel data, a non-image object (SR, presentation state), a modality the operator did not
+         allow, colour or 1-bit images, non-finite pixel values
+
+Messages come from `ctdata` and describe the file, never the patient; file names are never echoed.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ctdata.dicom import CTImage, DicomError, DicomPolicy, dataset_to_image, is_dicom, parse_dicom
+from ctdata.io import load_image
+from cthub.errors import (
+    CTHubError,
+    InputError,
+    PayloadTooLargeError,
+    UnprocessableInputError,
+    UnsupportedMediaError,
+)
+from serving.settings import ServeSettings
+
+# The status of each `DicomError.reason` (ctdata.dicom); reasons not listed keep the error's own (400).
+STATUS_BY_REASON: dict[str, int] = {
+    "too_large": 413,
+    "unsupported_transfer_syntax": 415,
+    "no_pixel_data": 422,
+    "non_image": 422,
+    "modality": 422,
+    "non_finite": 422,
+    "colour": 422,
+    "bit_depth": 422,
+}
+COLOUR_PHOTOMETRIC = ("RGB", "YBR", "PALETTE")
+PICTURE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff")
+
+
+def http_status(err: CTHubError) -> int:
+    """The HTTP status of a user error: by DICOM reason where one applies, else the error's own."""
+    if isinstance(err, DicomError):
+        return STATUS_BY_REASON.get(err.reason, err.http_status)
+    return err.http_status
+
+
+CODE_BY_STATUS = {413: "payload_too_large", 415: "unsupported_media_type", 422: "unprocessable_input"}
+
+
+def error_body(err: CTHubError) -> dict[str, Any]:
+    """`{error, type, detail}` (+ `reason` for DICOM errors): what a refused request answers. `error` is
+    the code of the HTTP status class (e.g. unsupported_media_type for 415), `reason` the DICOM case."""
+    body = err.to_dict()
+    body["error"] = CODE_BY_STATUS.get(http_status(err), body["error"])
+    return body
+
+
+def policy(settings: ServeSettings) -> DicomPolicy:
+    """The DICOM policy of the API: refuse modalities outside the operator's list, pixel budget applied."""
+    return DicomPolicy(
+        max_pixels=settings.max_pixels,
+        max_bytes=max(settings.max_series_bytes, settings.max_upload_bytes),
+        modality="reject",
+        allowed_modalities=settings.allowed_modalities,
+    )
+
+
+def read_upload(path: Path | str, limit: int) -> bytes:
+    """The bytes of an uploaded file, its size checked first (413 over `limit`, 400 when empty)."""
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+        if size > limit:
+            raise PayloadTooLargeError(
+                f"upload of {size / 2**20:.1f} MB exceeds the limit of {limit / 2**20:.0f} MB"
+            )
+        data = p.read_bytes()
+    except OSError:
+        raise InputError("the upload could not be read") from None
+    if not data:
+        raise InputError("empty upload: expected a file")
+    return data
+
+
+@dataclass
+class DicomSlice:
+    """One decoded DICOM object: its header without pixel data (UIDs for the report) and its image."""
+
+    header: Any
+    image: CTImage
+
+
+def load_dicom(data: bytes, settings: ServeSettings) -> DicomSlice:
+    """DICOM bytes -> header + HU image, or a CTHubError; only grey-level images are accepted."""
+    return decode_dataset(parse_dicom(data), settings)
+
+
+def decode_dataset(ds: Any, settings: ServeSettings) -> DicomSlice:
+    """A parsed Dataset -> DicomSlice; its pixel data is dropped from the header once decoded."""
+    try:
+        image = dataset_to_image(ds, policy(settings))
+    except DicomError as e:
+        if e.reason == "no_pixel_data" and "SOPClassUID" not in ds:
+            # no SOP class and no pixels: not a document without pixels but a damaged or fake file
+            raise DicomError(
+                "corrupt", "the file carries the DICOM marker but neither a SOP Class UID nor pixel data"
+            ) from None
+        raise
+    check_grey_level(image)
+    for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    return DicomSlice(ds, image)
+
+
+def check_grey_level(image: CTImage) -> None:
+    """422 for colour and 1-bit images: a CT classifier cannot analyse them (DicomError reasons
+    `colour` and `bit_depth`)."""
+    photometric = str(image.meta.get("photometric", ""))
+    if photometric.startswith(COLOUR_PHOTOMETRIC):
+        raise DicomError(
+            "colour", f"a {photometric} colour image is not a grey-level CT slice; send the CT series"
+        )
+    if image.meta.get("bits_stored") == 1:
+        raise DicomError("bit_depth", "a 1-bit image (a mask or bitmap) is not a grey-level CT slice")
+
+
+def load_picture(data: bytes, settings: ServeSettings) -> CTImage:
+    """A PNG/JPEG of a slice already windowed for display -> grey image (not HU)."""
+    if is_dicom(data):
+        raise UnsupportedMediaError("this endpoint takes PNG or JPEG pictures; send DICOM to /predict")
+    if not data.startswith(PICTURE_MAGIC):
+        raise InputError("not a PNG or JPEG picture")
+    _check_picture_size(data, settings.max_pixels)
+    image = load_image(data, policy=policy(settings))
+    if image.pixels.size == 0 or not np.isfinite(image.pixels).all():
+        raise UnprocessableInputError("the picture has no usable pixels")
+    return image
+
+
+def _check_picture_size(data: bytes, max_pixels: int) -> None:
+    """413 before decoding when the picture's header declares more pixels than allowed."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as im:
+                w, h = im.size
+    except Image.DecompressionBombError:
+        raise PayloadTooLargeError("the picture declares more pixels than any limit allows") from None
+    except Exception as e:  # noqa: BLE001 -- Pillow raises many types for corrupt headers
+        raise InputError(f"the picture cannot be decoded ({type(e).__name__})") from None
+    if w * h > max_pixels:
+        raise PayloadTooLargeError(f"the picture is {w} x {h} pixels, above the limit of {max_pixels:,}")

@@ -1,0 +1,324 @@
+"""Classification results as a DICOM Comprehensive SR (TID 1500 Measurement Report), written with highdicom.
+
+`write_sr(sources, content)` takes the header-only datasets of the analysed images and the result, and
+returns a new SR instance that can be stored with the study:
+
+- TID 1500 "Imaging Measurement Report": a device observer (the model), an image library of the sources, one
+  measurement group for the series result (decided class, per-class series scores, out-of-distribution score
+  and warning) and one per slice (its class, probabilities, OOD score), each referencing its source
+  instance (and frame);
+- the model's identity (name, version, weights sha256, ONNX variant) in the Contributing Equipment Sequence
+  (purpose: Processing Equipment) and in the algorithm identification of every group;
+- VerificationFlag UNVERIFIED, PreliminaryFlag PRELIMINARY, CompletionFlag COMPLETE, a series description that
+  says "not for diagnostic use", a new Series and SOP Instance UID per report.
+
+Patient and study attributes are copied from the sources by highdicom (the SR belongs to that study).
+Concept names and class values use the private coding scheme `99CTHUB`, declared in the Coding Scheme
+Identification Sequence. Kept free of HTTP so a PACS integration can call it directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from cthub.errors import UnprocessableInputError
+
+SCHEME = "99CTHUB"
+SCHEME_NAME = "ct-ssl-hub classifier concepts"
+MANUFACTURER = "ct-ssl-hub"
+SERIES_DESCRIPTION = "AI classification - NOT FOR DIAGNOSTIC USE"
+DEFAULT_SERIES_NUMBER = 9001
+LO_MAX = 64  # DICOM LO (long string) limit: code meanings, software versions, descriptions
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What identifies the model that produced a result."""
+
+    name: str
+    version: str
+    sha256: str
+    variant: str = "fp32"
+    software_version: str = ""
+
+
+@dataclass(frozen=True)
+class SliceFinding:
+    """One analysed slice: index of its source in `sources`, 1-based frame for multi-frame objects."""
+
+    source: int
+    label: str
+    probabilities: dict[str, float]
+    frame: int | None = None
+    ood_score: float | None = None
+
+
+@dataclass(frozen=True)
+class ReportContent:
+    """The result to report: the series decision and scores, OOD verdict, and the slices behind them."""
+
+    model: ModelIdentity
+    labels: list[str]
+    label: str
+    scores: dict[str, float]
+    rule: str
+    slices: list[SliceFinding] = field(default_factory=list)
+    ood_score: float | None = None
+    ood_threshold: float | None = None
+    ood_warning: bool | None = None
+
+
+def _lo(text: str) -> str:
+    return text if len(text) <= LO_MAX else text[: LO_MAX - 1] + "…"
+
+
+def _concept(code: str, meaning: str) -> Any:
+    from highdicom.sr import CodedConcept
+
+    return CodedConcept(code, SCHEME, _lo(meaning))
+
+
+def _class_code(labels: list[str], label: str) -> Any:
+    return _concept(f"CLASS{labels.index(label)}", label)
+
+
+def _unitless() -> Any:
+    from highdicom.sr import CodedConcept
+
+    return CodedConcept("1", "UCUM", "no units")
+
+
+def _algorithm(model: ModelIdentity) -> Any:
+    from highdicom.sr import AlgorithmIdentification
+
+    return AlgorithmIdentification(
+        name=_lo(model.name),
+        version=_lo(model.version),
+        parameters=[f"sha256={model.sha256[:16]}", f"variant={model.variant}"],
+    )
+
+
+def _group(
+    identifier: str,
+    model: ModelIdentity,
+    labels: list[str],
+    label: str,
+    values: dict[str, float],
+    value_name: str,
+    sources: list[Any],
+    ood_score: float | None,
+    ood_warning: bool | None,
+) -> Any:
+    """One TID 1501 group: the decided class, one measurement per class, the OOD score and warning."""
+    from highdicom.sr import (
+        Measurement,
+        MeasurementsAndQualitativeEvaluations,
+        QualitativeEvaluation,
+        TrackingIdentifier,
+    )
+    from pydicom.sr.codedict import codes
+    from pydicom.uid import generate_uid
+
+    evaluations = [QualitativeEvaluation(_concept("CTHUB001", "Predicted class"), _class_code(labels, label))]
+    if ood_warning is not None:
+        flag = codes.SCT.Yes if ood_warning else codes.SCT.No
+        evaluations.append(QualitativeEvaluation(_concept("CTHUB004", "Out-of-distribution warning"), flag))
+    measurements = [
+        Measurement(_concept(f"P{labels.index(k)}", f"{value_name}: {k}"), float(v), _unitless())
+        for k, v in values.items()
+    ]
+    if ood_score is not None:
+        measurements.append(
+            Measurement(_concept("CTHUB003", "Out-of-distribution score"), float(ood_score), _unitless())
+        )
+    return MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(uid=generate_uid(), identifier=_lo(identifier)),
+        algorithm_id=_algorithm(model),
+        source_images=sources,
+        qualitative_evaluations=evaluations,
+        measurements=measurements,
+    )
+
+
+def _source_image(ds: Any, frame: int | None) -> Any:
+    from highdicom.sr import SourceImageForMeasurementGroup
+
+    frames = [frame] if frame is not None and int(ds.get("NumberOfFrames", 1) or 1) > 1 else None
+    return SourceImageForMeasurementGroup(
+        str(ds.SOPClassUID), str(ds.SOPInstanceUID), referenced_frame_numbers=frames
+    )
+
+
+def _equipment(model: ModelIdentity) -> Any:
+    from highdicom import ContributingEquipment
+    from pydicom.sr.codedict import codes
+
+    versions = [v for v in (model.software_version, _lo(model.version), model.sha256[:LO_MAX]) if v]
+    return ContributingEquipment(
+        MANUFACTURER,
+        codes.DCM.ProcessingEquipment,
+        manufacturer_model_name=_lo(model.name),
+        software_versions=versions,
+        device_serial_number=model.sha256[:16],
+        contribution_datetime=datetime.now(timezone.utc).strftime("%Y%m%d%H%M%S"),
+        contribution_description=(
+            f"Automated classification by {model.name} {model.version} ({model.variant} ONNX, weights "
+            f"sha256 {model.sha256}); research use only, not for diagnostic use"
+        ),
+    )
+
+
+def _observer(model: ModelIdentity) -> Any:
+    from highdicom.sr import DeviceObserverIdentifyingAttributes, ObservationContext, ObserverContext
+    from pydicom.sr.codedict import codes
+    from pydicom.uid import generate_uid
+
+    device = DeviceObserverIdentifyingAttributes(
+        uid=generate_uid(entropy_srcs=[MANUFACTURER, model.sha256, model.variant]),  # stable per model
+        name=_lo(model.name),
+        manufacturer_name=MANUFACTURER,
+        model_name=_lo(f"{model.name} {model.version}"),
+        serial_number=model.sha256[:16],
+    )
+    return ObservationContext(observer_device_context=ObserverContext(codes.DCM.Device, device))
+
+
+def _coding_scheme() -> Any:
+    from pydicom.dataset import Dataset
+
+    item = Dataset()
+    item.CodingSchemeDesignator = SCHEME
+    item.CodingSchemeName = SCHEME_NAME
+    item.CodingSchemeResponsibleOrganization = MANUFACTURER
+    return item
+
+
+def _measurement_report(model: ModelIdentity, groups: list[Any], sources: Sequence[Any]) -> Any:
+    """TID 1500 with an image library of the sources; without one when highdicom cannot describe them
+    (enhanced multi-frame images keep their geometry in functional groups it does not read)."""
+    from highdicom.sr import MeasurementReport
+    from pydicom.sr.codedict import codes
+
+    for library in (list(sources), None):
+        try:
+            return MeasurementReport(
+                observation_context=_observer(model),
+                procedure_reported=codes.LN.CTUnspecifiedBodyRegion,
+                imaging_measurements=groups,
+                referenced_images=library,
+            )
+        except AttributeError:
+            if library is None:
+                raise
+    raise AssertionError("unreachable")
+
+
+def write_sr(
+    sources: Sequence[Any],
+    content: ReportContent,
+    *,
+    series_number: int = DEFAULT_SERIES_NUMBER,
+    institution_name: str | None = None,
+) -> Any:
+    """A new Comprehensive SR (pydicom Dataset) reporting `content` on the images `sources` (header-only
+    datasets of one study). UnprocessableInputError when the sources lack what an SR must reference."""
+    import highdicom as hd
+    from highdicom.sr import ComprehensiveSR
+    from pydicom.uid import generate_uid
+
+    if not sources:
+        raise UnprocessableInputError("a report needs at least one source image")
+    for ds in sources:
+        missing = [
+            k
+            for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+            if k not in ds
+        ]
+        if missing:
+            raise UnprocessableInputError(
+                f"a source image lacks {', '.join(missing)}: no report can reference it"
+            )
+    try:
+        with _quiet():
+            sr = ComprehensiveSR(
+                evidence=list(sources),
+                content=_measurement_report(content.model, _groups(sources, content), sources),
+                series_instance_uid=generate_uid(),
+                series_number=series_number,
+                sop_instance_uid=generate_uid(),
+                instance_number=1,
+                manufacturer=MANUFACTURER,
+                is_complete=True,
+                is_final=False,
+                is_verified=False,
+                institution_name=institution_name,
+                contributing_equipment=[_equipment(content.model)],
+                series_description=SERIES_DESCRIPTION,
+            )
+    except (ValueError, TypeError, AttributeError, KeyError) as e:
+        # highdicom's messages may quote header values (patient data): only the type is reported
+        raise UnprocessableInputError(
+            f"the source images' headers do not allow a valid report ({type(e).__name__})"
+        ) from None
+    sr.CodingSchemeIdentificationSequence = [_coding_scheme()]
+    assert isinstance(sr, hd.SOPClass)
+    return sr
+
+
+def _groups(sources: Sequence[Any], content: ReportContent) -> list[Any]:
+    """The series group (all sources) then one group per slice (its source and frame)."""
+    model, labels = content.model, content.labels
+    every = [_source_image(ds, None) for ds in sources]
+    groups = [
+        _group(
+            "series result",
+            model,
+            labels,
+            content.label,
+            content.scores,
+            "Series score",
+            every,
+            content.ood_score,
+            content.ood_warning,
+        )
+    ]
+    for i, s in enumerate(content.slices):
+        warn = None
+        if s.ood_score is not None and content.ood_threshold is not None:
+            warn = s.ood_score > content.ood_threshold
+        source = [_source_image(sources[s.source], s.frame)]
+        groups.append(
+            _group(
+                f"slice {i + 1}",
+                model,
+                labels,
+                s.label,
+                s.probabilities,
+                "Probability",
+                source,
+                s.ood_score,
+                warn,
+            )
+        )
+    return groups
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """No warnings out of highdicom/pydicom while writing: they quote header values (patient names)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def to_bytes(sr: Any) -> bytes:
+    """The SR as a DICOM Part 10 file (preamble, file meta, explicit VR little endian)."""
+    buf = io.BytesIO()
+    sr.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
