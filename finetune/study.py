@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from cthub.errors import ConfigError, CTHubError
+from cthub.runtime import select_device
 from finetune.config import FinetuneConfig
 from finetune.data import data_preprocessing, load_splits, select_splits
 from finetune.report import aggregate, pct, write_csv, write_reports
@@ -136,6 +137,13 @@ def encoder_sha256(name: str) -> str | None:
     return None if d is None else sha256_file(d / WEIGHTS_NAME)
 
 
+def precision(recipe: FinetuneConfig) -> str:
+    """What the cell's arithmetic was: cells accumulate across machines, and "auto" means bf16 autocast on
+    CPUs with native bf16 (AVX512-BF16, AMX) and fp32 elsewhere."""
+    device = select_device(recipe.device)
+    return f"{device.type} " + ("autocast (bf16/fp16)" if recipe.resolved_amp(device) else "fp32")
+
+
 def run_cell(spec: StudySpec, cell: Cell) -> dict[str, Any]:
     """Train and measure one cell; writes runs/<key>.json (the resume marker)."""
     train, val, test = select_splits(
@@ -155,6 +163,7 @@ def run_cell(spec: StudySpec, cell: Cell) -> dict[str, Any]:
     rec = {
         **asdict(cell),
         "encoder_sha256": encoder_sha256(cell.encoder),
+        "precision": precision(spec.recipe),
         "n_train": len(train),
         "n_val": len(val),
         "best_epoch": res.best_epoch,

@@ -38,6 +38,7 @@ def model_config(
         "planned_steps": result.planned_steps,
         "final_loss": round(result.final_loss, 5),
         "images_per_s": round(result.images_per_s, 2),
+        "precision": result.precision,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
         "machine": platform.machine(),

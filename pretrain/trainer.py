@@ -52,6 +52,7 @@ class RunResult:
     weight_change: dict[str, float] = field(default_factory=dict)  # ||W - W0|| / ||W0|| of the conv weights
     monitor: dict[str, Any] = field(default_factory=dict)  # the last kNN-monitor row
     parent: dict[str, Any] | None = None  # the encoder this run continued from (--init)
+    precision: str = ""  # what the arithmetic was on this run's last machine ("cpu fp32", "cpu autocast ...")
 
 
 def plain_encoder(method: SSLMethod) -> ResNet50:
@@ -534,6 +535,7 @@ def _result(run: _Run, logs: _Logs, losses: list[float], clock: _Clock) -> RunRe
         weight_change=change,
         monitor=last,
         parent=run.parent,
+        precision=f"{run.device.type} " + ("autocast (bf16/fp16)" if run.amp else "fp32"),
     )
 
 

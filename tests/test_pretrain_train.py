@@ -203,6 +203,7 @@ def test_cli_trains_saves_and_publishes(organamnist_npz: Path, tmp_path: Path, c
     assert cfg.method == "byol" and cfg.num_classes == 0 and cfg.preprocessing.input_size == 32
     assert "OrganAMNIST" in cfg.pretraining_data and cfg.provenance["steps"] == 2
     assert "final_loss" in cfg.provenance and "wall_time_s" in cfg.provenance
+    assert cfg.provenance["precision"] == "cpu fp32"  # --amp off: the card says what the arithmetic was
     ff = cfg.metrics["frozen_features"]  # finetune.evaluate_encoder on the labeled OrganAMNIST splits
     for who in ("encoder", "random_init"):
         for bn in ("stored", "recalibrated"):
