@@ -114,7 +114,7 @@ study-headct: $(STAMP)
 # Robustness of the classifiers of `make run` (its served model and the random-init baseline, both in
 # $(MODELS)/organamnist-*) in the manner of Ghesu et al.: test AUC under HU offset/scale, rotation, zoom and
 # resolution shifts of their own test images (finetune/robustness.py; table in docs/results/robustness).
-ROBUSTNESS_MODELS ?= $(filter-out $(DEMO)/,$(dir $(wildcard $(MODELS)/organamnist-*/model.safetensors)))
+ROBUSTNESS_MODELS ?= $(dir $(wildcard $(MODELS)/organamnist-*/model.safetensors))
 .PHONY: robustness
 robustness: $(STAMP) | $(ORGAN_NPZ)
 	@test -n "$(ROBUSTNESS_MODELS)" || { echo "no classifier in $(MODELS)/organamnist-*: make run"; exit 1; }
