@@ -49,6 +49,11 @@ def autocast(device: torch.device, enabled: bool | None = None) -> contextlib.Ab
     return contextlib.nullcontext()
 
 
+def precision_label(device: torch.device, amp: bool) -> str:
+    """What a run's arithmetic was, for cards and study records ("cpu fp32", "cpu autocast (bf16/fp16)")."""
+    return f"{device.type} " + ("autocast (bf16/fp16)" if amp else "fp32")
+
+
 def needs_grad_scaler(device: torch.device, amp: bool) -> bool:
     """fp16 AMP on CUDA needs a GradScaler; bf16 does not."""
     return amp and device.type == "cuda" and not torch.cuda.is_bf16_supported()

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from cthub.errors import ConfigError, CTHubError
-from cthub.runtime import select_device
+from cthub.runtime import precision_label, select_device
 from finetune.config import FinetuneConfig
 from finetune.data import data_preprocessing, load_splits, select_splits
 from finetune.report import aggregate, pct, write_csv, write_reports
@@ -141,7 +141,7 @@ def precision(recipe: FinetuneConfig) -> str:
     """What the cell's arithmetic was: cells accumulate across machines, and "auto" means bf16 autocast on
     CPUs with native bf16 (AVX512-BF16, AMX) and fp32 elsewhere."""
     device = select_device(recipe.device)
-    return f"{device.type} " + ("autocast (bf16/fp16)" if recipe.resolved_amp(device) else "fp32")
+    return precision_label(device, recipe.resolved_amp(device))
 
 
 def run_cell(spec: StudySpec, cell: Cell) -> dict[str, Any]:
@@ -325,7 +325,7 @@ def _check_same_recipe(spec: StudySpec, path: Path) -> None:
     old_recipe = old.get("recipe", {})
     diff = sorted(k for k in new["recipe"] if k not in ignore and old_recipe.get(k) != new["recipe"][k])
     diff += [k for k in ("protocol", "folds", "val_fraction", "max_val", "max_test") if old.get(k) != new[k]]
-    # the same file may sit elsewhere on another machine (../shared/data or data/): compare by file name
+    # the same file may sit in another folder on another machine: compare by file name
     if Path(str(old.get("data"))).name != Path(str(new["data"])).name:
         diff.append("data")
     # studies written before `split_seed` was recorded drew split-protocol val/test subsets with seed 0

@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from ctdata.datasets import source_preprocessing
 from ctdata.preprocess import PreprocessConfig
 from cthub.errors import ConfigError
-from cthub.runtime import autocast, needs_grad_scaler, resolve_amp, select_device
+from cthub.runtime import autocast, needs_grad_scaler, precision_label, resolve_amp, select_device
 from hub.resnet import ResNet50
 from pretrain import dist as pdist
 from pretrain.base import SSLMethod, to_channels_last
@@ -535,7 +535,7 @@ def _result(run: _Run, logs: _Logs, losses: list[float], clock: _Clock) -> RunRe
         weight_change=change,
         monitor=last,
         parent=run.parent,
-        precision=f"{run.device.type} " + ("autocast (bf16/fp16)" if run.amp else "fp32"),
+        precision=precision_label(run.device, run.amp),
     )
 
 
