@@ -2,6 +2,11 @@
 
 Every cell writes runs/<key>.json: its measurements when it finished (the resume marker), or its error when it
 failed. A failed cell never stops the others and is tried again when the study is resumed.
+
+The epoch budget may be raised (or lowered) on resume: nothing in a run depends on the budget until the run
+reaches it (the backbone's lr ramp counts epochs from the start, early stopping counts epochs without
+improvement), so a finished cell that stopped early within the new budget is the run the new budget would
+make and is kept; a cell that ran its whole budget (still improving) is run again with the new one.
 """
 
 from __future__ import annotations
@@ -113,10 +118,32 @@ def _read(out: str | Path, cell: Cell) -> dict[str, Any] | None:
     return rec if isinstance(rec, dict) else None
 
 
-def is_done(out: str | Path, cell: Cell) -> bool:
-    """Whether the cell finished (a failure record does not count)."""
+def same_run_within(rec: dict[str, Any], epochs: int) -> bool:
+    """Whether a finished record is the run an epoch budget of `epochs` makes: it ran under that budget, or
+    it stopped early (before its own budget) at or before `epochs`."""
+    budget, ran = int(rec.get("epoch_budget", epochs)), int(rec["epochs_run"])
+    return budget == epochs or (ran < budget and ran <= epochs)
+
+
+def is_done(out: str | Path, cell: Cell, epochs: int | None = None) -> bool:
+    """Whether the cell finished (a failure record does not count), under an epoch budget of `epochs` when
+    given (`same_run_within`)."""
     rec = _read(out, cell)
-    return rec is not None and "test" in rec
+    if rec is None or "test" not in rec:
+        return False
+    return epochs is None or same_run_within(rec, epochs)
+
+
+def _stamp_epoch_budgets(out: Path, budget: int) -> None:
+    """Records written before cells kept their budget ran under the study's (`budget`): write it in them
+    before the study's settings change."""
+    for p in sorted((out / "runs").glob("*.json")):
+        rec = json.loads(p.read_text())
+        if "test" in rec and "epoch_budget" not in rec:
+            rec["epoch_budget"] = budget
+            tmp = p.with_suffix(".tmp")
+            tmp.write_text(json.dumps(rec, indent=1) + "\n")
+            os.replace(tmp, p)
 
 
 def _write_record(out: str | Path, cell: Cell, rec: dict[str, Any]) -> None:
@@ -168,6 +195,7 @@ def run_cell(spec: StudySpec, cell: Cell) -> dict[str, Any]:
         "n_val": len(val),
         "best_epoch": res.best_epoch,
         "epochs_run": len(res.history),
+        "epoch_budget": spec.recipe.epochs,
         "converged": res.converged,
         "wall_time_s": round(res.wall_time_s, 1),
         "val": {m: res.val_metrics[m] for m in (*METRICS, "loss")},
@@ -280,10 +308,12 @@ def run_study(
     encoder's rows into its model card."""
     out = Path(spec.out)
     out.mkdir(parents=True, exist_ok=True)
-    _check_same_recipe(spec, out / "study.json")
+    old_epochs = _check_same_recipe(spec, out / "study.json")
+    if old_epochs is not None:
+        _stamp_epoch_budgets(out, old_epochs)
     (out / "study.json").write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
     cells = spec.cells()
-    todo = [c for c in cells if not is_done(out, c)]
+    todo = [c for c in cells if not is_done(out, c, spec.recipe.epochs)]
     log.info(
         "study: %d runs, %d already finished, %d to do (%d worker(s))",
         len(cells),
@@ -315,13 +345,14 @@ def run_study(
     return summary
 
 
-def _check_same_recipe(spec: StudySpec, path: Path) -> None:
-    """Resuming with another recipe or data would mix incomparable runs: refuse."""
+def _check_same_recipe(spec: StudySpec, path: Path) -> int | None:
+    """Resuming with another recipe or data would mix incomparable runs: refuse. Only the epoch budget may
+    change (see the module docstring); returns the budget the study had (None for a new study)."""
     if not path.is_file():
-        return
+        return None
     old = json.loads(path.read_text())
     new = spec.to_dict()
-    ignore = {"threads", "device"}
+    ignore = {"threads", "device", "epochs"}
     old_recipe = old.get("recipe", {})
     diff = sorted(k for k in new["recipe"] if k not in ignore and old_recipe.get(k) != new["recipe"][k])
     diff += [k for k in ("protocol", "folds", "val_fraction", "max_val", "max_test") if old.get(k) != new[k]]
@@ -337,9 +368,10 @@ def _check_same_recipe(spec: StudySpec, path: Path) -> None:
             f"{path.parent} holds a study with different settings ({', '.join(diff)}); "
             "use another --out or the same settings to resume"
         )
+    return int(old_recipe["epochs"])
 
 
 def load_runs(spec: StudySpec, out: str | Path) -> list[dict[str, Any]]:
-    """The records of the finished cells, in grid order."""
-    recs = (_read(out, c) for c in spec.cells())
-    return [r for r in recs if r is not None and "test" in r]
+    """The records of the finished cells under the study's epoch budget, in grid order."""
+    recs = (_read(out, c) for c in spec.cells() if is_done(out, c, spec.recipe.epochs))
+    return [r for r in recs if r is not None]

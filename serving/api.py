@@ -111,6 +111,34 @@ class ServedModel:
 
 
 @dataclass(frozen=True)
+class RemoteModel:
+    """The served model as a `serving.inference.SliceModel` in the API worker: its description and the
+    inference service's batched `infer` (the mounted demo analyses through it)."""
+
+    served: ServedModel
+    infer: Infer
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.served.config
+
+    @property
+    def labels(self) -> list[str]:
+        return self.served.labels
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        return self.served.identity
+
+    @property
+    def ood_threshold(self) -> float | None:
+        return self.served.ood_threshold
+
+    def run(self, batch: np.ndarray) -> list[dict[str, Any]]:
+        return self.infer(batch)
+
+
+@dataclass(frozen=True)
 class Options:
     """Per-request choices of the single-image endpoints."""
 

@@ -181,20 +181,18 @@ def demo(args: argparse.Namespace) -> int:
     quiet_onnxruntime_process()  # this command is an entry point: process-wide ORT settings belong here
     uploads = private_upload_dir()  # before Gradio is imported: its upload directory is process-wide
 
-    from serving.demo import build_demo, launch_options
-    from serving.predictor import get_predictor
+    from serving.demo import DemoModel, build_demo, launch_options
 
     settings = ServeSettings.from_env()
-    model_dir = resolve_model_dir(args.model)
-    predictor = get_predictor(str(model_dir), args.backend)  # load now: errors before the server starts
+    served = DemoModel.local(resolve_model_dir(args.model), args.backend)  # load now: errors before serving
     print(
-        f"cthub: demo for {predictor.config.name} ({predictor.backend}); Gradio's upload directory "
-        f"{uploads} (private, emptied as uploads are read, removed at exit)",
+        f"cthub: demo for {served.config.name} ({served.model.identity['backend']}); Gradio's upload "
+        f"directory {uploads} (private, emptied as uploads are read, removed at exit)",
         file=sys.stderr,
         flush=True,
     )
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` closes the server like Ctrl+C (and runs atexit)
-    build_demo(lambda: predictor, settings).launch(
+    build_demo(lambda: served, settings).launch(
         server_name=args.host,
         server_port=args.port,
         max_file_size=settings.max_series_bytes,

@@ -34,8 +34,9 @@ from cthub.errors import CTHubError, InputError, ModelNotFoundError
 from hub.config import CONFIG_NAME, WEIGHTS_NAME, ModelConfig
 from hub.io import hub_dir
 from serving import viewer
+from serving.inference import InferenceEngine, SliceModel
 from serving.inputs import http_status
-from serving.predictor import Predictor, get_predictor
+from serving.predictor import get_predictor
 from serving.results import SERIES_RULE
 from serving.settings import ServeSettings
 from serving.viewer import CUSTOM, MODEL_DEFAULT, Study, private_upload_dir
@@ -60,8 +61,29 @@ ERROR_TITLES = {
     422: "Not an image this model can analyse",
 }
 PRIVACY_OPTIONS: dict[str, Any] = {"run_history": False, "mcp_server": False}  # see `launch_options`
-ModelSource = str | Path | Callable[[], Predictor]
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True)
+class DemoModel:
+    """A model the demo analyses with: its folder (the picker's value) and the `SliceModel` that runs it.
+    Mounted under the API, the served model is the inference service itself (`CTHubService.demo_model`)."""
+
+    model_dir: Path
+    model: SliceModel
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+    @classmethod
+    def local(cls, model_dir: str | Path, backend: str = "auto") -> DemoModel:
+        """A model folder or local hub name, run in this process (one cached classifier per folder)."""
+        pred = get_predictor(str(model_dir), backend)
+        return cls(pred.model_dir, InferenceEngine(pred.classifier))
+
+
+ModelSource = str | Path | Callable[[], DemoModel]
 
 
 def local_classifiers(root: Path | None = None) -> list[Path]:
@@ -208,9 +230,9 @@ class Handlers:
 
     # -- models ------------------------------------------------------------------------------------------
 
-    def default(self) -> Predictor:
+    def default(self) -> DemoModel:
         """The served model (loaded on first use)."""
-        return self._source() if callable(self._source) else get_predictor(str(self._source))
+        return self._source() if callable(self._source) else DemoModel.local(self._source)
 
     def choices(self) -> list[tuple[str, str]]:
         """(label, folder) of the served model, then of the other exported classifiers in the local hub."""
@@ -221,14 +243,14 @@ class Handlers:
                 out.append((model_label(ModelConfig.load(d)), str(d)))
         return out
 
-    def predictor(self, model_dir: str | None) -> Predictor:
-        """The Predictor of a folder the picker offers (never an arbitrary path a client sends)."""
+    def model(self, model_dir: str | None) -> DemoModel:
+        """The model of a folder the picker offers (never an arbitrary path a client sends)."""
         default = self.default()
         if not model_dir or model_dir == str(default.model_dir):
             return default
         if model_dir not in {folder for _, folder in self.choices()}:
             raise ModelNotFoundError("this model is not offered here: pick one from the list")
-        return get_predictor(model_dir)
+        return DemoModel.local(model_dir)
 
     # -- events ------------------------------------------------------------------------------------------
 
@@ -253,8 +275,8 @@ class Handlers:
     def on_model(self, study: Study | None, model_dir: str | None, *view: Any) -> tuple[Any, ...]:
         """Analyse the loaded study with the model just picked (its card alone when nothing is loaded)."""
         if study is None:
-            pred = self.predictor(model_dir)
-            return self.blank(card=f"**{pred.config.name}** is selected: upload a study to see its answer.")
+            picked = self.model(model_dir)
+            return self.blank(card=f"**{picked.config.name}** is selected: upload a study to see its answer.")
         return self.analysed(study, model_dir, View(*view), keep_view=True)
 
     def on_read(self) -> None:
@@ -308,9 +330,9 @@ class Handlers:
 
     def analysed(self, study: Study, model_dir: str | None, view: View, keep_view: bool) -> tuple[Any, ...]:
         """Run the model on the study; the view starts at the peak slice with the decided class's map."""
-        pred = self.predictor(model_dir)
+        picked = self.model(model_dir)
         a = viewer.analyse(
-            study, pred.classifier, str(pred.model_dir), self.settings.max_batch, self.settings.series_top_k
+            study, picked.model, str(picked.model_dir), self.settings.max_batch, self.settings.series_top_k
         )
         study = study.with_analysis(a)
         decided = (a.series or {}).get("label") or a.slices[0].label
@@ -318,9 +340,9 @@ class Handlers:
         cam_class = view.cam_class if keep_view and view.cam_class in a.labels else decided
         view = dataclasses.replace(view, slice=start, cam_class=cam_class)
         view = dataclasses.replace(view, slice=view.index(study) + 1)
-        return (study, *self.study_panels(study, pred, view), *self.slice_panels(study, view))
+        return (study, *self.study_panels(study, picked, view), *self.slice_panels(study, view))
 
-    def study_panels(self, study: Study, pred: Predictor, view: View) -> tuple[Any, ...]:
+    def study_panels(self, study: Study, picked: DemoModel, view: View) -> tuple[Any, ...]:
         """Slider, class choices, decision, rule, series scores, model card, notes."""
         a = study.analysis
         assert a is not None, "set by analysed()"
@@ -329,7 +351,7 @@ class Handlers:
         rule = f"**Decision rule**: {viewer.rule_text(overall, a.labels)}"
         if a.series:
             rule += f", applied to the series scores ({SERIES_RULE})"
-        cfg = pred.config
+        cfg = picked.config
         return (
             gr.update(
                 maximum=max(n, 2), value=view.slice, interactive=n > 1, visible=n > 1, label=slider_label(n)
@@ -616,7 +638,7 @@ def wire(demo: Any, p: Panels, h: Handlers) -> None:
 
 
 def build_demo(model_source: ModelSource, settings: ServeSettings | None = None) -> gr.Blocks:
-    """The Gradio Blocks. `model_source` is a model folder (or local hub name) or a zero-argument Predictor
+    """The Gradio Blocks. `model_source` is a model folder (or local hub name) or a zero-argument DemoModel
     factory, called on first use, so the page can be built before a model is loaded (the service module
     builds it at import). Makes Gradio's upload directory private first (`private_upload_dir`)."""
     handlers = Handlers(model_source, settings or ServeSettings.from_env(), private_upload_dir())

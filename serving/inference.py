@@ -2,9 +2,12 @@
 
 `InferenceEngine` runs batches of preprocessed slices [B, C, S, S] and answers one plain dict per slice
 (probabilities, logits, class activation maps, out-of-distribution score, batch size, the forward pass's
-wall and CPU time), so
-the answer travels between processes as built-in types. `InferenceService` wraps it with BentoML's adaptive
-batching: concurrent requests of the API service are merged into one forward pass.
+wall and CPU time), so the answer travels between processes as built-in types. `InferenceService` wraps it
+with BentoML's adaptive batching: concurrent requests of the API service are merged into one forward pass.
+
+`SliceModel` is what an analysis needs of a model (its config, labels, identity, OOD threshold and `run`):
+an `InferenceEngine` in this process, or the API worker's view of the inference service
+(`serving.api.RemoteModel`), so the mounted demo and the REST API share one batched ONNX session.
 """
 
 from __future__ import annotations
@@ -12,11 +15,12 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from cthub.errors import ConfigError, ModelNotFoundError
+from export.classifier import Classifier
 from export.session import OnnxClassifier
 from hub.config import ModelConfig
 from serving.settings import ServeSettings
@@ -53,10 +57,28 @@ def verify_export(model_dir: Path, variant: str) -> Path:
     return path
 
 
-class InferenceEngine:
-    """Batches of preprocessed slices -> per-slice outputs of one verified ONNX classifier."""
+class SliceModel(Protocol):
+    """A model as analyses use it: preprocessed slices [B, C, S, S] -> one `InferenceEngine.run` dict each."""
 
-    def __init__(self, classifier: OnnxClassifier) -> None:
+    @property
+    def config(self) -> ModelConfig: ...
+
+    @property
+    def labels(self) -> list[str]: ...
+
+    @property
+    def identity(self) -> dict[str, Any]: ...
+
+    @property
+    def ood_threshold(self) -> float | None: ...
+
+    def run(self, batch: np.ndarray) -> list[dict[str, Any]]: ...
+
+
+class InferenceEngine:
+    """Preprocessed slices -> per-slice outputs of one classifier (in the service: a verified ONNX one)."""
+
+    def __init__(self, classifier: Classifier) -> None:
         self.classifier = classifier
 
     @classmethod
@@ -81,11 +103,27 @@ class InferenceEngine:
     def config(self) -> ModelConfig:
         return self.classifier.config
 
+    @property
+    def labels(self) -> list[str]:
+        return self.classifier.labels
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """The classifier's identity; an ONNX one adds its variant and the file's sha256."""
+        clf = self.classifier
+        if isinstance(clf, OnnxClassifier):
+            return clf.identity | {"variant": clf.variant, "onnx_sha256": clf.file_sha256}
+        return clf.identity
+
+    @property
+    def ood_threshold(self) -> float | None:
+        return self.classifier.ood_threshold
+
     def describe(self) -> dict[str, Any]:
         """What the API needs to know about the model: identity, config, labels, OOD threshold, outputs."""
         clf = self.classifier
         return {
-            "identity": clf.identity | {"variant": clf.variant, "onnx_sha256": clf.file_sha256},
+            "identity": self.identity,
             "labels": clf.labels,
             "config": self.config.to_dict(),
             "input_shape": list(clf.input_shape),

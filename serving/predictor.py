@@ -30,7 +30,6 @@ from serving.settings import MODEL_ENV
 
 log = logging.getLogger(__name__)
 
-BACKEND_ENV = "CTHUB_SERVE_BACKEND"
 MAX_UPLOAD_ENV = "CTHUB_MAX_UPLOAD_MB"
 DEFAULT_MAX_UPLOAD_MB = 64.0
 BACKENDS = ("auto", "onnx", "torch")

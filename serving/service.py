@@ -54,14 +54,14 @@ import numpy as np  # noqa: E402
 from starlette.responses import JSONResponse, Response  # noqa: E402
 
 from cthub.errors import CTHubError, ServiceBusyError, UnprocessableInputError  # noqa: E402
-from serving.api import Analyzer, Options, ServedModel  # noqa: E402
+from serving.api import Analyzer, Options, RemoteModel, ServedModel  # noqa: E402
 from serving.audit import AUDIT_KEY, AuditLog  # noqa: E402
-from serving.demo import asgi_app, build_demo  # noqa: E402
+from serving.demo import DemoModel, asgi_app, build_demo  # noqa: E402
 from serving.gateway import Gateway  # noqa: E402
 from serving.inference import InferenceEngine, verify_export  # noqa: E402
 from serving.inputs import error_body, http_status, read_upload  # noqa: E402
-from serving.predictor import BACKEND_ENV, Predictor, get_predictor, resolve_model_dir  # noqa: E402
-from serving.settings import MODEL_ENV, ServeSettings  # noqa: E402
+from serving.predictor import resolve_model_dir  # noqa: E402
+from serving.settings import ServeSettings  # noqa: E402
 
 log = logging.getLogger(__name__)
 SETTINGS = ServeSettings.from_env()  # frozen: what the decorators below are built from
@@ -76,9 +76,12 @@ SINGLE_IMAGE_ROUTES = ("/predict", "/predict_image", "/model")
 SERIES_ROUTES = ("/predict_series", "/report", "/predict_batched")
 
 
-def predictor_from_env() -> Predictor:
-    """The demo's Predictor named by $CTHUB_SERVE_MODEL / $CTHUB_SERVE_BACKEND (cached per process)."""
-    return get_predictor(os.environ.get(MODEL_ENV, ""), os.environ.get(BACKEND_ENV, "auto"))
+def served_demo_model() -> DemoModel:
+    """The mounted demo's default model: this API worker's own service (`bentoml.get_current_service`, set
+    when the worker starts), so the demo's analyses go through the inference service's batched ONNX
+    session like every REST request, instead of a second session in the API worker."""
+    service = cast(CTHubService, bentoml.get_current_service())
+    return service.demo_model()
 
 
 def configure_worker() -> None:
@@ -140,7 +143,7 @@ def _with_demo(cls: type) -> type:
     """Mount the Gradio demo at /ui unless the operator turned it off (CTHUB_DEMO=0)."""
     if not SETTINGS.demo:
         return cls
-    return bentoml.asgi_app(asgi_app(build_demo(predictor_from_env)), path="/ui", name="demo")(cls)
+    return bentoml.asgi_app(asgi_app(build_demo(served_demo_model)), path="/ui", name="demo")(cls)
 
 
 def _json_error(ctx: bentoml.Context, err: CTHubError, audit: dict[str, Any]) -> JSONResponse:
@@ -183,6 +186,10 @@ class CTHubService:
             if self._served is None:
                 self._served = ServedModel.from_description(self.inference.describe())
             return self._served
+
+    def demo_model(self) -> DemoModel:
+        """The served model as the mounted demo analyses with it: through `_infer`, like the REST API."""
+        return DemoModel(resolve_model_dir(self.settings.model), RemoteModel(self.served(), self._infer))
 
     def _infer(self, batch: np.ndarray) -> list[dict[str, Any]]:
         """The inference service's outputs for a batch. A pooled connection the inference server closed

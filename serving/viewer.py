@@ -4,8 +4,9 @@
   API's own series reader (`serving.series`: grouping, limits, per-file errors, `slice_sort_key`); the pixels
   stay in HU (grey 0..255 for images that are not CT) at their own resolution.
 - `analyse`: every frame through the one preprocessing path (`ctdata.preprocess`, the model's own config) and
-  the classifier's `outputs`: probabilities, the thresholded decision, the out-of-distribution verdict and the
-  class activation maps of every class from the model's `cam` output (computed inside the ONNX graph: no torch
+  a `SliceModel` (mounted under the API: the inference service's batched ONNX session, the one the REST
+  endpoints use): probabilities, the thresholded decision, the out-of-distribution verdict and the class
+  activation maps of every class from the model's `cam` output (computed inside the ONNX graph: no torch
   model is loaded for them). Series results follow the API's rule (`serving.results.aggregate_series`).
 - rendering: `display_config` (the model's own mapping, or a window) -> `render` (window at the slice's own
   resolution, map blended in with `finetune.cam.overlay`), `pixel_value` for the HU readout.
@@ -29,8 +30,8 @@ import numpy as np
 
 from ctdata.preprocess import WINDOW_PRESETS, PreprocessConfig, intensities_to_unit, unit_to_input
 from cthub.errors import CTHubError, InputError, PayloadTooLargeError
-from export.classifier import Classifier
 from serving import results
+from serving.inference import SliceModel
 from serving.predictor import effective_preprocessing
 from serving.series import (
     SeriesRequest,
@@ -229,26 +230,23 @@ def model_inputs(slices: list[ViewSlice], cfg: PreprocessConfig) -> np.ndarray:
     )
 
 
-def analyse(
-    study: Study, classifier: Classifier, model_dir: str, batch: int = 16, top_k: int = 3
-) -> Analysis:
-    """Every frame through the classifier in batches of `batch`; the series result when there are several."""
-    cfg, labels = classifier.config.preprocessing, classifier.labels
-    threshold, ood_threshold = classifier.config.threshold, classifier.ood_threshold
+def analyse(study: Study, model: SliceModel, model_dir: str, batch: int = 16, top_k: int = 3) -> Analysis:
+    """Every frame through the model in batches of `batch`; the series result when there are several."""
+    cfg, labels = model.config.preprocessing, model.labels
+    threshold, ood_threshold = model.config.threshold, model.ood_threshold
     answers: list[SliceResult] = []
     probs: list[np.ndarray] = []
     scores: list[float | None] = []
     for chunk in _chunks(study.slices, max(1, batch)):
-        out = classifier.outputs(model_inputs(chunk, cfg))
-        ood = classifier.ood_score(out.embedding) if classifier.ood is not None else None
-        for i, (p, cam) in enumerate(zip(out.probabilities, out.cam, strict=True)):
-            s = None if ood is None else float(ood[i])
+        for out in model.run(model_inputs(chunk, cfg)):
+            p = np.asarray(out["probabilities"], dtype=np.float64)
+            s = out.get("ood_score")
             answers.append(
                 SliceResult(
                     {k: float(v) for k, v in zip(labels, p, strict=True)},
                     results.decision(p, labels, threshold),
                     results.ood(s, ood_threshold),
-                    np.asarray(cam, dtype=np.float32),
+                    np.asarray(out["cam"], dtype=np.float32),
                 )
             )
             probs.append(p)
@@ -257,7 +255,7 @@ def analyse(
     if len(answers) > 1:
         series = results.aggregate_series(np.stack(probs), labels, threshold, top_k, scores)
         series["ood"] = results.ood(series.pop("ood_median"), ood_threshold)
-    return Analysis(model_dir, dict(classifier.identity), list(labels), cfg, answers, series, ood_threshold)
+    return Analysis(model_dir, dict(model.identity), list(labels), cfg, answers, series, ood_threshold)
 
 
 # ---- rendering --------------------------------------------------------------------------------------------

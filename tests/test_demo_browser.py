@@ -113,10 +113,20 @@ def only_loopback(blocked: list[str]) -> Any:
     return handle
 
 
+def infer_calls(base: str) -> float:
+    """Requests the inference service answered (BentoML's Prometheus counter at the API's /metrics)."""
+    total = 0.0
+    for line in httpx.get(base + "/metrics", timeout=10).text.splitlines():
+        if line.startswith("bentoml_service_request_total{") and 'endpoint="/infer"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
 def test_demo_mounted_at_ui_answers_gradio_client(
     served: tuple[Server, Path, Path], tmp_path: Path, ct_small_dcm: Path
 ) -> None:
-    """The mounted demo's public API: the same answer as POST /predict for the same file."""
+    """The mounted demo's public API: the same answer as POST /predict for the same file, from the same
+    inference session."""
     from gradio_client import Client, handle_file
 
     server, _, _ = served
@@ -125,7 +135,11 @@ def test_demo_mounted_at_ui_answers_gradio_client(
     )
     client = Client(f"{server.base}/ui/", verbose=False, download_files=str(tmp_path))
     client.predict(api_name="/models")
+    calls = infer_calls(server.base)
     out = client.predict([handle_file(str(ct_small_dcm))], None, *view_args(cam=True), api_name="/load")
+    # the demo analysed through the inference service's batched session (one /infer call for one slice),
+    # not through a second ONNX session of its own in the API worker
+    assert infer_calls(server.base) == calls + 1
     named = dict(zip(ANALYSIS, out, strict=True))
     answer = api.json()
     assert named["prediction"] == answer["label"]

@@ -117,6 +117,37 @@ def test_study_resumes_and_reports(organamnist_npz: Path, tmp_path: Path, capsys
         run_study(_spec(organamnist_npz, out, [0.005], RECIPE.replace(lr=0.5)))
 
 
+def test_same_run_within_a_new_epoch_budget() -> None:
+    stopped = {"epoch_budget": 60, "epochs_run": 41}  # early stopping ended it at epoch 41
+    full = {"epoch_budget": 60, "epochs_run": 60}  # still improving when the budget ran out
+    assert study.same_run_within(stopped, 120) and study.same_run_within(stopped, 41)
+    assert not study.same_run_within(stopped, 40)  # a smaller budget would have cut it short
+    assert study.same_run_within(full, 60) and not study.same_run_within(full, 120)
+
+
+def test_raising_the_epoch_budget_reruns_only_the_cells_that_used_all_of_it(
+    organamnist_npz: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "study"
+    spec = _spec(organamnist_npz, out, [0.003, 0.005])
+    assert run_study(spec)["ran"] == 2  # 1 epoch: both ran their whole budget
+    first, second = (run_path(out, c) for c in spec.cells())
+    # a record from before cells kept their budget, and one that (as if) stopped early within 2 epochs
+    legacy = json.loads(first.read_text())
+    del legacy["epoch_budget"]
+    first.write_text(json.dumps(legacy))
+    early = json.loads(second.read_text()) | {"epoch_budget": 3, "epochs_run": 2}
+    second.write_text(json.dumps(early))
+    stamp = second.stat().st_mtime_ns
+    longer = run_study(_spec(organamnist_npz, out, [0.003, 0.005], RECIPE.replace(epochs=2)))
+    assert longer["ran"] == 1 and longer["skipped_finished"] == 1
+    redone = json.loads(first.read_text())
+    assert redone["epoch_budget"] == 2 and redone["epochs_run"] == 2
+    assert second.stat().st_mtime_ns == stamp  # kept: the same run under a budget of 2
+    assert json.loads((out / "study.json").read_text())["recipe"]["epochs"] == 2
+    assert len(json.loads((out / "results.json").read_text())["runs"]) == 2
+
+
 def test_failing_cell_is_recorded_and_the_others_finish(
     head_ct_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

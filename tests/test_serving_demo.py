@@ -30,7 +30,8 @@ from export import export_onnx
 from export.session import OnnxClassifier
 from hub import ModelConfig, ResNet50, save_pretrained
 from serving import viewer
-from serving.demo import Handlers, build_demo, launch_options, local_classifiers
+from serving.demo import DemoModel, Handlers, build_demo, launch_options, local_classifiers
+from serving.inference import InferenceEngine
 from serving.launch import QUIET, ROOT, free_port
 from serving.predictor import Predictor
 from serving.settings import ServeSettings
@@ -240,6 +241,12 @@ def brain(brain_dir: Path) -> Predictor:
     return predictor
 
 
+def in_process(p: Predictor) -> DemoModel:
+    """The demo's model run in this process by the Predictor's classifier (the mounted demo's goes through
+    the inference service instead: tests/test_demo_browser.py)."""
+    return DemoModel(p.model_dir, InferenceEngine(p.classifier))
+
+
 class Demo:
     """A launched demo and a gradio_client session on it; `call` returns named outputs."""
 
@@ -281,7 +288,7 @@ def demo_server(brain: Predictor, tmp_path_factory: pytest.TempPathFactory) -> I
     mp = pytest.MonkeyPatch()
     mp.setenv("GRADIO_TEMP_DIR", str(upload_dir))
     port = free_port()
-    demo = build_demo(lambda: brain, SETTINGS)
+    demo = build_demo(lambda: in_process(brain), SETTINGS)
     demo.launch(
         server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **launch_options()
     )
@@ -347,7 +354,7 @@ def test_analysis_equals_the_onnx_model_on_the_api_preprocessing(
     assert len(study.slices) == 1 and study.slices[0].pixels.shape == (128, 128)
     assert study.left_out["other_series"][0]["files"] == [1]
     assert "file" in viewer.left_out_text(study.left_out)[0]
-    a = viewer.analyse(study, brain.classifier, str(brain_dir), batch=1)
+    a = viewer.analyse(study, InferenceEngine(brain.classifier), str(brain_dir), batch=1)
     clf = OnnxClassifier(brain_dir / "model.onnx", threads=1)
     ref = clf.outputs(prepare(ct_small_dcm, clf.config.preprocessing)[None])
     r = a.slices[0]
@@ -411,7 +418,7 @@ def test_only_gradio_uploads_are_deleted(brain: Predictor, tmp_path: Path, ct_sm
     uploaded.write_bytes(ct_small_dcm.read_bytes())
     mine = tmp_path / "mine.dcm"
     mine.write_bytes(ct_small_dcm.read_bytes())
-    handlers = Handlers(lambda: brain, SETTINGS, uploads.resolve())
+    handlers = Handlers(lambda: in_process(brain), SETTINGS, uploads.resolve())
     out = handlers.on_upload([str(uploaded), str(mine)], None, *view_args())
     assert isinstance(out[0], viewer.Study) and len(out[0].slices) == 2
     assert not (uploads / "abc123").exists() and mine.read_bytes() == ct_small_dcm.read_bytes()
