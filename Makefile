@@ -113,8 +113,9 @@ study-organamnist: $(STAMP) | $(ORGAN_NPZ)
 # Head CT hemorrhage (../shared/data/head_ct: 200 PNG slices, windowed by the dataset's authors; labels.csv):
 # the paper's brain protocol, 5 stratified folds at 100% and 75% of each training part.
 HEAD_CT ?= ../shared/data/head_ct
+HEADCT_FRACTIONS ?= 1,0.75
 study-headct: $(STAMP)
-	$(CTHUB) study --data $(HEAD_CT) --protocol kfold --folds 5 --encoders $(STUDY_ENCODERS) --fractions 1,0.75 \
+	$(CTHUB) study --data $(HEAD_CT) --protocol kfold --folds 5 --encoders $(STUDY_ENCODERS) --fractions $(HEADCT_FRACTIONS) \
 	  --seeds 1 --image-size 64 --epochs $(STUDY_EPOCHS) --head-epochs 2 --patience 10 --select auc \
 	  --workers $(STUDY_WORKERS) --threads 1 --out docs/results/study-headct
 

@@ -22,7 +22,8 @@ def pct(fraction: float) -> str:
 
 def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mean ± std of test metrics per (encoder, fraction), in first-seen order; `unconverged` counts the runs
-    whose selected epoch was their last (records without the flag count as converged)."""
+    still improving when their budget ended (`finetune.train.has_converged`; records without the flag count
+    as converged)."""
     groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
     for r in runs:
         groups.setdefault((r["encoder"], r["fraction"]), []).append(r)
@@ -93,8 +94,9 @@ def table2_markdown(
     if unconverged:
         total = sum(r["runs"] for r in rows)
         lines.append(
-            f"{unconverged} of {total} runs selected their last epoch: the epoch budget was "
-            "probably too short for them (see `converged` in results.csv)."
+            f"{unconverged} of {total} runs were still improving when their epoch budget ended (best epoch "
+            "within the early-stopping patience of the end): the budget was probably too short for them (see "
+            "`converged` and `best_epoch` in results.csv)."
         )
     if failed:
         lines.append(f"{failed} run(s) failed; their errors are in results.json.")

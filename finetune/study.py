@@ -27,7 +27,7 @@ from cthub.runtime import precision_label, select_device
 from finetune.config import FinetuneConfig
 from finetune.data import data_preprocessing, load_splits, select_splits
 from finetune.report import aggregate, pct, write_csv, write_reports
-from finetune.train import SCRATCH_NAMES, fit
+from finetune.train import SCRATCH_NAMES, fit, has_converged
 from hub.config import WEIGHTS_NAME, ModelConfig
 from hub.io import local_model_dir, record_metrics
 from hub.manifest import sha256_file
@@ -335,7 +335,7 @@ def run_study(
                 c.key,
                 outcome["test"]["auc"],
                 outcome["test"]["f1"],
-                "" if outcome["converged"] else " (best epoch = last epoch)",
+                "" if outcome["converged"] else " (still improving when the budget ended)",
             )
     title = f"{Path(spec.data).name}: {spec.protocol}"
     runs = load_runs(spec, out)
@@ -372,6 +372,11 @@ def _check_same_recipe(spec: StudySpec, path: Path) -> int | None:
 
 
 def load_runs(spec: StudySpec, out: str | Path) -> list[dict[str, Any]]:
-    """The records of the finished cells under the study's epoch budget, in grid order."""
-    recs = (_read(out, c) for c in spec.cells() if is_done(out, c, spec.recipe.epochs))
-    return [r for r in recs if r is not None]
+    """The records of the finished cells under the study's epoch budget, in grid order; `converged` is
+    derived again from each record's best epoch (1-based) and length with the study's patience, so records
+    written under an older definition read the same as new ones."""
+    recs = [_read(out, c) for c in spec.cells() if is_done(out, c, spec.recipe.epochs)]
+    runs = [r for r in recs if r is not None]
+    for r in runs:
+        r["converged"] = has_converged(int(r["best_epoch"]) - 1, int(r["epochs_run"]), spec.recipe.patience)
+    return runs

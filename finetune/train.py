@@ -41,8 +41,9 @@ SCRATCH_NAMES = ("scratch", "random", "none")
 class FitResult:
     """The best model (eval mode, CPU, fp32) and everything measured while finding it.
 
-    `converged` is False when the selected epoch was the last one run: validation was still improving, so
-    the epoch budget was probably too short for this encoder and data."""
+    `converged` is False when validation was still improving as the budget ran out: the selected epoch is
+    fewer than `patience` epochs before the end (with early stopping off: the last one), so the epoch budget
+    was probably too short for this encoder and data."""
 
     model: ResNet50
     preprocessing: PreprocessConfig
@@ -462,6 +463,14 @@ def _test_metrics(s: _Session, test: ArraySplit, threshold: float | None) -> dic
     return metrics
 
 
+def has_converged(selected_epoch: int, epochs_run: int, patience: int) -> bool:
+    """Whether validation had stopped improving when the run ended: the selected (0-based) epoch lies at
+    least `patience` epochs before the end (early stopping fired, or would have), or, with early stopping
+    off, before the last epoch. A run that picks an epoch just before its budget ran out was still
+    improving, whatever its exact last epoch did."""
+    return epochs_run - (selected_epoch + 1) >= max(1, patience)
+
+
 def fit(
     encoder: str | Path | nn.Module | None,
     train: ArraySplit,
@@ -487,14 +496,14 @@ def fit(
         threshold, val_metrics = _restore_selected(s, cand, val.labels, k)
         test_metrics = _test_metrics(s, test, threshold) if test is not None else None
     wall = time.perf_counter() - t_start
-    converged = cand.epoch + 1 < len(history)
+    converged = has_converged(cand.epoch, len(history), cfg.patience)
     if not converged:
         log.warning(
-            "the selected epoch is the last one run (%d of %d): more epochs may still improve "
-            "validation %s; the budget is probably too short",
-            len(history),
-            cfg.epochs,
+            "validation %s was still improving when the budget ended (selected epoch %d of %d): more "
+            "epochs may improve it; the budget is probably too short",
             cfg.select_metric,
+            cand.epoch + 1,
+            len(history),
         )
     if test_metrics is not None:
         log.info(

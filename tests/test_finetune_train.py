@@ -17,7 +17,7 @@ from cthub.errors import ConfigError, ModelNotFoundError
 from finetune import FinetuneConfig, fit, linear_probe, predict_proba, save_classifier
 from finetune.data import limit
 from finetune.evaluate import majority_accuracy
-from finetune.train import Selection
+from finetune.train import Selection, has_converged
 from hub import from_pretrained
 
 # 1 thread: on 2 shared cores a 1-thread job is faster and steadier than a 2-thread one
@@ -58,7 +58,8 @@ def test_short_finetune_beats_majority_class_on_test(fitted, organ) -> None:
     assert len(fitted.history) == 3 and fitted.history[0]["phase"] == "head"
     assert fitted.history[-1]["train_loss"] < fitted.history[0]["train_loss"]
     assert fitted.history[fitted.best_epoch - 1]["phase"] == "full"  # full epochs ran: never a head-only one
-    assert fitted.converged == (fitted.best_epoch < len(fitted.history))
+    patience = FinetuneConfig(**TINY).patience
+    assert fitted.converged == has_converged(fitted.best_epoch - 1, len(fitted.history), patience)
     assert fitted.val_metrics["auc"] == pytest.approx(fitted.history[fitted.best_epoch - 1]["val_auc"])
 
 
@@ -96,7 +97,15 @@ def test_best_epoch_at_the_end_is_flagged_and_logged(organ, caplog) -> None:
         res = fit("scratch", limit(train, 66, 0), limit(val, 22, 0), None, cfg)
     assert res.best_epoch == 1 and res.history[0]["phase"] == "head"  # no full epoch: the head-only fallback
     assert res.converged is False
-    assert any("last one run" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert any("still improving" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+
+
+def test_convergence_needs_a_patience_window_without_improvement() -> None:
+    assert has_converged(selected_epoch=44, epochs_run=55, patience=10)  # early stopping fired
+    assert not has_converged(selected_epoch=117, epochs_run=120, patience=10)  # best at 118 of 120
+    assert not has_converged(selected_epoch=59, epochs_run=60, patience=10)
+    assert has_converged(selected_epoch=8, epochs_run=10, patience=0)  # early stopping off: not the last
+    assert not has_converged(selected_epoch=9, epochs_run=10, patience=0)
 
 
 def test_classifier_artifact_roundtrip(fitted, organ, tmp_path: Path) -> None:
