@@ -227,7 +227,8 @@ def evaluate_model(
         log.info("%s %s: AUC %.4f (%+.4f)", cfg.name, s.name, m["auc"], shifted[s.name]["delta_auc"])
     sha = str((cfg.provenance.get("loaded") or {}).get("sha256", ""))
     name = Path(str(model_dir)).name or cfg.name  # as the user named it (folder or hub name)
-    return RobustnessRow(name, str(model_dir), sha, str(source), len(test), clean, shifted)
+    # the data by its name: a folder on this machine means nothing to readers of the committed table
+    return RobustnessRow(name, str(model_dir), sha, Path(source).name, len(test), clean, shifted)
 
 
 def robustness_table(

@@ -101,6 +101,7 @@ class StudySpec:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        d["data"] = Path(self.data).name  # where it sits on this machine is not part of the study
         d["recipe"] = self.recipe.to_dict()
         d["split_seed"] = self.split_seed
         return d
