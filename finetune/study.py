@@ -376,8 +376,8 @@ def load_runs(spec: StudySpec, out: str | Path) -> list[dict[str, Any]]:
     """The records of the finished cells under the study's epoch budget, in grid order; `converged` is
     derived again from each record's best epoch (1-based) and length with the study's patience, so records
     written under an older definition read the same as new ones."""
-    recs = [_read(out, c) for c in spec.cells() if is_done(out, c, spec.recipe.epochs)]
-    runs = [r for r in recs if r is not None]
+    recs = (_read(out, c) for c in spec.cells())
+    runs = [r for r in recs if r is not None and "test" in r and same_run_within(r, spec.recipe.epochs)]
     for r in runs:
         r["converged"] = has_converged(int(r["best_epoch"]) - 1, int(r["epochs_run"]), spec.recipe.patience)
     return runs

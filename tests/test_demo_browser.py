@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 import httpx
 import numpy as np
 import pytest
+from test_serving_api import metric
 from test_serving_demo import ANALYSIS, LABELS, binary_classifier, dicom_file, view_args, windowed
 
 from ctdata import read_dicom
@@ -113,15 +114,6 @@ def only_loopback(blocked: list[str]) -> Any:
     return handle
 
 
-def infer_calls(base: str) -> float:
-    """Requests the inference service answered (BentoML's Prometheus counter at the API's /metrics)."""
-    total = 0.0
-    for line in httpx.get(base + "/metrics", timeout=10).text.splitlines():
-        if line.startswith("bentoml_service_request_total{") and 'endpoint="/infer"' in line:
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
 def test_demo_mounted_at_ui_answers_gradio_client(
     served: tuple[Server, Path, Path], tmp_path: Path, ct_small_dcm: Path
 ) -> None:
@@ -135,11 +127,11 @@ def test_demo_mounted_at_ui_answers_gradio_client(
     )
     client = Client(f"{server.base}/ui/", verbose=False, download_files=str(tmp_path))
     client.predict(api_name="/models")
-    calls = infer_calls(server.base)
+    calls = metric(server.base, "bentoml_service_request_total", endpoint="/infer")
     out = client.predict([handle_file(str(ct_small_dcm))], None, *view_args(cam=True), api_name="/load")
     # the demo analysed through the inference service's batched session (one /infer call for one slice),
     # not through a second ONNX session of its own in the API worker
-    assert infer_calls(server.base) == calls + 1
+    assert metric(server.base, "bentoml_service_request_total", endpoint="/infer") == calls + 1
     named = dict(zip(ANALYSIS, out, strict=True))
     answer = api.json()
     assert named["prediction"] == answer["label"]
