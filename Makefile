@@ -103,12 +103,14 @@ evaluate: $(STAMP) | $(ORGAN_NPZ)
 STUDY_FRACTIONS ?= 0.01,0.05,0.1,0.25,1
 STUDY_EPOCHS ?= 120
 STUDY_WORKERS ?= 2
+# STUDY_FLAGS=--report-only rewrites tables, figure and cards from the cells finished so far, running none.
+STUDY_FLAGS ?=
 study: study-organamnist study-headct
 
 study-organamnist: $(STAMP) | $(ORGAN_NPZ)
 	$(CTHUB) study --data $(ORGAN_NPZ) --encoders $(STUDY_ENCODERS) --fractions $(STUDY_FRACTIONS) --seeds 3 \
 	  --image-size 64 --epochs $(STUDY_EPOCHS) --head-epochs 2 --patience 10 --select auc --max-val 1000 --max-test 3000 \
-	  --workers $(STUDY_WORKERS) --threads 1 --out docs/results/study-organamnist
+	  --workers $(STUDY_WORKERS) --threads 1 --out docs/results/study-organamnist $(STUDY_FLAGS)
 
 # Head CT hemorrhage (../shared/data/head_ct: 200 PNG slices, windowed by the dataset's authors; labels.csv):
 # the paper's brain protocol, 5 stratified folds at 100% and 75% of each training part.
@@ -117,7 +119,7 @@ HEADCT_FRACTIONS ?= 1,0.75
 study-headct: $(STAMP)
 	$(CTHUB) study --data $(HEAD_CT) --protocol kfold --folds 5 --encoders $(STUDY_ENCODERS) --fractions $(HEADCT_FRACTIONS) \
 	  --seeds 1 --image-size 64 --epochs $(STUDY_EPOCHS) --head-epochs 2 --patience 10 --select auc \
-	  --workers $(STUDY_WORKERS) --threads 1 --out docs/results/study-headct
+	  --workers $(STUDY_WORKERS) --threads 1 --out docs/results/study-headct $(STUDY_FLAGS)
 
 # Robustness of the classifiers of `make run` (its served model and the random-init baseline, both in
 # $(MODELS)/organamnist-*) in the manner of Ghesu et al.: test AUC under HU offset/scale, rotation, zoom and

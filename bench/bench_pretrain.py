@@ -9,7 +9,8 @@
 
     .venv/bin/python -m bench pretrain     (env: BENCH_SIZE=64 BENCH_BATCH=64 BENCH_STEPS=3)
 
-Images/s counts source slices, not views. fp32 unless the CPU has native bf16 (`cthub.runtime.resolve_amp`).
+Images/s counts source slices, not views. Every step runs in fp32 (the methods' and the supervised one), so
+the ratios measure the methods' extra work, not a precision; `bench finetune` compares bf16 with fp32.
 """
 
 from __future__ import annotations
@@ -186,6 +187,7 @@ def main() -> dict:
         "batch": batch,
         "steps": steps,
         "threads": 1,
+        "precision": "fp32",
         "cpu": cpu_info(),
         "torch": torch.__version__,
         "methods": {},

@@ -40,8 +40,18 @@ def _preprocess(r: dict[str, Any]) -> Iterator[Row]:
 
 
 def _pretrain(r: dict[str, Any]) -> Iterator[Row]:
-    for m, v in (r.get("overhead_vs_supervised") or {}).items():
-        yield (f"{m} step / supervised step", "time per image, same encoder and input size", v)
+    size = r.get("image_size")
+    for m, res in (r.get("methods") or {}).items():
+        yield (
+            f"{m} step / supervised step",
+            f"time per image, same encoder, {size} px, 1 thread",
+            _get(res, "overhead_vs_supervised"),
+        )
+    yield (
+        "2 procs x 1 thread / 1 x 2 threads",
+        f"aggregate supervised training images/s, {size} px",
+        _get(r, "threads_layout", "ratio_two_by_one"),
+    )
 
 
 def _export(r: dict[str, Any]) -> Iterator[Row]:

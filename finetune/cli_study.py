@@ -48,6 +48,11 @@ def register_study(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-val", type=int, default=None)
     p.add_argument("--max-test", type=int, default=None)
     p.add_argument("--workers", type=int, default=1, help="parallel runs (each at --threads, default 1)")
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="run nothing: rewrite the tables, figure and cards from the cells finished so far",
+    )
     add_recipe_args(p)
     p.set_defaults(func=_study)
 
@@ -87,7 +92,9 @@ def _study(a: argparse.Namespace) -> int:
         max_test=a.max_test,
     )
     command = command_line("study", a)
-    summary = run_study(spec, workers=a.workers, threads_per_worker=threads or 1, command=command)
+    summary = run_study(
+        spec, workers=a.workers, threads_per_worker=threads or 1, command=command, report_only=a.report_only
+    )
     summary["skipped_encoders"] = skipped
     print(json.dumps(summary, indent=2))
     table = Path(a.out) / "table2.md"

@@ -69,6 +69,7 @@ def table2_markdown(
     fracs = sorted({r["fraction"] for r in rows} | set(fractions or ()), reverse=True)
     encoders = list(dict.fromkeys([*(encoders or ()), *(r["encoder"] for r in rows)]))
     by = {(r["encoder"], r["fraction"]): r for r in rows}
+    most = max(r["runs"] for r in rows)
     head = ["pretraining"] + [f"{pct(f)} {m}" for f in fracs for m in ("AUC", "F1")]
     lines = [f"### {title}", ""] if title else []
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -76,7 +77,9 @@ def table2_markdown(
         cells = [e]
         for f in fracs:
             r = by.get((e, f))
-            cells += [r["auc"], r["f1"]] if r else ["–", "–"]
+            # a cell with fewer finished runs than the others (a study still under way) says how many
+            n = f" (n={r['runs']})" if r and r["runs"] < most else ""
+            cells += [r["auc"] + n, r["f1"] + n] if r else ["–", "–"]
         lines.append("| " + " | ".join(cells) + " |")
     runs = sorted({r["runs"] for r in rows})
     ntrain = {f: max((r["n_train"] for r in rows if r["fraction"] == f), default=0) for f in fracs}

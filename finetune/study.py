@@ -303,10 +303,16 @@ def record_in_cards(spec: StudySpec, rows: list[dict[str, Any]], command: str = 
 
 
 def run_study(
-    spec: StudySpec, workers: int = 1, threads_per_worker: int = 1, command: str = ""
+    spec: StudySpec,
+    workers: int = 1,
+    threads_per_worker: int = 1,
+    command: str = "",
+    *,
+    report_only: bool = False,
 ) -> dict[str, Any]:
     """Run every unfinished cell (finished ones are read back, not redone), aggregate, and write each local
-    encoder's rows into its model card."""
+    encoder's rows into its model card. `report_only` runs nothing: the reports are rewritten from the cells
+    finished so far (a study stopped part-way, or cells run by several processes into one folder)."""
     out = Path(spec.out)
     out.mkdir(parents=True, exist_ok=True)
     old_epochs = _check_same_recipe(spec, out / "study.json")
@@ -314,12 +320,14 @@ def run_study(
         _stamp_epoch_budgets(out, old_epochs)
     (out / "study.json").write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
     cells = spec.cells()
-    todo = [c for c in cells if not is_done(out, c, spec.recipe.epochs)]
+    unfinished = [c for c in cells if not is_done(out, c, spec.recipe.epochs)]
+    todo = [] if report_only else unfinished
     log.info(
-        "study: %d runs, %d already finished, %d to do (%d worker(s))",
+        "study: %d runs, %d already finished, %d %s (%d worker(s))",
         len(cells),
-        len(cells) - len(todo),
-        len(todo),
+        len(cells) - len(unfinished),
+        len(unfinished),
+        "not run (report only)" if report_only else "to do",
         workers,
     )
     failed: dict[str, str] = {}
@@ -341,7 +349,12 @@ def run_study(
     title = f"{Path(spec.data).name}: {spec.protocol}"
     runs = load_runs(spec, out)
     summary = write_reports(out, runs, spec=spec.to_dict(), title=title, failed=failed)
-    summary.update(ran=len(todo) - len(failed), skipped_finished=len(cells) - len(todo), failed=failed)
+    summary.update(
+        ran=len(todo) - len(failed),
+        skipped_finished=len(cells) - len(unfinished),
+        not_run=len(unfinished) - len(todo),
+        failed=failed,
+    )
     summary["cards_updated"] = record_in_cards(spec, aggregate(runs), command)
     return summary
 

@@ -4,6 +4,7 @@ records a failing cell without stopping the others."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
@@ -146,6 +147,32 @@ def test_raising_the_epoch_budget_reruns_only_the_cells_that_used_all_of_it(
     assert second.stat().st_mtime_ns == stamp  # kept: the same run under a budget of 2
     assert json.loads((out / "study.json").read_text())["recipe"]["epochs"] == 2
     assert len(json.loads((out / "results.json").read_text())["runs"]) == 2
+
+
+def test_report_only_rewrites_the_reports_of_a_study_stopped_part_way(
+    organamnist_npz: Path, tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "study"
+    both = dataclasses.replace(_spec(organamnist_npz, out, [0.003]), seeds=[0, 1])
+    assert run_study(both)["ran"] == 2
+    assert run_study(_spec(organamnist_npz, out, [0.005]))["ran"] == 1
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")}
+
+    from cthub.cli import main
+
+    argv = ["study", "--data", str(organamnist_npz), "--encoders", "scratch", "--fractions", "0.003,0.005"]
+    argv += ["--seeds", "2", "--out", str(out), "--image-size", "32", "--epochs", "1", "--head-epochs", "0"]
+    argv += ["--batch-size", "32", "--lr", "0.001", "--max-val", "150", "--max-test", "200", "--report-only"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads(printed[printed.index("{") : printed.rindex("}") + 1])
+    assert (summary["ran"], summary["skipped_finished"], summary["not_run"]) == (0, 3, 1)
+    assert {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")} == stamps  # nothing was rerun
+    table = (out / "table2.md").read_text()
+    line = next(row for row in table.splitlines() if row.startswith("| scratch |"))
+    # the 0.5% cell has one run of the two the study asks for; the 0.3% cells have both (mean ± std)
+    assert line.count("(n=1)") == 2 and line.count("±") == 2
+    assert len(json.loads((out / "results.json").read_text())["runs"]) == 3
 
 
 def test_failing_cell_is_recorded_and_the_others_finish(
