@@ -172,8 +172,11 @@ def precision(recipe: FinetuneConfig) -> str:
     return precision_label(device, recipe.resolved_amp(device))
 
 
-def run_cell(spec: StudySpec, cell: Cell) -> dict[str, Any]:
-    """Train and measure one cell; writes runs/<key>.json (the resume marker)."""
+def run_cell(
+    spec: StudySpec, cell: Cell, on_epoch: Callable[[dict[str, Any]], None] | None = None
+) -> dict[str, Any]:
+    """Train and measure one cell; writes runs/<key>.json (the resume marker). `on_epoch` gets each epoch's
+    record (`finetune.train.fit`)."""
     train, val, test = select_splits(
         load_splits(spec.data),
         fold=cell.fold,
@@ -186,7 +189,15 @@ def run_cell(spec: StudySpec, cell: Cell) -> dict[str, Any]:
         max_test=spec.max_test,
     )
     pp = data_preprocessing(spec.data, input_size=spec.recipe.image_size)
-    res = fit(cell.encoder, train, val, test, spec.recipe.replace(seed=cell.seed), preprocessing=pp)
+    res = fit(
+        cell.encoder,
+        train,
+        val,
+        test,
+        spec.recipe.replace(seed=cell.seed),
+        preprocessing=pp,
+        on_epoch=on_epoch,
+    )
     assert res.test_metrics is not None
     rec = {
         **asdict(cell),
@@ -207,12 +218,37 @@ def run_cell(spec: StudySpec, cell: Cell) -> dict[str, Any]:
     return rec
 
 
+class EpochProgress:
+    """A line per epoch of a cell running in a worker process (whose training log is quiet): the cell, the
+    epoch of its budget, validation AUC, the best so far and the time per epoch, so a cell of half an hour
+    shows how it goes and how long an epoch takes."""
+
+    def __init__(self, cell: Cell, budget: int) -> None:
+        self.cell, self.budget = cell, budget
+        self.best = (float("-inf"), 0)
+
+    def __call__(self, rec: dict[str, Any]) -> None:
+        if rec["best"]:
+            self.best = (rec["val_auc"], rec["epoch"])
+        log.info(
+            "%s: epoch %d/%d [%s] val auc %.3f (best %.3f at %d), %.0f s/epoch",
+            self.cell.key,
+            rec["epoch"],
+            self.budget,
+            rec["phase"],
+            rec["val_auc"],
+            *self.best,
+            rec["epoch_s"],
+        )
+
+
 def _worker(spec: StudySpec, cell: Cell, threads: int) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(threads)
-    logging.basicConfig(level=logging.WARNING)
-    return run_cell(spec, cell)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    log.setLevel(logging.INFO)  # this module's progress lines; training's own log stays quiet
+    return run_cell(spec, cell, on_epoch=EpochProgress(cell, spec.recipe.epochs))
 
 
 def available_encoders(names: list[str]) -> tuple[list[str], dict[str, str]]:

@@ -175,6 +175,24 @@ def test_report_only_rewrites_the_reports_of_a_study_stopped_part_way(
     assert len(json.loads((out / "results.json").read_text())["runs"]) == 3
 
 
+def test_cells_in_worker_processes_match_serial_runs_and_show_progress(
+    organamnist_npz: Path, tmp_path: Path, capfd
+) -> None:
+    def spec(out: str) -> StudySpec:
+        return dataclasses.replace(_spec(organamnist_npz, tmp_path / out, [0.003]), seeds=[0, 1])
+
+    serial = run_study(spec("serial"))
+    parallel = run_study(spec("parallel"), workers=2, threads_per_worker=1)
+    assert serial["ran"] == parallel["ran"] == 2
+    for c in spec("x").cells():  # same seed, one thread each: the process a cell ran in changes nothing
+        a, b = (json.loads(run_path(tmp_path / d, c).read_text()) for d in ("serial", "parallel"))
+        assert a["test"]["confusion_matrix"] == b["test"]["confusion_matrix"], c.key
+        assert a["test"]["auc"] == pytest.approx(b["test"]["auc"], abs=1e-6)
+    err = capfd.readouterr().err
+    for seed in (0, 1):  # each worker reports its cell's epochs (training's own log is quiet there)
+        assert f"scratch__f0.003__s{seed}: epoch 1/1 [full] val auc " in err, err[-2000:]
+
+
 def test_failing_cell_is_recorded_and_the_others_finish(
     head_ct_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
