@@ -339,7 +339,11 @@ def build(p: Plan) -> dict[str, Any]:
         )
         if not _classifier_current(out, args, sha)
     }
-    progress.start(1, f"fine-tune on few labels: {p.encoder} and random init side by side", skipped=not todo)
+    names = {"ssl": p.encoder, "scratch": "random init"}
+    what = " and ".join(names[k] for k in todo) + (" side by side" if len(todo) > 1 else "")
+    if todo and len(todo) < len(names):
+        what += " (" + ", ".join(names[k] for k in names if k not in todo) + ": current, reused)"
+    progress.start(1, f"fine-tune on few labels: {what or p.encoder + ' and random init'}", skipped=not todo)
     if todo:
         failed = [k for k, rc in run_commands(todo).items() if rc != 0]
         if failed:
