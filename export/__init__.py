@@ -1,22 +1,47 @@
 """Export: classifiers to ONNX (dynamic batch; logits, probabilities, class activation maps, embeddings;
 config, checksums and an out-of-distribution reference in metadata), verified against torch on the
 classifier's own data, int8 static quantization; one inference interface (`Classifier`) with ONNX Runtime
-and torch implementations, verified on load."""
+and torch implementations, verified on load.
 
-from export.classifier import Classifier, InferenceOutputs, TorchClassifier, softmax
-from export.exporter import (
-    PARITY_TOLERANCE,
-    ExportReport,
-    check_parity,
-    export_onnx,
-    matches_source,
-    onnx_is_fresh,
-)
-from export.integrity import INT8_NAME, ONNX_FILES, ONNX_NAME
-from export.ood import OodReference
-from export.quantize import Int8Report, Int8Tolerance, QuantSettings, quantize_int8
-from export.session import OnnxClassifier, quiet_onnxruntime_process, read_metadata
+Names are imported on first use (PEP 562) so that `cthub --help` does not load torch or ONNX Runtime."""
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from export.classifier import Classifier, InferenceOutputs, TorchClassifier, softmax
+    from export.defaults import PARITY_TOLERANCE
+    from export.exporter import ExportReport, check_parity, export_onnx, matches_source, onnx_is_fresh
+    from export.integrity import INT8_NAME, ONNX_FILES, ONNX_NAME
+    from export.ood import OodReference
+    from export.quantize import Int8Report, Int8Tolerance, QuantSettings, quantize_int8
+    from export.session import OnnxClassifier, quiet_onnxruntime_process, read_metadata
+
+_EXPORTS: dict[str, str] = {
+    "INT8_NAME": "export.integrity",
+    "ONNX_FILES": "export.integrity",
+    "ONNX_NAME": "export.integrity",
+    "PARITY_TOLERANCE": "export.defaults",
+    "Classifier": "export.classifier",
+    "ExportReport": "export.exporter",
+    "InferenceOutputs": "export.classifier",
+    "Int8Report": "export.quantize",
+    "Int8Tolerance": "export.quantize",
+    "OnnxClassifier": "export.session",
+    "OodReference": "export.ood",
+    "QuantSettings": "export.quantize",
+    "TorchClassifier": "export.classifier",
+    "check_parity": "export.exporter",
+    "export_onnx": "export.exporter",
+    "matches_source": "export.exporter",
+    "onnx_is_fresh": "export.exporter",
+    "quantize_int8": "export.quantize",
+    "quiet_onnxruntime_process": "export.session",
+    "read_metadata": "export.session",
+    "softmax": "export.classifier",
+}
 __all__ = [
     "INT8_NAME",
     "ONNX_FILES",
@@ -40,3 +65,9 @@ __all__ = [
     "read_metadata",
     "softmax",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'export' has no attribute {name!r}")

@@ -6,24 +6,18 @@ import argparse
 import json
 import logging
 
-from export.exporter import (
-    DEFAULT_OOD_IMAGES,
-    DEFAULT_OPSET,
-    DEFAULT_PARITY_IMAGES,
-    EXPORTERS,
-    PARITY_TOLERANCE,
-    export_onnx,
-)
-from export.ood import DEFAULT_QUANTILE
-from export.quantize import (
+from export.defaults import (
     CALIBRATION_METHODS,
     DEFAULT_CALIBRATION_IMAGES,
     DEFAULT_EVAL_IMAGES,
-    Int8Tolerance,
-    QuantSettings,
-    quantize_int8,
+    DEFAULT_MAX_AUC_DROP,
+    DEFAULT_OOD_IMAGES,
+    DEFAULT_OPSET,
+    DEFAULT_PARITY_IMAGES,
+    DEFAULT_QUANTILE,
+    EXPORTERS,
+    PARITY_TOLERANCE,
 )
-from export.session import quiet_onnxruntime_process
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -60,7 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("--calibrate-method", choices=CALIBRATION_METHODS, default="minmax")
     q.add_argument("--reduce-range", action="store_true", help="7-bit weights (older CPUs without VNNI)")
     q.add_argument("--eval-images", type=int, default=DEFAULT_EVAL_IMAGES, help="test images for ΔAUC/ΔF1")
-    q.add_argument("--max-auc-drop", type=float, default=Int8Tolerance.max_auc_drop)
+    q.add_argument("--max-auc-drop", type=float, default=DEFAULT_MAX_AUC_DROP)
     q.add_argument("--max-f1-drop", type=float, default=None)
     q.add_argument("--min-agreement", type=float, default=None, help="min top-1 agreement with fp32")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -68,6 +62,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from export.exporter import export_onnx
+    from export.quantize import Int8Tolerance, QuantSettings, quantize_int8
+    from export.session import quiet_onnxruntime_process
+
     quiet_onnxruntime_process()  # this command is an entry point: process-wide ORT settings belong here
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" notes
     for name in ("onnxscript", "onnx_ir"):  # the exporter's optimizer passes log every step at INFO

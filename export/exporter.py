@@ -21,27 +21,30 @@ import torch
 from cthub.errors import ConfigError, IntegrityError, ModelNotFoundError, ToleranceError
 from export.classifier import CamHead, Classifier, loaded_sha256, model_config
 from export.data import ModelData, batches, load_model_data, prepare_files, pydicom_sources
+from export.defaults import (
+    DEFAULT_OOD_IMAGES,
+    DEFAULT_OPSET,
+    DEFAULT_PARITY_IMAGES,
+    DEFAULT_QUANTILE,
+    EXPORTERS,
+    PARITY_TOLERANCE,
+)
 from export.integrity import ONNX_NAME, record_onnx
-from export.ood import DEFAULT_QUANTILE, OodReference
+from export.ood import OodReference
 from export.session import INPUT_NAME, META_PREFIX, OUTPUT_NAMES, OnnxClassifier, read_metadata
-from finetune.data import data_source
 from hub.config import WEIGHTS_NAME, ModelConfig
 from hub.io import load_dir, record_metrics, sha256_file
 
 log = logging.getLogger(__name__)
 
-DEFAULT_OPSET = 18
-EXPORTERS = ("dynamo", "torchscript")
 # fp32 parity, torch vs ONNX Runtime: max |Δ| <= atol + PARITY_RTOL * max |torch output|, else the file is
-# not written. Float32 sums over 2048 channels and 50 layers differ by about 1e-6 of the outputs' scale (not
-# of each element's own value), and a briefly trained model can have logits in the hundreds: the scale term
-# keeps such models exportable. The goal (max |Δ logits| < PARITY_GOAL) is reported beside.
-PARITY_TOLERANCE = 1e-4  # atol on logits
+# not written; atol is PARITY_TOLERANCE (on logits, in export.defaults). Float32 sums over 2048 channels and
+# 50 layers differ by about 1e-6 of the outputs' scale (not of each element's own value), and a briefly
+# trained model can have logits in the hundreds: the scale term keeps such models exportable. The goal
+# (max |Δ logits| < PARITY_GOAL) is reported beside.
 PARITY_RTOL = 1e-5
 PARITY_GOAL = 1e-4
 CAM_TOLERANCE = 1e-3  # atol on the class activation maps
-DEFAULT_PARITY_IMAGES = 256
-DEFAULT_OOD_IMAGES = 500
 CHUNK = 16  # images per forward pass in the checks (bounded memory at 224 px)
 OUTPUT_DOCS: dict[str, str] = {
     "logits": "[batch, K] raw class scores",
@@ -403,6 +406,8 @@ def export_onnx(
     if cfg.num_classes <= 0:
         raise ConfigError(f"{model_dir} holds an encoder without a classification head; fine-tune it first")
     source_sha = loaded_sha256(cfg)  # hashed and verified once, while loading
+    from finetune.data import data_source  # here: it loads scikit-learn, which freshness checks do not need
+
     source = data_source(cfg, data)
     own = load_model_data(cfg, source) if source is not None else None
     pp = cfg.preprocessing

@@ -22,10 +22,10 @@ from typing import Any
 import numpy as np
 
 from cthub.errors import ConfigError, ShapeError
+from export.defaults import DEFAULT_QUANTILE
 
 METHOD = "ppca-mahalanobis"
 DEFAULT_RANK = 32
-DEFAULT_QUANTILE = 0.99
 
 
 def _features(embedding: np.ndarray) -> np.ndarray:

@@ -30,9 +30,16 @@ import numpy as np
 
 from cthub.errors import ConfigError, ToleranceError
 from export.data import ModelData, batches, load_model_data
+from export.defaults import (
+    CALIBRATION_METHODS,
+    DEFAULT_CALIBRATION_IMAGES,
+    DEFAULT_EVAL_IMAGES,
+    DEFAULT_MAX_AUC_DROP,
+    DEFAULT_OOD_IMAGES,
+    DEFAULT_QUANTILE,
+)
 from export.exporter import (
     CHUNK,
-    DEFAULT_OOD_IMAGES,
     build_ood,
     classifier_outputs,
     record_in_card,
@@ -40,16 +47,12 @@ from export.exporter import (
     write_metadata,
 )
 from export.integrity import ONNX_NAME, int8_path, record_onnx
-from export.ood import DEFAULT_QUANTILE
 from export.session import INPUT_NAME, OnnxClassifier, read_metadata, weights_sha256
 from finetune.data import data_source
 from hub.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CALIBRATION_IMAGES = 256
-DEFAULT_EVAL_IMAGES = 2000
-CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 ACTIVATION_TYPES = ("uint8", "int8")
 QUANT_FORMATS = ("qdq", "qoperator")
 
@@ -59,7 +62,7 @@ class Int8Tolerance:
     """How far int8 may fall behind fp32 on the test split before the file is refused (None: unchecked).
     Drops are fp32 minus int8, so a negative value demands that int8 be better."""
 
-    max_auc_drop: float = 0.005
+    max_auc_drop: float = DEFAULT_MAX_AUC_DROP
     max_f1_drop: float | None = None
     min_agreement: float | None = None
 

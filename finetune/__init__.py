@@ -13,7 +13,16 @@ Names are imported on first use (PEP 562) so that `cthub --help` does not load s
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from finetune.artifact import save_classifier
+    from finetune.config import FinetuneConfig
+    from finetune.data import select_splits
+    from finetune.evaluate import evaluate_encoder, knn_eval
+    from finetune.metrics import choose_threshold, classification_metrics
+    from finetune.probe import extract_features, linear_probe
+    from finetune.train import FitResult, fit, predict_proba
 
 _EXPORTS: dict[str, str] = {
     "FinetuneConfig": "finetune.config",

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from cthub.errors import ConfigError
-from cthub.runtime import resolve_amp
+
+if TYPE_CHECKING:  # torch is imported on use: `cthub finetune --help` reads this module's defaults
+    import torch
 
 BALANCE_MODES = ("weights", "sampler", "none")
 # validation signals for model selection: "auc" (default) and "loss" use every predicted probability, "f1" and
@@ -78,6 +78,8 @@ class FinetuneConfig:
     def resolved_amp(self, device: torch.device) -> bool:
         """Whether to autocast on `device`. bf16 on a CPU without native bf16 (AVX2-only) is emulated and
         measured here 10-40x slower than fp32, so "auto" enables it only where the CPU has it."""
+        from cthub.runtime import resolve_amp
+
         return resolve_amp(self.amp, device)
 
     def to_dict(self) -> dict[str, Any]:

@@ -4,22 +4,43 @@ from hub import from_pretrained
 enc = from_pretrained("spark-lidc")                    # registry name or alias, verified by sha256
 clf = from_pretrained("spark", num_classes=11)          # encoder + fresh head for fine-tuning
 feats = from_pretrained("spark", features_only=True)    # forward -> 4 stage maps (strides 4..32)
+
+Names are imported on first use (PEP 562) so that `cthub --help` does not load torch.
 """
 
-from hub.config import ModelConfig
-from hub.features import FeaturesOnly
-from hub.io import (
-    from_pretrained,
-    hub_dir,
-    load_dir,
-    local_model_dir,
-    publish_local,
-    record_metrics,
-    save_pretrained,
-)
-from hub.registry import load_registry
-from hub.resnet import ResNet50
+from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from hub.config import ModelConfig
+    from hub.features import FeaturesOnly
+    from hub.io import (
+        from_pretrained,
+        hub_dir,
+        load_dir,
+        local_model_dir,
+        publish_local,
+        record_metrics,
+        save_pretrained,
+    )
+    from hub.registry import load_registry
+    from hub.resnet import ResNet50
+
+_EXPORTS: dict[str, str] = {
+    "FeaturesOnly": "hub.features",
+    "ModelConfig": "hub.config",
+    "ResNet50": "hub.resnet",
+    "from_pretrained": "hub.io",
+    "hub_dir": "hub.io",
+    "load_dir": "hub.io",
+    "load_registry": "hub.registry",
+    "local_model_dir": "hub.io",
+    "publish_local": "hub.io",
+    "record_metrics": "hub.io",
+    "save_pretrained": "hub.io",
+}
 __all__ = [
     "FeaturesOnly",
     "ModelConfig",
@@ -33,3 +54,9 @@ __all__ = [
     "record_metrics",
     "save_pretrained",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'hub' has no attribute {name!r}")

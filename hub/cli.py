@@ -15,8 +15,6 @@ from typing import Any
 
 from cthub.errors import ConfigError, ModelNotFoundError
 from hub import manifest
-from hub.card import write_card
-from hub.config import CONFIG_NAME, WEIGHTS_NAME, ModelConfig
 from hub.registry import RegistryEntry, load_registry
 
 
@@ -31,6 +29,8 @@ def _cached(entry: RegistryEntry, cache_dir: str | None) -> bool:
         return False
     from huggingface_hub import try_to_load_from_cache
 
+    from hub.config import WEIGHTS_NAME
+
     hit = try_to_load_from_cache(
         entry.repo_id or "", WEIGHTS_NAME, cache_dir=cache_dir, revision=entry.revision
     )
@@ -39,6 +39,8 @@ def _cached(entry: RegistryEntry, cache_dir: str | None) -> bool:
 
 def status(entry: RegistryEntry, hub: Path, cache_dir: str | None = None) -> str:
     """local (in the hub dir) | cached (HF cache) | remote | unpublished | not built (local-only, absent)."""
+    from hub.config import WEIGHTS_NAME
+
     if (hub / entry.name / WEIGHTS_NAME).is_file():
         return "local"
     if _cached(entry, cache_dir):
@@ -49,6 +51,8 @@ def status(entry: RegistryEntry, hub: Path, cache_dir: str | None = None) -> str
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    from hub.config import WEIGHTS_NAME, ModelConfig
+
     reg, hub = load_registry(), _hub(args)
     rows: list[dict[str, Any]] = [
         {
@@ -90,6 +94,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    from hub.config import WEIGHTS_NAME, ModelConfig
+
     reg, hub = load_registry(), _hub(args)
     name = reg.canonical(args.name)
     entry = reg.get(name)
@@ -141,6 +147,8 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 def stage_for_push(folder: Path, out: Path) -> Path:
     """Build the exact folder `push` uploads: verified weights, sidecar, config.json and a fresh card."""
+    from hub.card import write_card
+    from hub.config import CONFIG_NAME, WEIGHTS_NAME, ModelConfig
     from hub.io import load_dir
 
     load_dir(folder)  # strict load + sidecar check: never upload what would not load
@@ -155,6 +163,7 @@ def stage_for_push(folder: Path, out: Path) -> Path:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
+    from hub.config import WEIGHTS_NAME
     from hub.remote import upload
 
     reg, hub = load_registry(), _hub(args)
@@ -179,6 +188,7 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
+    from hub.config import WEIGHTS_NAME, ModelConfig
     from hub.convert import import_checkpoint
 
     hub = _hub(args)

@@ -1,14 +1,40 @@
 """PACS in the loop: a local Orthanc, and a watcher that follows its change feed, analyses each stable CT
 series with the project's model (in-process, the `/report` endpoint's code) and stores the DICOM SR with the
 study (WADO-RS in, STOW-RS out), leaving one PHI-free record per series. Importing this package loads
-neither the model nor any HTTP client."""
+neither the model nor any HTTP client.
 
-from pacs.analysis import SeriesRefused, SeriesReport, SeriesReporter
-from pacs.client import Fetched, PacsClient, SeriesInfo
-from pacs.orthanc import OrthancConfig, OrthancProcess, PacsError, missing_parts, start_orthanc
-from pacs.records import Position, RecordLog, read_records
-from pacs.watcher import Watcher, WatchSettings
+Names are imported on first use (PEP 562) so that `cthub --help` does not load torch."""
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pacs.analysis import SeriesRefused, SeriesReport, SeriesReporter
+    from pacs.client import Fetched, PacsClient, SeriesInfo
+    from pacs.orthanc import OrthancConfig, OrthancProcess, PacsError, missing_parts, start_orthanc
+    from pacs.records import Position, RecordLog, read_records
+    from pacs.watcher import Watcher, WatchSettings
+
+_EXPORTS: dict[str, str] = {
+    "Fetched": "pacs.client",
+    "OrthancConfig": "pacs.orthanc",
+    "OrthancProcess": "pacs.orthanc",
+    "PacsClient": "pacs.client",
+    "PacsError": "pacs.orthanc",
+    "Position": "pacs.records",
+    "RecordLog": "pacs.records",
+    "SeriesInfo": "pacs.client",
+    "SeriesRefused": "pacs.analysis",
+    "SeriesReport": "pacs.analysis",
+    "SeriesReporter": "pacs.analysis",
+    "WatchSettings": "pacs.watcher",
+    "Watcher": "pacs.watcher",
+    "missing_parts": "pacs.orthanc",
+    "read_records": "pacs.records",
+    "start_orthanc": "pacs.orthanc",
+}
 __all__ = [
     "Fetched",
     "OrthancConfig",
@@ -27,3 +53,9 @@ __all__ = [
     "read_records",
     "start_orthanc",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'pacs' has no attribute {name!r}")

@@ -5,12 +5,33 @@ Public API:
     train(cfg, resume=False) -> RunResult            one loop for all methods (DDP via torchrun)
     publish(result, cfg, name, ...) -> Path           encoder + model card into the local hub
     build_method(cfg) -> SSLMethod, METHODS
+
+Names are imported on first use (PEP 562) so that `cthub --help` does not load torch.
 """
 
-from pretrain.config import METHODS, TrainConfig, build_method, config_for, load_recipe
-from pretrain.publish import publish
-from pretrain.trainer import RunResult, plain_encoder, train
+from __future__ import annotations
 
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pretrain.config import METHODS, TrainConfig, build_method, config_for, load_recipe
+    from pretrain.publish import publish
+    from pretrain.trainer import RunResult, plain_encoder, train
+
+_EXPORTS: dict[str, str] = {
+    "METHODS": "pretrain.config",
+    "RunResult": "pretrain.trainer",
+    "TrainConfig": "pretrain.config",
+    "build_method": "pretrain.config",
+    "config_for": "pretrain.config",
+    "load_recipe": "pretrain.config",
+    "plain_encoder": "pretrain.trainer",
+    "publish": "pretrain.publish",
+    "train": "pretrain.trainer",
+}
 __all__ = [
     "METHODS",
     "RunResult",
@@ -22,3 +43,22 @@ __all__ = [
     "publish",
     "train",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'pretrain' has no attribute {name!r}")
+
+
+class _Package(types.ModuleType):
+    """`publish` names both a submodule and its function. Importing `pretrain.publish` sets the package's
+    attribute to the submodule; this keeps the function there instead, as the eager import did."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _EXPORTS and isinstance(value, types.ModuleType):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

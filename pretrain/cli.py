@@ -8,7 +8,7 @@ from typing import Any
 
 from cthub.errors import ConfigError, ModelNotFoundError
 from cthub.provenance import command_line
-from pretrain.config import METHODS
+from pretrain.names import METHOD_NAMES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="MoCoV2 / SwAV / BYOL / SparK on unlabeled CT slices. Multi-GPU/-node: "
         "launch with `torchrun --nproc_per_node N -m cthub pretrain ...`.",
     )
-    p.add_argument("--method", required=True, choices=METHODS)
+    p.add_argument("--method", required=True, choices=METHOD_NAMES)
     p.add_argument("--data", required=True, help="MedMNIST .npz (train images), shard dir or image folder")
     p.add_argument(
         "--recipe", default=None, help="YAML recipe (path or built-in: cpu-organamnist, lidc-paper)"

@@ -14,11 +14,14 @@ from hub.resnet import ResNet50
 from pretrain.base import SSLMethod
 from pretrain.byol import BYOL
 from pretrain.mocov2 import MoCoV2
+from pretrain.names import METHOD_NAMES
 from pretrain.spark import SparK
 from pretrain.swav import SwAV
 
-# The method table (name -> class), in the order the paper lists them.
-METHODS: dict[str, type[SSLMethod]] = {"mocov2": MoCoV2, "swav": SwAV, "byol": BYOL, "spark": SparK}
+# The method table (name -> class), in the order the paper lists them; the command line offers the same
+# names from pretrain.names without importing the classes.
+METHODS: dict[str, type[SSLMethod]] = {m.name: m for m in (MoCoV2, SwAV, BYOL, SparK)}
+assert tuple(METHODS) == METHOD_NAMES, "pretrain.names.METHOD_NAMES must list this table's methods, in order"
 RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
 
 # Optimizer and schedule of each method's original recipe; lr is per 256 images (scaled linearly).

@@ -1,8 +1,31 @@
 """The main job (`make run` / `cthub quickstart`): the product's own path on real data, each step reused when
 its output is current: a SparK encoder (the best `make pretrain` encoder when one exists locally, else a
 short, honestly named CPU run) -> a classifier fine-tuned from it on few labels, beside a random-init
-classifier trained the same way on the same labels -> ONNX fp32 (+ int8 within tolerance) -> serving."""
+classifier trained the same way on the same labels -> ONNX fp32 (+ int8 within tolerance) -> serving.
 
-from quickstart.pipeline import BUDGETS, Budget, Plan, best_local_encoder, build, plan
+Names are imported on first use (PEP 562) so that `cthub --help` does not load torch."""
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from quickstart.budgets import BUDGETS, Budget
+    from quickstart.pipeline import Plan, best_local_encoder, build, plan
+
+_EXPORTS: dict[str, str] = {
+    "BUDGETS": "quickstart.budgets",
+    "Budget": "quickstart.budgets",
+    "Plan": "quickstart.pipeline",
+    "best_local_encoder": "quickstart.pipeline",
+    "build": "quickstart.pipeline",
+    "plan": "quickstart.pipeline",
+}
 __all__ = ["BUDGETS", "Budget", "Plan", "best_local_encoder", "build", "plan"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'quickstart' has no attribute {name!r}")

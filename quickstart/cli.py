@@ -8,7 +8,7 @@ import json
 import os
 import sys
 
-from quickstart.pipeline import BUDGETS
+from quickstart.budgets import BUDGETS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

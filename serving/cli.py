@@ -13,9 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from cthub.errors import ConfigError
-from hub.config import ModelConfig
-from serving.predictor import BACKENDS, resolve_model_dir
-from serving.settings import MODEL_ENV, VARIANT_ENV, VARIANTS, ServeSettings
+from serving.settings import BACKENDS, MODEL_ENV, VARIANT_ENV, VARIANTS, ServeSettings
 
 SERVICE = "serving.service:CTHubService"
 QUIET_ENV = {
@@ -108,7 +106,9 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> bool:
 
 
 def serve(args: argparse.Namespace) -> int:
+    from hub.config import ModelConfig
     from serving.inference import verify_export
+    from serving.predictor import resolve_model_dir
 
     model_dir = resolve_model_dir(args.model)
     config = ModelConfig.load(model_dir)  # a broken config.json fails here, before any server starts
@@ -175,6 +175,7 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def demo(args: argparse.Namespace) -> int:
     from export.session import quiet_onnxruntime_process
+    from serving.predictor import resolve_model_dir
     from serving.viewer import private_upload_dir
 
     os.environ.update({k: v for k, v in QUIET_ENV.items() if k not in os.environ})

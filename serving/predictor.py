@@ -26,13 +26,12 @@ from hub.config import CONFIG_NAME, WEIGHTS_NAME, ModelConfig
 from hub.io import hub_dir, load_dir, sha256_file
 from hub.resnet import ResNet50
 from serving.results import decide
-from serving.settings import MODEL_ENV
+from serving.settings import BACKENDS, MODEL_ENV
 
 log = logging.getLogger(__name__)
 
 MAX_UPLOAD_ENV = "CTHUB_MAX_UPLOAD_MB"
 DEFAULT_MAX_UPLOAD_MB = 64.0
-BACKENDS = ("auto", "onnx", "torch")
 
 Upload = bytes | str | Path
 

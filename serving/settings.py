@@ -38,6 +38,7 @@ from cthub.errors import ConfigError
 MODEL_ENV = "CTHUB_SERVE_MODEL"
 VARIANT_ENV = "CTHUB_SERVE_VARIANT"
 VARIANTS = ("fp32", "int8")
+BACKENDS = ("auto", "onnx", "torch")  # serving.predictor.open_classifier's backends
 MB = 2**20
 
 

@@ -56,3 +56,26 @@ def test_recorded_commands_start_at_the_subcommand_and_write_home_as_tilde() -> 
     parsed = argparse.Namespace(model=f"{home}/m", int8=True, json=False, func=print)
     rebuilt = command_line("export", parsed, argv=[])
     assert rebuilt == "cthub export --int8 --model ~/m"
+
+
+HEAVY = ("torch", "sklearn", "scipy", "numpy", "matplotlib")  # training, metrics, figures
+HEAVY += ("onnxruntime", "onnx", "bentoml", "gradio", "highdicom", "pydicom")  # export, serving, DICOM
+
+
+def test_building_the_parser_loads_no_heavy_library() -> None:
+    """`cthub --help` (and every `cthub CMD --help`) stays quick: stage packages load their API on first use
+    and command modules import torch, scikit-learn, ONNX Runtime... only in their handlers."""
+    code = (
+        "import sys; from cthub.cli import build_parser; build_parser(); "
+        f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r})))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", f"building the parser imported {out.stdout.strip()}"
+
+
+def test_lazy_package_name_that_is_also_a_submodule() -> None:
+    """`pretrain.publish` is a submodule and the function the package exports: importing the submodule
+    first must not replace the function."""
+    code = "import pretrain.publish; from pretrain import publish; print(callable(publish))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"
