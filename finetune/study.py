@@ -12,6 +12,7 @@ make and is kept; a cell that ran its whole budget (still improving) is run agai
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -27,9 +28,10 @@ from cthub.runtime import precision_label, select_device
 from finetune.config import FinetuneConfig
 from finetune.data import data_preprocessing, load_splits, select_splits
 from finetune.report import aggregate, pct, write_csv, write_reports
+from finetune.resume import FitCheckpoint
 from finetune.train import SCRATCH_NAMES, fit, has_converged
 from hub.config import WEIGHTS_NAME, ModelConfig
-from hub.io import local_model_dir, record_metrics
+from hub.io import hub_dir, local_model_dir, record_metrics
 from hub.manifest import sha256_file
 
 __all__ = [
@@ -107,6 +109,14 @@ class StudySpec:
         return d
 
 
+def checkpoint_path(out: str | Path, cell: Cell) -> Path:
+    """Where a running cell keeps its state between epochs: under the local hub's runs (never in the study
+    folder, which may live in a repository), one folder per study folder."""
+    where = Path(out).resolve()
+    tag = hashlib.sha256(str(where).encode()).hexdigest()[:10]
+    return hub_dir() / "runs" / "study-cells" / f"{where.name}-{tag}" / f"{cell.key}.pt"
+
+
 def run_path(out: str | Path, cell: Cell) -> Path:
     return Path(out) / "runs" / f"{cell.key}.json"
 
@@ -175,8 +185,9 @@ def precision(recipe: FinetuneConfig) -> str:
 def run_cell(
     spec: StudySpec, cell: Cell, on_epoch: Callable[[dict[str, Any]], None] | None = None
 ) -> dict[str, Any]:
-    """Train and measure one cell; writes runs/<key>.json (the resume marker). `on_epoch` gets each epoch's
-    record (`finetune.train.fit`)."""
+    """Train and measure one cell; writes runs/<key>.json (the resume marker). A cell interrupted part-way
+    continues from its last checkpoint (`checkpoint_path`, written every few minutes). `on_epoch` gets each
+    epoch's record (`finetune.train.fit`)."""
     train, val, test = select_splits(
         load_splits(spec.data),
         fold=cell.fold,
@@ -197,6 +208,7 @@ def run_cell(
         spec.recipe.replace(seed=cell.seed),
         preprocessing=pp,
         on_epoch=on_epoch,
+        checkpoint=FitCheckpoint(checkpoint_path(spec.out, cell)),
     )
     assert res.test_metrics is not None
     rec = {

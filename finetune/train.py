@@ -30,6 +30,7 @@ from cthub.runtime import autocast, num_threads, resolve_amp, seed_everything, s
 from finetune.augment import AugmentConfig, augment_batch
 from finetune.config import FinetuneConfig
 from finetune.metrics import choose_threshold, classification_metrics, log_loss, selection_score
+from finetune.resume import EpochSaver, FitCheckpoint, run_fingerprint
 from hub.config import ModelConfig
 from hub.resnet import ResNet50
 
@@ -362,6 +363,37 @@ class Selection:
             self.since_best += 1
         return improved
 
+    def state(self) -> dict[str, Any]:
+        """Tensors and plain values (for a checkpoint)."""
+
+        def cand(c: _Candidate | None) -> dict[str, Any] | None:
+            if c is None:
+                return None
+            return {
+                "epoch": c.epoch,
+                "score": c.score,
+                "state": c.state,
+                "val_probs": torch.from_numpy(c.val_probs),
+            }
+
+        return {
+            "best": cand(self.best),
+            # the head-only fallback is never chosen once a full epoch ran
+            "head_fallback": cand(self.head_fallback) if self.best is None else None,
+            "since_best": self.since_best,
+        }
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        """Back to what `state()` returned."""
+
+        def cand(d: dict[str, Any] | None) -> _Candidate | None:
+            if d is None:
+                return None
+            return _Candidate(int(d["epoch"]), float(d["score"]), d["state"], d["val_probs"].numpy())
+
+        self.best, self.head_fallback = cand(saved["best"]), cand(saved["head_fallback"])
+        self.since_best = int(saved["since_best"])
+
     def should_stop(self) -> bool:
         return bool(self.patience) and self.best is not None and self.since_best >= self.patience
 
@@ -396,15 +428,34 @@ def _train_and_select(
     val: ArraySplit,
     y_train: np.ndarray,
     on_epoch: Callable[[dict[str, Any]], None] | None,
-) -> tuple[Selection, list[dict[str, Any]], int, float]:
-    """Run the epochs: (selection, history, images seen, seconds spent training)."""
+    saver: EpochSaver | None = None,
+    wall_before: float = 0.0,
+) -> tuple[Selection, list[dict[str, Any]], int, float, float]:
+    """Run the epochs, from where `saver`'s checkpoint stopped if it has one: (selection, history, images
+    seen, seconds spent training, wall seconds of earlier sessions of this run)."""
     cfg = s.cfg
     y_val = val.labels
     assert y_val is not None
     sel = Selection(cfg.select_metric, cfg.patience)
-    history: list[dict[str, Any]] = []
-    n_seen, t_train = 0, 0.0
-    for epoch in range(cfg.epochs):
+    history: list[dict[str, Any]]
+    history, start, n_seen, t_train = [], 0, 0, 0.0
+    saved = saver.load() if saver is not None else None
+    if saved is not None and int(saved["next_epoch"]) > cfg.epochs:
+        log.warning("the checkpoint is past this run's epoch budget (%d): starting over", cfg.epochs)
+        saved = None
+    if saved is not None:
+        s.model.load_state_dict(saved["model"])
+        s.opt.load_state_dict(saved["optimizer"])
+        s.g.set_state(saved["generator"])
+        torch.set_rng_state(saved["torch_rng"])
+        sel.restore(saved["selection"])
+        history, start = list(saved["history"]), int(saved["next_epoch"])
+        n_seen, t_train, wall_before = int(saved["n_seen"]), float(saved["t_train"]), float(saved["wall_s"])
+        log.info("resuming at epoch %d of %d (checkpoint of an interrupted run)", start + 1, cfg.epochs)
+        if sel.should_stop():
+            start = cfg.epochs  # it had stopped early; only the final steps were missing
+    t0 = time.perf_counter()
+    for epoch in range(start, cfg.epochs):
         st = _train_epoch(s, train.images, y_train, epoch)
         n_seen, t_train = n_seen + st.images, t_train + st.seconds
         probs = s.predict(val.images)
@@ -428,6 +479,21 @@ def _train_and_select(
             st.seconds,
             " *" if improved else "",
         )
+        if saver is not None and saver.due():
+            saver.save(
+                {
+                    "next_epoch": epoch + 1,
+                    "model": s.model.state_dict(),
+                    "optimizer": s.opt.state_dict(),
+                    "generator": s.g.get_state(),
+                    "torch_rng": torch.get_rng_state(),
+                    "selection": sel.state(),
+                    "history": history,
+                    "n_seen": n_seen,
+                    "t_train": t_train,
+                    "wall_s": wall_before + time.perf_counter() - t0,
+                }
+            )
         if on_epoch is not None:
             on_epoch(rec)
         if sel.should_stop():
@@ -437,7 +503,7 @@ def _train_and_select(
                 cfg.patience,
             )
             break
-    return sel, history, n_seen, t_train
+    return sel, history, n_seen, t_train, wall_before
 
 
 # --- the selected model -------------------------------------------------------------------------------------
@@ -479,11 +545,13 @@ def fit(
     cfg: FinetuneConfig | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     preprocessing: PreprocessConfig | None = None,
+    checkpoint: FitCheckpoint | None = None,
 ) -> FitResult:
     """Fine-tune `encoder` (hub name/path, a model, or "scratch") with a linear head on `train`; select the
     epoch by validation `cfg.select_metric`; measure `test` once with the selected model. `preprocessing` is
     the labeled data's (`finetune.data.data_preprocessing`): all of it for scratch, its HU -> grey mapping
-    for a pretrained encoder, whose normalization stays."""
+    for a pretrained encoder, whose normalization stays. With `checkpoint`, the run saves its state between
+    epochs and an interrupted run continues where it stopped (`finetune.resume`)."""
     cfg = cfg or FinetuneConfig()
     k = _check_inputs(train, val, test)
     assert train.labels is not None and val.labels is not None
@@ -491,11 +559,19 @@ def fit(
     t_start = time.perf_counter()
     with num_threads(cfg.threads):
         s, enc_name, enc_cfg = _setup(encoder, k, y_train, cfg, preprocessing)
-        sel, history, n_seen, t_train = _train_and_select(s, train, val, y_train, on_epoch)
+        saver = None
+        if checkpoint is not None:
+            arrays = [train.images, y_train, val.images, val.labels]
+            saver = EpochSaver(checkpoint, run_fingerprint(cfg.to_dict(), s.model, arrays, enc_name))
+        sel, history, n_seen, t_train, wall_before = _train_and_select(
+            s, train, val, y_train, on_epoch, saver
+        )
         cand = sel.selected()
         threshold, val_metrics = _restore_selected(s, cand, val.labels, k)
         test_metrics = _test_metrics(s, test, threshold) if test is not None else None
-    wall = time.perf_counter() - t_start
+    wall = wall_before + time.perf_counter() - t_start
+    if saver is not None:
+        saver.done()
     converged = has_converged(cand.epoch, len(history), cfg.patience)
     if not converged:
         log.warning(
