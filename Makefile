@@ -95,7 +95,8 @@ evaluate: $(STAMP) | $(ORGAN_NPZ)
 # smallest fraction first. The study folders live in the repo (small JSON per finished cell, tables, figure),
 # so a finished cell is never run again on another machine; each cell records the sha256 of the encoder it
 # measured. CPU scale: a 1% cell takes ~10-20 min of one core, a 100% cell about a day; the whole design is
-# weeks of one core, accumulated session by session (`make study-organamnist STUDY_FRACTIONS=0.01,0.05` for
+# weeks of one core, accumulated session by session (a cell interrupted part-way continues from the checkpoint
+# it writes every 5 minutes under $(CTHUB_HOME)/runs/study-cells) (`make study-organamnist STUDY_FRACTIONS=0.01,0.05` for
 # the part that decides).
 # The budget is 120 epochs: at 60, random init was still improving at 1% labels (best epoch = last in all 3
 # seeds) while every SSL init had stopped early. Raising it reruns only the cells that used their whole
