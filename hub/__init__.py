@@ -10,8 +10,9 @@ Names are imported on first use (PEP 562) so that `cthub --help` does not load t
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from cthub.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from hub.config import ModelConfig
@@ -56,7 +57,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'hub' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

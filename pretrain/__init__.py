@@ -11,10 +11,11 @@ Names are imported on first use (PEP 562) so that `cthub --help` does not load t
 
 from __future__ import annotations
 
-import importlib
 import sys
 import types
 from typing import TYPE_CHECKING, Any
+
+from cthub.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from pretrain.config import METHODS, TrainConfig, build_method, config_for, load_recipe
@@ -45,10 +46,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'pretrain' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)
 
 
 class _Package(types.ModuleType):
