@@ -114,12 +114,14 @@ study-organamnist: $(STAMP) | $(ORGAN_NPZ)
 	  --workers $(STUDY_WORKERS) --threads 1 --out docs/results/study-organamnist $(STUDY_FLAGS)
 
 # Head CT hemorrhage (../shared/data/head_ct: 200 PNG slices, windowed by the dataset's authors; labels.csv):
-# the paper's brain protocol, 5 stratified folds at 100% and 75% of each training part.
+# the paper's brain protocol, 5 stratified folds at 100% and 75% of each training part, 3 seeds (each seed
+# its own init and, at 75%, its own subset; the folds are the same for every seed).
 HEAD_CT ?= ../shared/data/head_ct
 HEADCT_FRACTIONS ?= 1,0.75
+HEADCT_SEEDS ?= 3
 study-headct: $(STAMP)
 	$(CTHUB) study --data $(HEAD_CT) --protocol kfold --folds 5 --encoders $(STUDY_ENCODERS) --fractions $(HEADCT_FRACTIONS) \
-	  --seeds 1 --image-size 64 --epochs $(STUDY_EPOCHS) --head-epochs 2 --patience 10 --select auc \
+	  --seeds $(HEADCT_SEEDS) --image-size 64 --epochs $(STUDY_EPOCHS) --head-epochs 2 --patience 10 --select auc \
 	  --workers $(STUDY_WORKERS) --threads 1 --out docs/results/study-headct $(STUDY_FLAGS)
 
 # Robustness of the classifiers of `make run` (its served model and the random-init baseline, both in
