@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
@@ -350,6 +351,14 @@ def record_in_cards(spec: StudySpec, rows: list[dict[str, Any]], command: str = 
     return updated
 
 
+def remaining_estimate(elapsed_s: float, done: int, total: int) -> str:
+    """'; ~N min left' at the pace so far (runs finished per wall second, every worker together): a rough
+    guide, since runs differ (larger fractions take longer, some encoders stop early)."""
+    if done <= 0 or done >= total:
+        return ""
+    return f"; ~{elapsed_s / done * (total - done) / 60:.0f} min left for {total - done} run(s)"
+
+
 def run_study(
     spec: StudySpec,
     workers: int = 1,
@@ -379,20 +388,23 @@ def run_study(
         workers,
     )
     failed: dict[str, str] = {}
+    t0 = time.monotonic()
     for i, (c, outcome) in enumerate(_outcomes(spec, todo, workers, threads_per_worker)):
+        left = remaining_estimate(time.monotonic() - t0, i + 1, len(todo))
         if isinstance(outcome, Exception):
             failed[c.key] = str(outcome) if isinstance(outcome, CTHubError) else repr(outcome)
             _write_record(out, c, {**asdict(c), "error": failed[c.key]})
             log.warning("[%d/%d] %s failed: %s", i + 1, len(todo), c.key, failed[c.key])
         else:
             log.info(
-                "[%d/%d] %s: test auc %.3f f1 %.3f%s",
+                "[%d/%d] %s: test auc %.3f f1 %.3f%s%s",
                 i + 1,
                 len(todo),
                 c.key,
                 outcome["test"]["auc"],
                 outcome["test"]["f1"],
                 "" if outcome["converged"] else " (still improving when the budget ended)",
+                left,
             )
     title = f"{Path(spec.data).name}: {spec.protocol}"
     runs = load_runs(spec, out)

@@ -118,6 +118,11 @@ def test_study_resumes_and_reports(organamnist_npz: Path, tmp_path: Path, capsys
         run_study(_spec(organamnist_npz, out, [0.005], RECIPE.replace(lr=0.5)))
 
 
+def test_remaining_estimate_follows_the_pace_so_far() -> None:
+    assert study.remaining_estimate(600.0, 2, 6) == "; ~20 min left for 4 run(s)"
+    assert study.remaining_estimate(600.0, 6, 6) == "" and study.remaining_estimate(0.0, 0, 6) == ""
+
+
 def test_same_run_within_a_new_epoch_budget() -> None:
     stopped = {"epoch_budget": 60, "epochs_run": 41}  # early stopping ended it at epoch 41
     full = {"epoch_budget": 60, "epochs_run": 60}  # still improving when the budget ran out
