@@ -15,6 +15,7 @@ from cthub.errors import ConfigError
 from finetune import study
 from finetune.config import FinetuneConfig
 from finetune.data import load_splits, select_splits
+from finetune.report import table2_markdown
 from finetune.study import Cell, StudySpec, available_encoders, run_path, run_study
 
 RECIPE = FinetuneConfig(image_size=32, epochs=1, head_epochs=0, batch_size=32, threads=1, lr=1e-3)
@@ -154,48 +155,49 @@ def test_raising_the_epoch_budget_reruns_only_the_cells_that_used_all_of_it(
     assert len(json.loads((out / "results.json").read_text())["runs"]) == 2
 
 
-def test_report_only_rewrites_the_reports_of_a_study_stopped_part_way(
-    organamnist_npz: Path, tmp_path: Path, capsys
+def test_cells_in_worker_processes_match_serial_runs_show_progress_and_report_part_way(
+    organamnist_npz: Path, tmp_path: Path, capfd
 ) -> None:
-    out = tmp_path / "study"
-    both = dataclasses.replace(_spec(organamnist_npz, out, [0.003]), seeds=[0, 1])
-    assert run_study(both)["ran"] == 2
-    assert run_study(_spec(organamnist_npz, out, [0.005]))["ran"] == 1
-    stamps = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")}
+    def spec(out: str, seeds: list[int]) -> StudySpec:
+        return dataclasses.replace(_spec(organamnist_npz, tmp_path / out, [0.003]), seeds=seeds)
 
+    assert run_study(spec("serial", [0]))["ran"] == 1
+    assert run_study(spec("parallel", [0, 1]), workers=2, threads_per_worker=1)["ran"] == 2
+    # same seed, one thread each: the process a cell ran in changes nothing
+    c = spec("x", [0]).cells()[0]
+    a, b = (json.loads(run_path(tmp_path / d, c).read_text()) for d in ("serial", "parallel"))
+    assert a["test"]["confusion_matrix"] == b["test"]["confusion_matrix"]
+    assert a["test"]["auc"] == pytest.approx(b["test"]["auc"], abs=1e-6)
+    err = capfd.readouterr().err
+    for seed in (0, 1):  # each worker reports its cell's epochs (training's own log is quiet there)
+        assert f"scratch__f0.003__s{seed}: epoch 1/1 [full] val auc " in err, err[-2000:]
+
+    # `--report-only` on a larger grid: the tables from the two finished cells, nothing run
+    out = tmp_path / "parallel"
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")}
     from cthub.cli import main
 
     argv = ["study", "--data", str(organamnist_npz), "--encoders", "scratch", "--fractions", "0.003,0.005"]
     argv += ["--seeds", "2", "--out", str(out), "--image-size", "32", "--epochs", "1", "--head-epochs", "0"]
     argv += ["--batch-size", "32", "--lr", "0.001", "--max-val", "150", "--max-test", "200", "--report-only"]
     assert main(argv) == 0
-    printed = capsys.readouterr().out
+    printed = capfd.readouterr().out
     summary = json.loads(printed[printed.index("{") : printed.rindex("}") + 1])
-    assert (summary["ran"], summary["skipped_finished"], summary["not_run"]) == (0, 3, 1)
+    assert (summary["ran"], summary["skipped_finished"], summary["not_run"]) == (0, 2, 2)
     assert {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")} == stamps  # nothing was rerun
-    table = (out / "table2.md").read_text()
-    line = next(row for row in table.splitlines() if row.startswith("| scratch |"))
-    # the 0.5% cell has one run of the two the study asks for; the 0.3% cells have both (mean ± std)
-    assert line.count("(n=1)") == 2 and line.count("±") == 2
-    assert len(json.loads((out / "results.json").read_text())["runs"]) == 3
+    line = next(r for r in (out / "table2.md").read_text().splitlines() if r.startswith("| scratch |"))
+    assert line.count("±") == 2 and line.count("–") == 2  # 0.3%: both seeds; 0.5%: none yet
 
 
-def test_cells_in_worker_processes_match_serial_runs_and_show_progress(
-    organamnist_npz: Path, tmp_path: Path, capfd
-) -> None:
-    def spec(out: str) -> StudySpec:
-        return dataclasses.replace(_spec(organamnist_npz, tmp_path / out, [0.003]), seeds=[0, 1])
+def test_table2_says_how_many_runs_a_cell_has_when_it_has_fewer() -> None:
+    def row(frac: float, runs: int) -> dict:
+        cell = {"encoder": "scratch", "fraction": frac, "runs": runs, "n_train": 10}
+        return cell | {"auc": "0.9", "f1": "0.5"}
 
-    serial = run_study(spec("serial"))
-    parallel = run_study(spec("parallel"), workers=2, threads_per_worker=1)
-    assert serial["ran"] == parallel["ran"] == 2
-    for c in spec("x").cells():  # same seed, one thread each: the process a cell ran in changes nothing
-        a, b = (json.loads(run_path(tmp_path / d, c).read_text()) for d in ("serial", "parallel"))
-        assert a["test"]["confusion_matrix"] == b["test"]["confusion_matrix"], c.key
-        assert a["test"]["auc"] == pytest.approx(b["test"]["auc"], abs=1e-6)
-    err = capfd.readouterr().err
-    for seed in (0, 1):  # each worker reports its cell's epochs (training's own log is quiet there)
-        assert f"scratch__f0.003__s{seed}: epoch 1/1 [full] val auc " in err, err[-2000:]
+    table = table2_markdown([row(0.05, 3), row(0.01, 1)], "t")
+    line = next(r for r in table.splitlines() if r.startswith("| scratch |"))
+    assert line == "| scratch | 0.9 | 0.5 | 0.9 (n=1) | 0.5 (n=1) |"
+    assert "mean ± std over 1/3 runs" in table
 
 
 def test_failing_cell_is_recorded_and_the_others_finish(
