@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from cthub.runtime import torch_save_atomic
 
 log = logging.getLogger(__name__)
 FORMAT = 1
@@ -68,7 +69,7 @@ class EpochSaver:
         return time.monotonic() - self.last >= self.checkpoint.every_s
 
     def save(self, state: dict[str, Any]) -> None:
-        save_atomic(self.checkpoint.path, {"format": FORMAT, "fingerprint": self.fingerprint, **state})
+        torch_save_atomic({"format": FORMAT, "fingerprint": self.fingerprint, **state}, self.checkpoint.path)
         self.last = time.monotonic()
 
     def load(self) -> dict[str, Any] | None:
@@ -91,11 +92,3 @@ class EpochSaver:
     def done(self) -> None:
         """The run finished: its checkpoint is no longer needed."""
         self.checkpoint.path.unlink(missing_ok=True)
-
-
-def save_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """torch.save to a temporary file beside `path`, then rename: a crash never leaves half a checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)

@@ -6,7 +6,6 @@ import csv
 import json
 import logging
 import math
-import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
@@ -20,7 +19,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from ctdata.datasets import source_preprocessing
 from ctdata.preprocess import PreprocessConfig
 from cthub.errors import ConfigError
-from cthub.runtime import autocast, needs_grad_scaler, precision_label, resolve_amp, select_device
+from cthub.runtime import (
+    autocast,
+    needs_grad_scaler,
+    precision_label,
+    resolve_amp,
+    select_device,
+    torch_save_atomic,
+)
 from hub.resnet import ResNet50
 from pretrain import dist as pdist
 from pretrain.base import SSLMethod, to_channels_last
@@ -98,9 +104,7 @@ def _save_ckpt(
         torch.distributed.all_gather_object(states, (state["aug_rng"], state["torch_rng"]))
         state["rank_rng"] = states
     if pdist.rank() == 0:
-        tmp = path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        torch_save_atomic(state, path)
     if pdist.is_dist():  # no rank leaves (and perhaps resumes) before the checkpoint is on disk
         torch.distributed.barrier()
 
