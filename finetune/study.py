@@ -238,19 +238,29 @@ class EpochProgress:
 
     def __init__(self, cell: Cell, budget: int) -> None:
         self.cell, self.budget = cell, budget
-        self.best = (float("-inf"), 0)
+        self.best: tuple[float, int] | None = None
+        self.resumed = False
+        self.calls = 0
 
     def __call__(self, rec: dict[str, Any]) -> None:
+        self.calls += 1
+        if self.calls == 1 and rec["epoch"] > 1:  # the cell continues an interrupted run from its checkpoint
+            self.resumed = True
+            log.info(
+                "%s: resumed from its checkpoint at epoch %d of %d", self.cell.key, rec["epoch"], self.budget
+            )
         if rec["best"]:
             self.best = (rec["val_auc"], rec["epoch"])
+        since = " since the resume" if self.resumed else ""
+        best = f"best{since} {self.best[0]:.3f} at {self.best[1]}" if self.best else f"no new best{since}"
         log.info(
-            "%s: epoch %d/%d [%s] val auc %.3f (best %.3f at %d), %.0f s/epoch",
+            "%s: epoch %d/%d [%s] val auc %.3f (%s), %.0f s/epoch",
             self.cell.key,
             rec["epoch"],
             self.budget,
             rec["phase"],
             rec["val_auc"],
-            *self.best,
+            best,
             rec["epoch_s"],
         )
 

@@ -7,6 +7,8 @@ cache; tests that need it skip only when neither is available.
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,11 +28,15 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // _WORKERS))
 
 
 @pytest.fixture(autouse=True)
-def _isolated_hub(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Every test gets its own empty local hub directory, never the user's ~/.cache."""
+def _isolated_hub(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Path]:
+    """Every test gets its own empty local hub directory, never the user's ~/.cache; removed afterwards
+    (encoders published there are ~100 MB each, and a run holds hundreds of tests)."""
     home = tmp_path_factory.mktemp("cthub_home")
     monkeypatch.setenv("CTHUB_HOME", str(home))
-    return home
+    yield home
+    shutil.rmtree(home, ignore_errors=True)
 
 
 def shared_file(*parts: str) -> Path:

@@ -273,3 +273,27 @@ def test_study_writes_each_local_encoders_rows_into_its_card(organamnist_npz: Pa
     assert entry["command"].startswith("cthub study") and entry["recipe"]["image_size"] == 32
     card = (enc_dir / "README.md").read_text()
     assert "finetune_study" in card and "delta_auc_vs_scratch" in card
+
+
+def test_progress_of_a_resumed_cell_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    """A cell continuing from its checkpoint says where it resumed, and its best is the best since then."""
+    progress = study.EpochProgress(Cell("scratch", 0.05, 1), budget=120)
+
+    def rec(epoch: int, auc: float, best: bool) -> dict[str, object]:
+        return {"epoch": epoch, "phase": "full", "val_auc": auc, "best": best, "epoch_s": 30.0}
+
+    with caplog.at_level("INFO", logger=study.log.name):
+        progress(rec(10, 0.90, False))
+        progress(rec(11, 0.92, True))
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0] == "scratch__f0.05__s1: resumed from its checkpoint at epoch 10 of 120"
+    assert lines[1].endswith("val auc 0.900 (no new best since the resume), 30 s/epoch")
+    assert lines[2].endswith("val auc 0.920 (best since the resume 0.920 at 11), 30 s/epoch")
+
+    fresh = study.EpochProgress(Cell("scratch", 0.05, 1), budget=120)
+    caplog.clear()
+    with caplog.at_level("INFO", logger=study.log.name):
+        fresh(rec(1, 0.5, True))
+    assert [r.getMessage() for r in caplog.records] == [
+        "scratch__f0.05__s1: epoch 1/120 [full] val auc 0.500 (best 0.500 at 1), 30 s/epoch"
+    ]
