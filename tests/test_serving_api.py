@@ -13,6 +13,7 @@ import os
 import random
 import shutil
 import subprocess
+import tempfile
 import threading
 import time
 import zipfile
@@ -646,9 +647,13 @@ def demo_load(client, path: Path, cam: bool = False) -> dict:
     return dict(zip(names, out, strict=True))
 
 
-def test_demo_at_ui_through_gradio_client(server, ct_small_dcm: Path, tmp_path: Path) -> None:
+def test_demo_at_ui_through_gradio_client(
+    server, ct_small_dcm: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from gradio_client import Client
 
+    # gradio_client stages each download in a new directory of the system temp dir and leaves it there
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     srv, _, _ = server
     api = post(srv.base, ct_small_dcm).json()
     client = Client(f"{srv.base}/ui/", verbose=False, download_files=str(tmp_path))

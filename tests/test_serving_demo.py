@@ -12,6 +12,7 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import zipfile
 from collections.abc import Iterator
@@ -245,6 +246,13 @@ def in_process(p: Predictor) -> DemoModel:
     """The demo's model run in this process by the Predictor's classifier (the mounted demo's goes through
     the inference service instead: tests/test_demo_browser.py)."""
     return DemoModel(p.model_dir, InferenceEngine(p.classifier))
+
+
+@pytest.fixture(autouse=True)
+def _client_temp_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """gradio_client stages each file it downloads in a new directory of the system temp dir and leaves it
+    there (empty): give it this test's own directory instead."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
 
 
 class Demo:
