@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -265,6 +266,18 @@ class EpochProgress:
         )
 
 
+def _exit_with_parent(parent: int) -> None:
+    """Worker initializer: when the study process is gone (`kill`, a closed session), its workers stop too,
+    instead of training on unseen and writing the checkpoints a restarted study would resume from."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(2)
+        os._exit(1)  # orphaned: nothing to report to, and the cell's last checkpoint is already on disk
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def _worker(spec: StudySpec, cell: Cell, threads: int) -> dict[str, Any]:
     import torch
 
@@ -311,7 +324,10 @@ def _outcomes(
             log.info("[%d/%d] %s", i + 1, len(todo), c.key)
             yield c, _attempt(c.key, functools.partial(run_cell, spec, c))
         return
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as ex:
+    pool = ProcessPoolExecutor(
+        workers, mp_context=get_context("spawn"), initializer=_exit_with_parent, initargs=(os.getpid(),)
+    )
+    with pool as ex:
         futs = {ex.submit(_worker, spec, c, threads): c for c in todo}
         for fut in as_completed(futs):
             yield futs[fut], _attempt(futs[fut].key, fut.result)

@@ -6,6 +6,13 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -297,3 +304,50 @@ def test_progress_of_a_resumed_cell_says_so(caplog: pytest.LogCaptureFixture) ->
     assert [r.getMessage() for r in caplog.records] == [
         "scratch__f0.05__s1: epoch 1/120 [full] val auc 0.500 (best 0.500 at 1), 30 s/epoch"
     ]
+
+
+def test_workers_stop_when_the_study_process_is_killed(organamnist_npz: Path, tmp_path: Path) -> None:
+    """`kill -9` of `cthub study` leaves no worker training on alone (an orphan would keep writing the
+    checkpoint that a restarted study resumes from, and race it)."""
+    import psutil
+
+    argv = [sys.executable, "-m", "cthub", "study", "--data", str(organamnist_npz), "--encoders", "scratch"]
+    argv += ["--fractions", "0.003", "--seeds", "2", "--out", str(tmp_path / "s"), "--image-size", "32"]
+    argv += [
+        "--epochs",
+        "500",
+        "--head-epochs",
+        "0",
+        "--patience",
+        "500",
+        "--batch-size",
+        "32",
+        "--lr",
+        "0.001",
+    ]
+    argv += ["--max-val", "150", "--max-test", "200", "--workers", "2", "--threads", "1"]
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, cwd=Path(study.__file__).parents[1])
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(ln) for ln in proc.stderr or []], daemon=True).start()
+    workers: list[psutil.Process] = []
+    try:
+        deadline, seen = time.monotonic() + 240, set()
+        while len(seen) < 2 and time.monotonic() < deadline:  # both workers are training
+            try:
+                line = lines.get(timeout=5)
+            except queue.Empty:
+                continue
+            if m := re.search(r"(scratch__\S+): epoch ", line):
+                seen.add(m.group(1))
+        assert len(seen) == 2, "the two workers never reported an epoch"
+        workers = psutil.Process(proc.pid).children(recursive=True)
+        assert len(workers) >= 2
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        _, alive = psutil.wait_procs(workers, timeout=30)
+        assert not alive, [p.cmdline() for p in alive]
+    finally:
+        proc.kill()
+        for w in workers:
+            if w.is_running():
+                w.kill()
