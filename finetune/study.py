@@ -240,16 +240,18 @@ class EpochProgress:
     def __init__(self, cell: Cell, budget: int) -> None:
         self.cell, self.budget = cell, budget
         self.best: tuple[float, int] | None = None
-        self.resumed = False
-        self.calls = 0
+        self.resumed: bool | None = None  # known from the first epoch reported
 
     def __call__(self, rec: dict[str, Any]) -> None:
-        self.calls += 1
-        if self.calls == 1 and rec["epoch"] > 1:  # the cell continues an interrupted run from its checkpoint
-            self.resumed = True
-            log.info(
-                "%s: resumed from its checkpoint at epoch %d of %d", self.cell.key, rec["epoch"], self.budget
-            )
+        if self.resumed is None:
+            self.resumed = rec["epoch"] > 1  # the cell continues an interrupted run from its checkpoint
+            if self.resumed:
+                log.info(
+                    "%s: resumed from its checkpoint at epoch %d of %d",
+                    self.cell.key,
+                    rec["epoch"],
+                    self.budget,
+                )
         if rec["best"]:
             self.best = (rec["val_auc"], rec["epoch"])
         since = " since the resume" if self.resumed else ""
@@ -324,10 +326,9 @@ def _outcomes(
             log.info("[%d/%d] %s", i + 1, len(todo), c.key)
             yield c, _attempt(c.key, functools.partial(run_cell, spec, c))
         return
-    pool = ProcessPoolExecutor(
+    with ProcessPoolExecutor(
         workers, mp_context=get_context("spawn"), initializer=_exit_with_parent, initargs=(os.getpid(),)
-    )
-    with pool as ex:
+    ) as ex:
         futs = {ex.submit(_worker, spec, c, threads): c for c in todo}
         for fut in as_completed(futs):
             yield futs[fut], _attempt(futs[fut].key, fut.result)

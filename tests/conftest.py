@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,6 +38,14 @@ def _isolated_hub(
     monkeypatch.setenv("CTHUB_HOME", str(home))
     yield home
     shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture
+def gradio_client_temp_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """gradio_client stages each file it downloads in a new directory of the system temp dir and leaves it
+    there (empty): tests that call a demo through it give it their own directory instead."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    return tmp_path
 
 
 def shared_file(*parts: str) -> Path:

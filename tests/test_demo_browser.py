@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import re
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -116,14 +115,13 @@ def only_loopback(blocked: list[str]) -> Any:
 
 
 def test_demo_mounted_at_ui_answers_gradio_client(
-    served: tuple[Server, Path, Path], tmp_path: Path, ct_small_dcm: Path, monkeypatch: pytest.MonkeyPatch
+    served: tuple[Server, Path, Path], gradio_client_temp_dir: Path, ct_small_dcm: Path
 ) -> None:
     """The mounted demo's public API: the same answer as POST /predict for the same file, from the same
     inference session."""
     from gradio_client import Client, handle_file
 
-    # gradio_client stages each download in a new directory of the system temp dir and leaves it there
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    tmp_path = gradio_client_temp_dir
 
     server, _, _ = served
     api = httpx.post(

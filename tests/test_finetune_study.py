@@ -313,19 +313,8 @@ def test_workers_stop_when_the_study_process_is_killed(organamnist_npz: Path, tm
 
     argv = [sys.executable, "-m", "cthub", "study", "--data", str(organamnist_npz), "--encoders", "scratch"]
     argv += ["--fractions", "0.003", "--seeds", "2", "--out", str(tmp_path / "s"), "--image-size", "32"]
-    argv += [
-        "--epochs",
-        "500",
-        "--head-epochs",
-        "0",
-        "--patience",
-        "500",
-        "--batch-size",
-        "32",
-        "--lr",
-        "0.001",
-    ]
-    argv += ["--max-val", "150", "--max-test", "200", "--workers", "2", "--threads", "1"]
+    argv += ["--epochs", "500", "--head-epochs", "0", "--patience", "500", "--batch-size", "32"]
+    argv += ["--lr", "0.001", "--max-val", "150", "--max-test", "200", "--workers", "2", "--threads", "1"]
     proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, cwd=Path(study.__file__).parents[1])
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(ln) for ln in proc.stderr or []], daemon=True).start()

@@ -13,7 +13,6 @@ import os
 import random
 import shutil
 import subprocess
-import tempfile
 import threading
 import time
 import zipfile
@@ -647,13 +646,10 @@ def demo_load(client, path: Path, cam: bool = False) -> dict:
     return dict(zip(names, out, strict=True))
 
 
-def test_demo_at_ui_through_gradio_client(
-    server, ct_small_dcm: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_demo_at_ui_through_gradio_client(server, ct_small_dcm: Path, gradio_client_temp_dir: Path) -> None:
     from gradio_client import Client
 
-    # gradio_client stages each download in a new directory of the system temp dir and leaves it there
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    tmp_path = gradio_client_temp_dir
     srv, _, _ = server
     api = post(srv.base, ct_small_dcm).json()
     client = Client(f"{srv.base}/ui/", verbose=False, download_files=str(tmp_path))
@@ -700,8 +696,12 @@ def plant_phi(src: Path, dst: Path, **changes: str) -> Path:
     return dst
 
 
-def test_planted_patient_data_never_reaches_answers_logs_or_disk(server, distinct_ct, tmp_path: Path) -> None:
+def test_planted_patient_data_never_reaches_answers_logs_or_disk(
+    server, distinct_ct, gradio_client_temp_dir: Path
+) -> None:
     from gradio_client import Client
+
+    tmp_path = gradio_client_temp_dir
 
     srv, _, server_tmp = server
     ct_small, j2k = need("CT_small.dcm"), need("693_J2KI.dcm")

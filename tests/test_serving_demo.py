@@ -12,7 +12,6 @@ import random
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import zipfile
 from collections.abc import Iterator
@@ -248,13 +247,6 @@ def in_process(p: Predictor) -> DemoModel:
     return DemoModel(p.model_dir, InferenceEngine(p.classifier))
 
 
-@pytest.fixture(autouse=True)
-def _client_temp_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """gradio_client stages each file it downloads in a new directory of the system temp dir and leaves it
-    there (empty): give it this test's own directory instead."""
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-
-
 class Demo:
     """A launched demo and a gradio_client session on it; `call` returns named outputs."""
 
@@ -308,9 +300,9 @@ def demo_server(brain: Predictor, tmp_path_factory: pytest.TempPathFactory) -> I
 
 
 @pytest.fixture
-def demo(demo_server: tuple[str, Path], tmp_path: Path) -> Demo:
+def demo(demo_server: tuple[str, Path], gradio_client_temp_dir: Path) -> Demo:
     """A new client session (its own study state) on the module's demo."""
-    return Demo(*demo_server, tmp_path / "downloads")
+    return Demo(*demo_server, gradio_client_temp_dir / "downloads")
 
 
 def png(path: str) -> np.ndarray:
@@ -699,8 +691,10 @@ def test_patient_data_never_shown_and_uploads_not_kept(
 # ---- the demo alone: `cthub demo` -------------------------------------------------------------------------
 
 
-def test_cthub_demo_runs_alone(brain_dir: Path, tmp_path: Path, ct_small_dcm: Path) -> None:
+def test_cthub_demo_runs_alone(brain_dir: Path, gradio_client_temp_dir: Path, ct_small_dcm: Path) -> None:
     from gradio_client import Client, handle_file
+
+    tmp_path = gradio_client_temp_dir
 
     port = free_port()
     env = dict(os.environ) | QUIET | {"PYTHONPATH": str(ROOT)}
