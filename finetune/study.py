@@ -7,6 +7,10 @@ The epoch budget may be raised (or lowered) on resume: nothing in a run depends 
 reaches it (the backbone's lr ramp counts epochs from the start, early stopping counts epochs without
 improvement), so a finished cell that stopped early within the new budget is the run the new budget would
 make and is kept; a cell that ran its whole budget (still improving) is run again with the new one.
+
+A record measured the encoder weights whose sha256 it holds: when the local encoder of that name has other
+weights now (re-made by `cthub pretrain --publish`), the record is stale, left out of the reports and run
+again. Where the encoder is not stored locally (a fresh clone reporting committed cells), records are kept.
 """
 
 from __future__ import annotations
@@ -138,11 +142,20 @@ def same_run_within(rec: dict[str, Any], epochs: int) -> bool:
     return budget == epochs or (ran < budget and ran <= epochs)
 
 
-def is_done(out: str | Path, cell: Cell, epochs: int | None = None) -> bool:
+def measured_weights(rec: dict[str, Any], sha256: str | None) -> bool:
+    """Whether a record measured the weights with this sha256 (True when either side does not say: scratch,
+    an encoder not stored here, or a record from before records kept it)."""
+    said = rec.get("encoder_sha256")
+    return sha256 is None or said is None or said == sha256
+
+
+def is_done(
+    out: str | Path, cell: Cell, epochs: int | None = None, weights_sha256: str | None = None
+) -> bool:
     """Whether the cell finished (a failure record does not count), under an epoch budget of `epochs` when
-    given (`same_run_within`)."""
+    given (`same_run_within`), on the encoder weights `weights_sha256` when given (`measured_weights`)."""
     rec = _read(out, cell)
-    if rec is None or "test" not in rec:
+    if rec is None or "test" not in rec or not measured_weights(rec, weights_sha256):
         return False
     return epochs is None or same_run_within(rec, epochs)
 
@@ -175,6 +188,25 @@ def encoder_sha256(name: str) -> str | None:
         return None
     d = local_model_dir(name)
     return None if d is None else sha256_file(d / WEIGHTS_NAME)
+
+
+def local_weights(encoders: list[str]) -> dict[str, str | None]:
+    """name -> sha256 of its local weights (`encoder_sha256`), each file hashed once."""
+    return {e: encoder_sha256(e) for e in dict.fromkeys(encoders)}
+
+
+def _log_stale(out: Path, cells: list[Cell], weights: dict[str, str | None]) -> None:
+    """Say which finished cells measured other weights than the local encoder's (they are run again)."""
+    for c in cells:
+        rec = _read(out, c)
+        if rec is not None and "test" in rec and not measured_weights(rec, weights[c.encoder]):
+            log.warning(
+                "%s measured %s weights %.12s, the local ones are %.12s: run again",
+                c.key,
+                c.encoder,
+                rec["encoder_sha256"],
+                weights[c.encoder],
+            )
 
 
 def precision(recipe: FinetuneConfig) -> str:
@@ -404,7 +436,9 @@ def run_study(
         _stamp_epoch_budgets(out, old_epochs)
     (out / "study.json").write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
     cells = spec.cells()
-    unfinished = [c for c in cells if not is_done(out, c, spec.recipe.epochs)]
+    weights = local_weights(spec.encoders)
+    _log_stale(out, cells, weights)
+    unfinished = [c for c in cells if not is_done(out, c, spec.recipe.epochs, weights[c.encoder])]
     todo = [] if report_only else unfinished
     log.info(
         "study: %d runs, %d already finished, %d %s (%d worker(s))",
@@ -434,7 +468,7 @@ def run_study(
                 left,
             )
     title = f"{Path(spec.data).name}: {spec.protocol}"
-    runs = load_runs(spec, out)
+    runs = load_runs(spec, out, weights)
     summary = write_reports(out, runs, spec=spec.to_dict(), title=title, failed=failed)
     summary.update(
         ran=len(todo) - len(failed),
@@ -472,12 +506,22 @@ def _check_same_recipe(spec: StudySpec, path: Path) -> int | None:
     return int(old_recipe["epochs"])
 
 
-def load_runs(spec: StudySpec, out: str | Path) -> list[dict[str, Any]]:
-    """The records of the finished cells under the study's epoch budget, in grid order; `converged` is
-    derived again from each record's best epoch (1-based) and length with the study's patience, so records
-    written under an older definition read the same as new ones."""
-    recs = (_read(out, c) for c in spec.cells())
-    runs = [r for r in recs if r is not None and "test" in r and same_run_within(r, spec.recipe.epochs)]
+def load_runs(
+    spec: StudySpec, out: str | Path, weights: dict[str, str | None] | None = None
+) -> list[dict[str, Any]]:
+    """The records of the finished cells under the study's epoch budget and on the local encoders' weights
+    (`weights`: name -> sha256, from `local_weights` when not given), in grid order; `converged` is derived
+    again from each record's best epoch (1-based) and length with the study's patience, so records written
+    under an older definition read the same as new ones."""
+    weights = local_weights(spec.encoders) if weights is None else weights
+    runs = [
+        r
+        for c in spec.cells()
+        if (r := _read(out, c)) is not None
+        and "test" in r
+        and same_run_within(r, spec.recipe.epochs)
+        and measured_weights(r, weights.get(c.encoder))
+    ]
     for r in runs:
         r["converged"] = has_converged(int(r["best_epoch"]) - 1, int(r["epochs_run"]), spec.recipe.patience)
     return runs

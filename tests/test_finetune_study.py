@@ -282,6 +282,46 @@ def test_study_writes_each_local_encoders_rows_into_its_card(organamnist_npz: Pa
     assert "finetune_study" in card and "delta_auc_vs_scratch" in card
 
 
+def test_cells_of_an_encoder_made_again_are_run_again(
+    organamnist_npz: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Re-publishing an encoder under the same name (new weights) makes its finished cells stale: they are
+    run again, and left out of the reports until then; other encoders' cells are kept."""
+    import torch
+
+    from hub import ModelConfig, ResNet50, hub_dir, save_pretrained
+    from hub.config import WEIGHTS_NAME
+    from hub.manifest import sha256_file
+
+    def publish(seed: int) -> str:
+        torch.manual_seed(seed)
+        d = save_pretrained(
+            ResNet50(num_classes=0), hub_dir() / "remade", ModelConfig(name="remade", method="random")
+        )
+        return sha256_file(d / WEIGHTS_NAME)
+
+    first_sha = publish(0)
+    spec = _spec(organamnist_npz, tmp_path / "study", [0.005])
+    spec.encoders = ["scratch", "remade"]
+    assert run_study(spec)["ran"] == 2
+    scratch_rec = run_path(spec.out, Cell("scratch", 0.005, 0))
+    remade_rec = run_path(spec.out, Cell("remade", 0.005, 0))
+    assert json.loads(remade_rec.read_text())["encoder_sha256"] == first_sha
+    scratch_stamp = scratch_rec.stat().st_mtime_ns
+    assert run_study(spec)["ran"] == 0  # same weights: nothing to do
+
+    second_sha = publish(1)
+    assert second_sha != first_sha
+    assert len(study.load_runs(spec, spec.out)) == 1  # the stale record is not reported
+    with caplog.at_level("WARNING", logger=study.log.name):
+        again = run_study(spec)
+    assert again["ran"] == 1 and again["skipped_finished"] == 1
+    assert any("remade__f0.005__s0 measured remade weights" in r.getMessage() for r in caplog.records)
+    assert json.loads(remade_rec.read_text())["encoder_sha256"] == second_sha
+    assert scratch_rec.stat().st_mtime_ns == scratch_stamp
+    assert len(json.loads((Path(spec.out) / "results.json").read_text())["runs"]) == 2
+
+
 def test_progress_of_a_resumed_cell_says_so(caplog: pytest.LogCaptureFixture) -> None:
     """A cell continuing from its checkpoint says where it resumed, and its best is the best since then."""
     progress = study.EpochProgress(Cell("scratch", 0.05, 1), budget=120)
