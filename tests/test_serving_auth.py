@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from ctdata.datasets import ORGANAMNIST_LABELS
 from ctdata.preprocess import PreprocessConfig, prepare, prepare_batch
 from export import export_onnx
 from export.session import OnnxClassifier
@@ -26,19 +27,7 @@ from serving.launch import ROOT, free_port, start_server
 TOKEN = "s3cr3t-token-for-tests"
 ORIGIN = "https://viewer.hospital.example"
 ATOL = 1e-5
-ORGANS = [
-    "bladder",
-    "femur-left",
-    "femur-right",
-    "heart",
-    "kidney-left",
-    "kidney-right",
-    "liver",
-    "lung-left",
-    "lung-right",
-    "pancreas",
-    "spleen",
-]
+ORGANS = ORGANAMNIST_LABELS
 
 
 def auth(token: str = TOKEN) -> dict[str, str]:

@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from ctdata import read_dicom
+from ctdata.datasets import ORGANAMNIST_LABELS
 from ctdata.preprocess import WINDOW_PRESETS, PreprocessConfig, prepare, prepare_batch
 from cthub.errors import InputError
 from export import export_onnx
@@ -38,19 +39,7 @@ from serving.settings import ServeSettings
 from serving.viewer import CUSTOM, MODEL_DEFAULT, private_upload_dir
 
 LABELS = ["normal", "hemorrhage"]
-ORGANS = [
-    "bladder",
-    "femur-left",
-    "femur-right",
-    "heart",
-    "kidney-left",
-    "kidney-right",
-    "liver",
-    "lung-left",
-    "lung-right",
-    "pancreas",
-    "spleen",
-]
+ORGANS = ORGANAMNIST_LABELS
 # the outputs of the events that (re)analyse a study, in the order `Panels.analysis_outputs` lists them
 ANALYSIS = (
     "slice",
