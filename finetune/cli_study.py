@@ -69,18 +69,15 @@ def register_study(sub: argparse._SubParsersAction) -> None:
 
 
 def _study(a: argparse.Namespace) -> int:
-    from finetune.study import StudySpec, available_encoders, run_study
+    from finetune.study import StudySpec, run_study
 
-    names = [e.strip() for e in a.encoders.split(",") if e.strip()]
-    ok, skipped = available_encoders(names)
-    for n, why in skipped.items():
-        print(f"cthub study: skipping encoder {n!r}: not available here ({why})")
-    if not ok:
-        raise ConfigError("no usable encoder left")
+    names = list(dict.fromkeys(e.strip() for e in a.encoders.split(",") if e.strip()))
+    if not names:
+        raise ConfigError("--encoders names no encoder")
     threads = a.threads or (1 if a.workers > 1 else None)
     spec = StudySpec(
         data=a.data,
-        encoders=ok,
+        encoders=names,
         fractions=_floats(a.fractions),
         seeds=list(range(a.seeds)),
         out=a.out,
@@ -95,7 +92,8 @@ def _study(a: argparse.Namespace) -> int:
     summary = run_study(
         spec, workers=a.workers, threads_per_worker=threads or 1, command=command, report_only=a.report_only
     )
-    summary["skipped_encoders"] = skipped
+    for n, why in summary["skipped_encoders"].items():
+        print(f"cthub study: not running the cells of {n!r}: not available here ({why})")
     print(json.dumps(summary, indent=2))
     table = Path(a.out) / "table2.md"
     if table.is_file():

@@ -8,9 +8,13 @@ reaches it (the backbone's lr ramp counts epochs from the start, early stopping 
 improvement), so a finished cell that stopped early within the new budget is the run the new budget would
 make and is kept; a cell that ran its whole budget (still improving) is run again with the new one.
 
-A record measured the encoder weights whose sha256 it holds: when the local encoder of that name has other
-weights now (re-made by `cthub pretrain --publish`), the record is stale, left out of the reports and run
-again. Where the encoder is not stored locally (a fresh clone reporting committed cells), records are kept.
+A record names the encoder weights it measured by their digest (`hub.manifest.weights_digest`: the tensors,
+not the file, whose bytes safetensors does not fix): when the local encoder of that name has other weights
+now (re-made differently by `cthub pretrain --publish`), the record is stale, left out of the reports and run
+again; re-made to the same tensors (the recipes are deterministic), it stands. Records from before the digest
+hold the file's sha256 only; they stand when it is the local file's under some order of its metadata keys, and
+are then given the digest. Where the encoder is not stored locally (a fresh clone reporting committed cells),
+records are kept.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from finetune.resume import FitCheckpoint
 from finetune.train import SCRATCH_NAMES, fit, has_converged
 from hub.config import WEIGHTS_NAME, ModelConfig
 from hub.io import hub_dir, local_model_dir, record_metrics
-from hub.manifest import sha256_file
+from hub.manifest import sha256_any_metadata_order, sha256_file, weights_digest
 
 __all__ = [
     "Cell",
@@ -142,20 +146,44 @@ def same_run_within(rec: dict[str, Any], epochs: int) -> bool:
     return budget == epochs or (ran < budget and ran <= epochs)
 
 
-def measured_weights(rec: dict[str, Any], sha256: str | None) -> bool:
-    """Whether a record measured the weights with this sha256 (True when either side does not say: scratch,
-    an encoder not stored here, or a record from before records kept it)."""
+@dataclass
+class LocalWeights:
+    """The weights file of a local encoder, as study records identify it (each hash computed once)."""
+
+    path: Path
+
+    @functools.cached_property
+    def digest(self) -> str:
+        return weights_digest(self.path)
+
+    @functools.cached_property
+    def sha256(self) -> str:
+        return sha256_file(self.path)
+
+    @functools.cached_property
+    def legacy_sha256s(self) -> frozenset[str]:
+        return sha256_any_metadata_order(self.path)
+
+
+def measured_weights(rec: dict[str, Any], weights: LocalWeights | None) -> bool:
+    """Whether a record measured these weights: by digest, or for a record from before digests by the file's
+    sha256 under any metadata order. True when either side does not say (scratch, an encoder not stored here,
+    a record from before records kept either)."""
+    if weights is None:
+        return True
+    if rec.get("encoder_digest"):
+        return bool(rec["encoder_digest"] == weights.digest)
     said = rec.get("encoder_sha256")
-    return sha256 is None or said is None or said == sha256
+    return said is None or said in weights.legacy_sha256s
 
 
 def is_done(
-    out: str | Path, cell: Cell, epochs: int | None = None, weights_sha256: str | None = None
+    out: str | Path, cell: Cell, epochs: int | None = None, weights: LocalWeights | None = None
 ) -> bool:
     """Whether the cell finished (a failure record does not count), under an epoch budget of `epochs` when
-    given (`same_run_within`), on the encoder weights `weights_sha256` when given (`measured_weights`)."""
+    given (`same_run_within`), on the encoder weights `weights` when given (`measured_weights`)."""
     rec = _read(out, cell)
-    if rec is None or "test" not in rec or not measured_weights(rec, weights_sha256):
+    if rec is None or "test" not in rec or not measured_weights(rec, weights):
         return False
     return epochs is None or same_run_within(rec, epochs)
 
@@ -181,32 +209,45 @@ def _write_record(out: str | Path, cell: Cell, rec: dict[str, Any]) -> None:
     os.replace(tmp, p)
 
 
-def encoder_sha256(name: str) -> str | None:
-    """The sha256 of a local encoder's weights (None for scratch or an encoder not stored locally): each
-    record says which weights it measured, so cells resumed after an encoder was re-made can be told apart."""
+def encoder_weights(name: str) -> LocalWeights | None:
+    """A local encoder's weights (None for scratch or an encoder not stored locally): each record says which
+    weights it measured, so cells resumed after an encoder was re-made can be told apart."""
     if name.lower() in SCRATCH_NAMES:
         return None
     d = local_model_dir(name)
-    return None if d is None else sha256_file(d / WEIGHTS_NAME)
+    return None if d is None else LocalWeights(d / WEIGHTS_NAME)
 
 
-def local_weights(encoders: list[str]) -> dict[str, str | None]:
-    """name -> sha256 of its local weights (`encoder_sha256`), each file hashed once."""
-    return {e: encoder_sha256(e) for e in dict.fromkeys(encoders)}
+def local_weights(encoders: list[str]) -> dict[str, LocalWeights | None]:
+    """name -> its local weights (`encoder_weights`)."""
+    return {e: encoder_weights(e) for e in dict.fromkeys(encoders)}
 
 
-def _log_stale(out: Path, cells: list[Cell], weights: dict[str, str | None]) -> None:
-    """Say which finished cells measured other weights than the local encoder's (they are run again)."""
+def _weights_fields(weights: LocalWeights | None) -> dict[str, str | None]:
+    """What a record keeps of the weights it measured."""
+    if weights is None:
+        return {"encoder_sha256": None, "encoder_digest": None}
+    return {"encoder_sha256": weights.sha256, "encoder_digest": weights.digest}
+
+
+def _check_weights(out: Path, cells: list[Cell], weights: dict[str, LocalWeights | None]) -> None:
+    """Give records from before digests that measured the local weights the digest, and say which finished
+    cells measured other weights than the local encoder's (they are run again)."""
     for c in cells:
-        rec = _read(out, c)
-        if rec is not None and "test" in rec and not measured_weights(rec, weights[c.encoder]):
+        rec, local = _read(out, c), weights[c.encoder]
+        if rec is None or "test" not in rec or local is None:
+            continue
+        if not measured_weights(rec, local):
+            said = rec.get("encoder_digest") or rec.get("encoder_sha256") or ""
             log.warning(
                 "%s measured %s weights %.12s, the local ones are %.12s: run again",
                 c.key,
                 c.encoder,
-                rec["encoder_sha256"],
-                weights[c.encoder],
+                said,
+                local.digest,
             )
+        elif not rec.get("encoder_digest") and rec.get("encoder_sha256"):
+            _write_record(out, c, {**rec, "encoder_digest": local.digest})
 
 
 def precision(recipe: FinetuneConfig) -> str:
@@ -247,7 +288,7 @@ def run_cell(
     assert res.test_metrics is not None
     rec = {
         **asdict(cell),
-        "encoder_sha256": encoder_sha256(cell.encoder),
+        **_weights_fields(encoder_weights(cell.encoder)),
         "precision": precision(spec.recipe),
         "n_train": len(train),
         "n_val": len(val),
@@ -428,7 +469,9 @@ def run_study(
 ) -> dict[str, Any]:
     """Run every unfinished cell (finished ones are read back, not redone), aggregate, and write each local
     encoder's rows into its model card. `report_only` runs nothing: the reports are rewritten from the cells
-    finished so far (a study stopped part-way, or cells run by several processes into one folder)."""
+    finished so far (a study stopped part-way, or cells run by several processes into one folder). The
+    unfinished cells of an encoder that cannot be loaded here are not run (`skipped_encoders`), but its
+    finished cells are reported, as they are on a fresh clone that has none of the encoders."""
     out = Path(spec.out)
     out.mkdir(parents=True, exist_ok=True)
     old_epochs = _check_same_recipe(spec, out / "study.json")
@@ -437,9 +480,14 @@ def run_study(
     (out / "study.json").write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
     cells = spec.cells()
     weights = local_weights(spec.encoders)
-    _log_stale(out, cells, weights)
+    _check_weights(out, cells, weights)
     unfinished = [c for c in cells if not is_done(out, c, spec.recipe.epochs, weights[c.encoder])]
-    todo = [] if report_only else unfinished
+    skipped: dict[str, str] = {}
+    if not report_only and unfinished:
+        _, skipped = available_encoders(list(dict.fromkeys(c.encoder for c in unfinished)))
+    for name, why in skipped.items():
+        log.warning("not running the cells of %s: not available here (%s)", name, why)
+    todo = [] if report_only else [c for c in unfinished if c.encoder not in skipped]
     log.info(
         "study: %d runs, %d already finished, %d %s (%d worker(s))",
         len(cells),
@@ -475,6 +523,7 @@ def run_study(
         skipped_finished=len(cells) - len(unfinished),
         not_run=len(unfinished) - len(todo),
         failed=failed,
+        skipped_encoders=skipped,
     )
     summary["cards_updated"] = record_in_cards(spec, aggregate(runs), command)
     return summary
@@ -507,10 +556,10 @@ def _check_same_recipe(spec: StudySpec, path: Path) -> int | None:
 
 
 def load_runs(
-    spec: StudySpec, out: str | Path, weights: dict[str, str | None] | None = None
+    spec: StudySpec, out: str | Path, weights: dict[str, LocalWeights | None] | None = None
 ) -> list[dict[str, Any]]:
     """The records of the finished cells under the study's epoch budget and on the local encoders' weights
-    (`weights`: name -> sha256, from `local_weights` when not given), in grid order; `converged` is derived
+    (`weights`: from `local_weights` when not given), in grid order; `converged` is derived
     again from each record's best epoch (1-based) and length with the study's patience, so records written
     under an older definition read the same as new ones."""
     weights = local_weights(spec.encoders) if weights is None else weights

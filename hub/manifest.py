@@ -6,6 +6,10 @@
   (`publish_local`, `cthub hub import`, `cthub pretrain --publish`) and of every file pulled from the Hugging
   Face Hub whose registry entry has no published checksum yet (key `hf:<repo>@<commit>`). Writes are atomic
   and serialised by a lock file, so parallel publishers do not lose each other's entries.
+
+These check files. Which *weights* a file holds is `weights_digest`: safetensors writes the header's
+`__metadata__` keys in a random order per process (safetensors issue #584), so saving the same tensors twice
+can give two file checksums.
 """
 
 from __future__ import annotations
@@ -13,8 +17,10 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import itertools
 import json
 import os
+import struct
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +39,64 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def _safetensors_header(path: str | Path) -> bytes:
+    """The JSON header of a safetensors file, as written (padding included)."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return f.read(n)
+
+
+def weights_digest(path: str | Path, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of the tensors of a safetensors file: each tensor's name, dtype, shape and bytes, in name
+    order. Header layout and `__metadata__` do not enter, so the same weights give the same digest however
+    the file was written (the file's own sha256 can differ: see the module docstring)."""
+    header = _safetensors_header(path)
+    tensors = json.loads(header)
+    tensors.pop("__metadata__", None)
+    h = hashlib.sha256(b"ct-ssl-hub weights v1\0")
+    with open(path, "rb") as f:
+        for name in sorted(tensors):
+            t = tensors[name]
+            start, end = t["data_offsets"]
+            h.update(json.dumps([name, t["dtype"], t["shape"]]).encode() + b"\0")
+            f.seek(8 + len(header) + start)
+            left = end - start
+            while left > 0:
+                block = f.read(min(chunk, left))
+                if not block:
+                    raise IntegrityError(f"{path} is truncated (tensor {name})")
+                h.update(block)
+                left -= len(block)
+    return h.hexdigest()
+
+
+def sha256_any_metadata_order(path: str | Path, max_keys: int = 4) -> frozenset[str]:
+    """The sha256 of the file under every order safetensors could have written its `__metadata__` keys in
+    (the file's own among them): a file checksum recorded when the same weights were saved by another process
+    is one of these. Only the file's own when the metadata has one key, or more than `max_keys`."""
+    own = sha256_file(path)
+    header = _safetensors_header(path)
+    meta = json.loads(header).get("__metadata__") or {}
+    as_written = _compact_json(meta)
+    if not 2 <= len(meta) <= max_keys or header.count(as_written) != 1:
+        return frozenset({own})
+    shas = {own}
+    prefix = struct.pack("<Q", len(header))
+    for order in itertools.permutations(meta.items()):
+        h = hashlib.sha256(prefix + header.replace(as_written, _compact_json(dict(order))))
+        with open(path, "rb") as f:
+            f.seek(8 + len(header))
+            while block := f.read(1 << 22):
+                h.update(block)
+        shas.add(h.hexdigest())
+    return frozenset(shas)
+
+
+def _compact_json(obj: dict[str, str]) -> bytes:
+    """JSON without spaces, keys in the dict's order, as the safetensors header is written."""
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def sidecar_path(weights: str | Path) -> Path:

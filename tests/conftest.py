@@ -6,10 +6,11 @@ cache; tests that need it skip only when neither is available.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -77,3 +78,21 @@ def ct_small_dcm() -> Path:
     from pydicom.data import get_testdata_file
 
     return Path(get_testdata_file("CT_small.dcm", download=False))
+
+
+def _with_metadata_reversed(src: Path, dst: Path) -> None:
+    """`src` as another process could have written it: the same tensors, the header's `__metadata__` keys in
+    the opposite order (safetensors does not fix that order, safetensors issue #584)."""
+    raw = src.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    meta = json.loads(raw[8 : 8 + n])["__metadata__"]
+    assert len(meta) >= 2
+    as_written = json.dumps(meta, separators=(",", ":")).encode()
+    reversed_ = json.dumps(dict(reversed(list(meta.items()))), separators=(",", ":")).encode()
+    dst.write_bytes(raw[:8] + raw[8 : 8 + n].replace(as_written, reversed_) + raw[8 + n :])
+
+
+@pytest.fixture
+def with_metadata_reversed() -> Callable[[Path, Path], None]:
+    """Rewrite a safetensors file (src, dst) with its metadata keys in the opposite order."""
+    return _with_metadata_reversed

@@ -8,11 +8,13 @@ import dataclasses
 import json
 import queue
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -90,7 +92,7 @@ def test_study_resumes_and_reports(organamnist_npz: Path, tmp_path: Path, capsys
     )
     assert rc == 0
     printed = capsys.readouterr().out
-    assert "skipping encoder 'no-such-encoder-xyz'" in printed
+    assert "not running the cells of 'no-such-encoder-xyz'" in printed
     summary = json.loads(printed[printed.index("{") : printed.rindex("}") + 1])
     assert summary["ran"] == 1 and summary["skipped_finished"] == 1  # the finished run was not redone
     assert done.stat().st_mtime_ns == stamp
@@ -283,13 +285,16 @@ def test_study_writes_each_local_encoders_rows_into_its_card(organamnist_npz: Pa
 
 
 def test_cells_of_an_encoder_made_again_are_run_again(
-    organamnist_npz: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    organamnist_npz: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    with_metadata_reversed: Callable[[Path, Path], None],
 ) -> None:
     """Re-publishing an encoder under the same name (new weights) makes its finished cells stale: they are
     run again, and left out of the reports until then; other encoders' cells are kept."""
     import torch
 
-    from hub import ModelConfig, ResNet50, hub_dir, save_pretrained
+    from hub import ModelConfig, ResNet50, hub_dir, manifest, save_pretrained
     from hub.config import WEIGHTS_NAME
     from hub.manifest import sha256_file
 
@@ -310,6 +315,21 @@ def test_cells_of_an_encoder_made_again_are_run_again(
     scratch_stamp = scratch_rec.stat().st_mtime_ns
     assert run_study(spec)["ran"] == 0  # same weights: nothing to do
 
+    # made again to the same tensors by another process: safetensors may write the metadata in another
+    # order, so the file's sha256 differs, but the weights are the ones measured
+    weights = hub_dir() / "remade" / WEIGHTS_NAME
+    with_metadata_reversed(weights, weights)
+    manifest.write_sidecar(weights, sha256_file(weights))
+    manifest.record(hub_dir(), "remade", sha256_file(weights))
+    assert sha256_file(weights) != first_sha
+    assert run_study(spec)["ran"] == 0
+    # a record from before digests (the file's sha256 only) stands too, and is given the digest
+    rec = json.loads(remade_rec.read_text())
+    digest = rec.pop("encoder_digest")
+    remade_rec.write_text(json.dumps(rec))
+    assert run_study(spec)["ran"] == 0
+    assert json.loads(remade_rec.read_text())["encoder_digest"] == digest == manifest.weights_digest(weights)
+
     second_sha = publish(1)
     assert second_sha != first_sha
     assert len(study.load_runs(spec, spec.out)) == 1  # the stale record is not reported
@@ -320,6 +340,18 @@ def test_cells_of_an_encoder_made_again_are_run_again(
     assert json.loads(remade_rec.read_text())["encoder_sha256"] == second_sha
     assert scratch_rec.stat().st_mtime_ns == scratch_stamp
     assert len(json.loads((Path(spec.out) / "results.json").read_text())["runs"]) == 2
+
+    # the encoder is gone (as on a fresh clone): its finished cells are still reported, its new ones not run
+    shutil.rmtree(hub_dir() / "remade")
+    spec.fractions = [0.005, 0.01]
+    gone = run_study(spec)
+    assert gone["ran"] == 1 and gone["not_run"] == 1 and "remade" in gone["skipped_encoders"]
+    runs = json.loads((Path(spec.out) / "results.json").read_text())["runs"]
+    assert {(r["encoder"], r["fraction"]) for r in runs} == {
+        ("scratch", 0.005),
+        ("remade", 0.005),
+        ("scratch", 0.01),
+    }
 
 
 def test_progress_of_a_resumed_cell_says_so(caplog: pytest.LogCaptureFixture) -> None:

@@ -9,7 +9,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -229,3 +229,28 @@ def test_save_into_hub_dir_records_manifest_and_first_load_records(encoder: ResN
     from_pretrained("hand-copied")
     assert manifest.read_manifest(hub_dir())["hand-copied"]["source"] == "first-load"
     assert json.loads((d / "config.json").read_text())["method"] == "spark"
+
+
+def test_weights_digest_names_the_tensors_not_the_file(
+    encoder: ResNet50, tmp_path: Path, with_metadata_reversed: Callable[[Path, Path], None]
+) -> None:
+    """The same weights saved by two processes can differ in the file's bytes (metadata order) but not in
+    `weights_digest`; a changed weight changes the digest; the other process's file checksum is recognised."""
+    a = save_pretrained(encoder, tmp_path / "a", _cfg()) / "model.safetensors"
+    b = tmp_path / "b.safetensors"
+    with_metadata_reversed(a, b)
+    assert manifest.sha256_file(a) != manifest.sha256_file(b)
+    state_a, state_b = load_file(str(a)), load_file(str(b))
+    assert state_a.keys() == state_b.keys() and all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+    assert manifest.weights_digest(a) == manifest.weights_digest(b)
+    assert manifest.sha256_file(b) in manifest.sha256_any_metadata_order(a)
+    assert manifest.sha256_file(a) in manifest.sha256_any_metadata_order(b)
+
+    key = "conv1.weight"
+    changed = dict(state_a)
+    changed[key] = state_a[key].clone()
+    changed[key].view(-1)[0] += 1e-3
+    c = tmp_path / "c.safetensors"
+    save_file(changed, str(c), metadata={"format": "pt"})
+    assert manifest.weights_digest(c) != manifest.weights_digest(a)
+    assert manifest.sha256_file(c) not in manifest.sha256_any_metadata_order(a)
