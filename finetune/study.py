@@ -489,11 +489,12 @@ def run_study(
         log.warning("not running the cells of %s: not available here (%s)", name, why)
     todo = [] if report_only else [c for c in unfinished if c.encoder not in skipped]
     log.info(
-        "study: %d runs, %d already finished, %d %s (%d worker(s))",
+        "study: %d runs, %d already finished, %d to do, %d not run%s (%d worker(s))",
         len(cells),
         len(cells) - len(unfinished),
-        len(unfinished),
-        "not run (report only)" if report_only else "to do",
+        len(todo),
+        len(unfinished) - len(todo),
+        " (report only)" if report_only else " (encoder not available)" if skipped else "",
         workers,
     )
     failed: dict[str, str] = {}
