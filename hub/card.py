@@ -177,8 +177,23 @@ def render_card(cfg: ModelConfig) -> str:
     ):
         if k in cfg.provenance:
             lines.append(f"- {k}: `{cfg.provenance[k]}`")
+    lines += _parent_lines(cfg.provenance.get("parent"))
     lines += ["", "Load it with `from hub import from_pretrained`.", ""]
     return "\n".join([*front, "", *lines])
+
+
+def _parent_lines(parent: dict[str, Any] | None) -> list[str]:
+    """The encoder a continued pretraining run started from (`cthub pretrain --init`), if any."""
+    if not parent:
+        return []
+    method = METHOD_NAMES.get(str(parent.get("method")), parent.get("method") or "unknown method")
+    ids = []
+    if parent.get("digest"):
+        ids.append(f"weights digest `{parent['digest']}`")
+    if parent.get("sha256"):
+        ids.append(f"file sha256 `{parent['sha256']}`")
+    where = f" ({'; '.join(ids)})" if ids else ""
+    return [f"- continued from: `{parent.get('name')}`, {method}{where}"]
 
 
 def write_card(cfg: ModelConfig, directory: str | Path) -> Path:

@@ -27,6 +27,8 @@ from cthub.runtime import (
     select_device,
     torch_save_atomic,
 )
+from hub.config import WEIGHTS_NAME
+from hub.manifest import weights_digest
 from hub.resnet import ResNet50
 from pretrain import dist as pdist
 from pretrain.base import SSLMethod, to_channels_last
@@ -181,7 +183,14 @@ def _initial_encoder(cfg: TrainConfig) -> tuple[ResNet50 | None, dict[str, Any] 
         raise ConfigError(f"--init {cfg.init}: {enc.in_chans} input channels, the recipe has {cfg.in_chans}")
     mc = getattr(enc, "config", None)
     loaded = (getattr(mc, "provenance", None) or {}).get("loaded") or {}  # what from_pretrained verified
-    parent = {"name": cfg.init, "method": getattr(mc, "method", None), "sha256": loaded.get("sha256")}
+    folder = Path(str(loaded.get("path") or loaded.get("from") or ""))
+    weights = folder / WEIGHTS_NAME
+    parent = {
+        "name": cfg.init,
+        "method": getattr(mc, "method", None),
+        "sha256": loaded.get("sha256"),  # of the file
+        "digest": weights_digest(weights) if weights.is_file() else None,  # of the tensors (as study records)
+    }
     return enc, parent
 
 

@@ -179,8 +179,9 @@ def test_init_continues_from_a_hub_encoder_and_records_the_parent(organamnist_np
     """Hierarchical pretraining: `init` starts from a published encoder (weights equal at step 0, change
     measured from the parent), the parent's identity travels into the checkpoint and the card."""
     from ctdata.datasets import load_medmnist
-    from hub import from_pretrained, publish_local
+    from hub import from_pretrained, hub_dir, publish_local
     from hub.config import ModelConfig
+    from hub.manifest import weights_digest
     from pretrain.publish import publish
     from pretrain.trainer import train
 
@@ -209,12 +210,15 @@ def test_init_continues_from_a_hub_encoder_and_records_the_parent(organamnist_np
     )
     cut = train(cfg, images=imgs, stop_at=1)
     assert cut.parent is not None and cut.parent["name"] == "parent-enc" and cut.parent["method"] == "byol"
+    assert cut.parent["digest"] == weights_digest(hub_dir() / "parent-enc" / "model.safetensors")
     assert 0 < cut.weight_change["total"] < 0.5  # measured from the parent, not from a random init
     res = train(cfg, images=imgs, resume=True)  # the parent survives a resume
     assert res.parent == cut.parent and res.steps == 2
     folder = publish(res, cfg, "child-enc", data_desc="OrganAMNIST test slices", command="test")
     child = from_pretrained(folder)
     assert child.config.provenance["parent"]["name"] == "parent-enc"
+    card = (folder / "README.md").read_text()
+    assert f"continued from: `parent-enc`, BYOL (weights digest `{cut.parent['digest']}`" in card
     with pytest.raises(Exception, match="not-a-model"):
         train(
             config_for(
