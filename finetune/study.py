@@ -238,13 +238,18 @@ def _check_weights(out: Path, cells: list[Cell], weights: dict[str, LocalWeights
         if rec is None or "test" not in rec or local is None:
             continue
         if not measured_weights(rec, local):
-            said = rec.get("encoder_digest") or rec.get("encoder_sha256") or ""
+            kind, said, mine = (
+                ("digest", rec["encoder_digest"], local.digest)
+                if rec.get("encoder_digest")
+                else ("file sha256", rec["encoder_sha256"], local.sha256)
+            )
             log.warning(
-                "%s measured %s weights %.12s, the local ones are %.12s: run again",
+                "%s measured %s weights (%s %.12s), the local ones are %.12s: run again",
                 c.key,
                 c.encoder,
+                kind,
                 said,
-                local.digest,
+                mine,
             )
         elif not rec.get("encoder_digest") and rec.get("encoder_sha256"):
             _write_record(out, c, {**rec, "encoder_digest": local.digest})
