@@ -76,13 +76,12 @@ def sha256_any_metadata_order(path: str | Path, max_keys: int = 4) -> frozenset[
     """The sha256 of the file under every order safetensors could have written its `__metadata__` keys in
     (the file's own among them): a file checksum recorded when the same weights were saved by another process
     is one of these. Only the file's own when the metadata has one key, or more than `max_keys`."""
-    own = sha256_file(path)
     header = _safetensors_header(path)
     meta = json.loads(header).get("__metadata__") or {}
     as_written = _compact_json(meta)
     if not 2 <= len(meta) <= max_keys or header.count(as_written) != 1:
-        return frozenset({own})
-    shas = {own}
+        return frozenset({sha256_file(path)})
+    shas = set()  # the order as written is one of the permutations: the file's own hash comes out of the loop
     prefix = struct.pack("<Q", len(header))
     for order in itertools.permutations(meta.items()):
         h = hashlib.sha256(prefix + header.replace(as_written, _compact_json(dict(order))))
