@@ -106,34 +106,57 @@ def table2_markdown(
     return "\n".join(lines) + "\n"
 
 
-def figure5(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
-    """AUC and F1 vs training fraction, one line (mean, ± std band) per encoder."""
+def figure5(
+    rows: list[dict[str, Any]], path: str | Path, title: str = "", *, fractions: list[float] | None = None
+) -> Path:
+    """AUC and F1 vs the labeled fraction, as the paper's Figure 5: a log axis from most labels (left) to
+    fewest, ticks at every fraction of the design (`fractions`; those without a finished run yet stay
+    empty), one line per encoder (mean, ± std band), the legend outside the axes. A point averaging fewer
+    runs than the study's fullest cell is drawn hollow."""
+    from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FixedLocator, NullLocator
 
-    fig = Figure(figsize=(10, 4), layout="constrained")
+    encoders = list(dict.fromkeys(r["encoder"] for r in rows))
+    ticks = sorted({r["fraction"] for r in rows} | set(fractions or ()))
+    most = max(r["runs"] for r in rows)
+    palette = "tab10" if len(encoders) <= 10 else "tab20"
+    fig = Figure(figsize=(11, 5.6), layout="constrained")
     FigureCanvasAgg(fig)  # attaches itself: no pyplot, no global backend switch
     axes = fig.subplots(1, 2)
-    for ax, m, name in ((axes[0], "auc", "AUC"), (axes[1], "f1", "F1")):
-        for enc in dict.fromkeys(r["encoder"] for r in rows):
+    cmap = colormaps[palette]
+    for ax, m, name in ((axes[0], "auc", "AUC"), (axes[1], "f1", "macro F1")):
+        for i, enc in enumerate(encoders):
             rs = sorted((r for r in rows if r["encoder"] == enc), key=lambda r: r["fraction"])
             x = [100 * r["fraction"] for r in rs]
             mu = [r[f"{m}_mean"] for r in rs]
             sd = [r[f"{m}_std"] for r in rs]
-            ax.plot(x, mu, marker="o", label=enc)
+            color = cmap(i % cmap.N)
+            ax.plot(x, mu, "o-", color=color, label=enc)
+            for xi, yi, r in zip(x, mu, rs, strict=True):
+                if r["runs"] < most:
+                    ax.plot(xi, yi, "o", color=color, markerfacecolor="white")
             ax.fill_between(
                 x,
                 [a - b for a, b in zip(mu, sd, strict=True)],
                 [a + b for a, b in zip(mu, sd, strict=True)],
-                alpha=0.15,
+                color=color,
+                alpha=0.12,
+                linewidth=0,
             )
-        ax.set_xlabel("training data (%)")
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(FixedLocator([100 * f for f in ticks]))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xticklabels([pct(f) for f in ticks])
+        ax.set_xlim(100 * ticks[-1] * 1.25, 100 * ticks[0] / 1.25)  # most labels left
+        ax.set_xlabel("labeled training data")
         ax.set_ylabel(f"test {name}")
         ax.grid(alpha=0.3)
-        ax.invert_xaxis()
-    axes[1].legend(title="pretraining")
-    if title:
-        fig.suptitle(title)
+    fig.legend(*axes[0].get_legend_handles_labels(), title="pretraining", loc="outside lower center", ncols=3)
+    fewer = any(r["runs"] < most for r in rows)
+    note = f"mean ± std over up to {most} runs" + ("; hollow: fewer runs" if fewer else "")
+    fig.suptitle(f"{title} — {note}" if title else note)
     fig.savefig(path, dpi=120)
     return Path(path)
 
@@ -172,7 +195,7 @@ def write_reports(
             failed=len(failed or {}),
         )
         (out / "table2.md").write_text(table)
-        figure5(rows, out / "figure5.png", title)
+        figure5(rows, out / "figure5.png", title, fractions=spec.get("fractions"))
         files.update(table=str(out / "table2.md"), figure=str(out / "figure5.png"))
     keys = ("encoder", "fraction", "runs", "unconverged", *METRICS)
     return {"runs": len(runs), "summary": [{k: r[k] for k in keys} for r in rows], "files": files}
