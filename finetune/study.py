@@ -15,6 +15,11 @@ again; re-made to the same tensors (the recipes are deterministic), it stands. R
 hold the file's sha256 only; they stand when it is the local file's under some order of its metadata keys, and
 are then given the digest. Where the encoder is not stored locally (a fresh clone reporting committed cells),
 records are kept.
+
+A folder's reports cover its whole grid: the encoders, fractions and seeds of every invocation so far
+(study.json keeps their union), so a run over a subset (one new encoder, one more fraction) adds its rows to
+the tables instead of replacing them; to drop an encoder from the reports, delete its runs/ records and its
+name from study.json.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -482,7 +487,7 @@ def run_study(
     old_epochs = _check_same_recipe(spec, out / "study.json")
     if old_epochs is not None:
         _stamp_epoch_budgets(out, old_epochs)
-    (out / "study.json").write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
+    _write_design(_design_so_far(spec, out / "study.json"))
     cells = spec.cells()
     weights = local_weights(spec.encoders)
     _check_weights(out, cells, weights)
@@ -521,9 +526,13 @@ def run_study(
                 "" if outcome["converged"] else " (still improving when the budget ended)",
                 left,
             )
+    # the folder's whole grid, as other invocations (a subset of encoders or fractions, perhaps running
+    # beside this one) have left it by now: a partial run never drops their rows from the tables
+    design = _design_so_far(spec, out / "study.json")
+    _write_design(design)
     title = f"{Path(spec.data).name}: {spec.protocol}"
-    runs = load_runs(spec, out, weights)
-    summary = write_reports(out, runs, spec=spec.to_dict(), title=title, failed=failed)
+    runs = load_runs(design, out, {**local_weights(design.encoders), **weights})
+    summary = write_reports(out, runs, spec=design.to_dict(), title=title, failed=failed)
     summary.update(
         ran=len(todo) - len(failed),
         skipped_finished=len(cells) - len(unfinished),
@@ -531,8 +540,30 @@ def run_study(
         failed=failed,
         skipped_encoders=skipped,
     )
-    summary["cards_updated"] = record_in_cards(spec, aggregate(runs), command)
+    summary["cards_updated"] = record_in_cards(design, aggregate(runs), command)
     return summary
+
+
+def _design_so_far(spec: StudySpec, path: Path) -> StudySpec:
+    """`spec` with the encoders, fractions and seeds the folder's study.json already lists added (the
+    settings are the same: `_check_same_recipe`): what the folder's reports cover."""
+    if not path.is_file():
+        return spec
+    old = json.loads(path.read_text())
+    return replace(
+        spec,
+        encoders=list(dict.fromkeys([*old.get("encoders", []), *spec.encoders])),
+        fractions=sorted({*map(float, old.get("fractions", [])), *spec.fractions}),
+        seeds=sorted({*map(int, old.get("seeds", [])), *spec.seeds}),
+    )
+
+
+def _write_design(spec: StudySpec) -> None:
+    """study.json, atomically (studies running side by side into one folder read it)."""
+    path = Path(spec.out) / "study.json"
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def _check_same_recipe(spec: StudySpec, path: Path) -> int | None:

@@ -21,7 +21,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", required=True, choices=METHOD_NAMES)
     p.add_argument("--data", required=True, help="MedMNIST .npz (train images), shard dir or image folder")
     p.add_argument(
-        "--recipe", default=None, help="YAML recipe (path or built-in: cpu-organamnist, lidc-paper)"
+        "--recipe",
+        default=None,
+        help="YAML recipe (path or built-in: cpu-organamnist, cpu-organamnist-from-spark, lidc-paper)",
     )
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None, help="per process and micro-batch")

@@ -146,21 +146,38 @@ def config_for(method: str, recipe: str | Path | None = None, **overrides: Any) 
     return TrainConfig.from_dict(d)
 
 
-def load_recipe(recipe: str | Path) -> dict[str, Any]:
-    """A recipe by path or by name in pretrain/recipes (e.g. `cpu-organamnist`)."""
-    p = Path(recipe)
-    if not p.is_file():
-        p = RECIPE_DIR / f"{recipe}.yaml"
-    if not p.is_file():
-        names = sorted(f.stem for f in RECIPE_DIR.glob("*.yaml"))
-        raise ConfigError(f"recipe {recipe!r} not found (built-in: {', '.join(names)})")
+def load_recipe(recipe: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A recipe by path or by name in pretrain/recipes (e.g. `cpu-organamnist`). `extends: <recipe>` (a name,
+    or a path relative to the recipe's folder) starts from another recipe: its `common` and each of its
+    `methods.<method>` sections are updated key by key."""
+    p = _recipe_path(recipe, _seen[-1].parent if _seen else None)
+    if p in _seen:
+        raise ConfigError(f"{_seen[-1].name}: `extends` loops back to {p.name}")
     try:
         d = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{p.name} is not valid YAML: {e}") from None
     if not isinstance(d, dict):
         raise ConfigError(f"{p.name}: a recipe is a mapping with `common` and `methods` sections")
-    return d
+    base_name = d.pop("extends", None)
+    if base_name is None:
+        return d
+    base = load_recipe(str(base_name), (*_seen, p))
+    methods = dict(base.get("methods") or {})
+    for m, section in (d.get("methods") or {}).items():
+        methods[m] = {**(methods.get(m) or {}), **(section or {})}
+    common = {**(base.get("common") or {}), **(d.get("common") or {})}
+    return {**base, **d, "common": common, "methods": methods}
+
+
+def _recipe_path(recipe: str | Path, near: Path | None) -> Path:
+    """The file of a recipe given as a path (relative to `near` when there is one), or a built-in name."""
+    p = Path(recipe)
+    for candidate in ([near / p] if near is not None else []) + [p, RECIPE_DIR / f"{recipe}.yaml"]:
+        if candidate.is_file():
+            return candidate.resolve()
+    names = sorted(f.stem for f in RECIPE_DIR.glob("*.yaml"))
+    raise ConfigError(f"recipe {recipe!r} not found (built-in: {', '.join(names)})")
 
 
 def build_method(cfg: TrainConfig, encoder: ResNet50 | None = None) -> SSLMethod:

@@ -412,3 +412,21 @@ def test_workers_stop_when_the_study_process_is_killed(organamnist_npz: Path, tm
         for w in workers:
             if w.is_running():
                 w.kill()
+
+
+def test_a_run_over_a_subset_adds_its_rows_to_the_folders_tables(
+    organamnist_npz: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "study"
+    assert run_study(_spec(organamnist_npz, out, [0.003]))["ran"] == 1
+    # another invocation: one more fraction and another seed, nothing of the first repeated
+    more = dataclasses.replace(_spec(organamnist_npz, out, [0.005]), seeds=[1])
+    assert run_study(more)["ran"] == 1
+    design = json.loads((out / "study.json").read_text())
+    assert (design["encoders"], design["fractions"], design["seeds"]) == (["scratch"], [0.003, 0.005], [0, 1])
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert sorted((r["fraction"], r["seed"]) for r in runs) == [(0.003, 0), (0.005, 1)]
+    table = (out / "table2.md").read_text()
+    assert "| 0.5% AUC | 0.5% F1 | 0.3% AUC | 0.3% F1 |" in table
+    line = next(r for r in table.splitlines() if r.startswith("| scratch |"))
+    assert "–" not in line  # both cells reported, neither replaced by the other

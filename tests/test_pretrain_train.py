@@ -12,6 +12,7 @@ import torch
 
 from ctdata.datasets import load_medmnist
 from cthub.cli import main as cthub_main
+from cthub.errors import ConfigError
 from pretrain.config import METHODS, config_for
 
 
@@ -153,7 +154,7 @@ def test_exact_resume(method: str, organ_images: np.ndarray, tmp_path: Path) -> 
 
 
 def test_recipes_parse_for_every_method() -> None:
-    for recipe in ("cpu-organamnist", "lidc-paper"):
+    for recipe in ("cpu-organamnist", "cpu-organamnist-from-spark", "lidc-paper"):
         for m in METHODS:
             cfg = config_for(m, recipe)
             assert cfg.method == m and cfg.optimizer in ("sgd", "lars", "lamb", "adamw")
@@ -161,6 +162,22 @@ def test_recipes_parse_for_every_method() -> None:
     assert paper.image_size == 224 and paper.epochs == 900 and paper.method_kwargs["queue_size"] == 65536
     assert config_for("spark", "lidc-paper").optimizer == "lamb"
     assert config_for("spark", "cpu-organamnist", steps=5).epochs is None
+
+
+def test_a_recipe_extends_another_key_by_key(tmp_path: Path) -> None:
+    base, child = config_for("swav", "cpu-organamnist"), config_for("swav", "cpu-organamnist-from-spark")
+    # the settings the measured SwAV-from-SparK run had: only the start and the rate differ from the base
+    assert (child.init, child.base_lr, base.init, base.base_lr) == ("spark-organamnist-cpu", 1.0, None, 4.0)
+    for key in ("final_lr", "steps", "method_kwargs", "optimizer"):
+        assert getattr(child, key) == getattr(base, key), key
+    assert child.image_size == base.image_size == 64 and child.threads == 1  # `common` kept from the base
+    moco = config_for("mocov2", "cpu-organamnist-from-spark")
+    assert (moco.steps, moco.optimizer, moco.init) == (600, "sgd", "spark-organamnist-cpu")
+    assert config_for("spark", "cpu-organamnist-from-spark") == config_for("spark", "cpu-organamnist")
+    loop = tmp_path / "loop.yaml"
+    loop.write_text("extends: loop.yaml\n")
+    with pytest.raises(ConfigError, match="loops back"):
+        config_for("byol", str(loop))
 
 
 def test_cli_trains_saves_and_publishes(organamnist_npz: Path, tmp_path: Path, capsys) -> None:
