@@ -135,25 +135,40 @@ def _f(v: Any) -> str:
 
 
 def _plot(runs: list[dict[str, Any]], path: Path) -> None:
+    """kNN monitor and weight change against epochs of pretraining (images seen / training images: the
+    budget, unlike wall minutes, does not depend on what else ran); a run continued from another encoder
+    (--init) is dashed and starts at 0, with its parent's own pretraining not drawn."""
+    from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(10, 4))
+    fig = Figure(figsize=(11, 5.2))
     FigureCanvasAgg(fig)
     ax_acc, ax_chg = fig.subplots(1, 2)
-    for r in runs:
+    tab20 = colormaps["tab20"]  # 20 colours in pairs, dark then light
+    for i, r in enumerate(runs):
         mon = r.get("monitor") or []
         if not mon:
             continue
-        minutes = [m.get("elapsed_s", 0.0) / 60 for m in mon]
-        ax_acc.plot(minutes, [m.get("knn_accuracy") for m in mon], marker="o", ms=3, label=r["run"])
-        ax_chg.plot(minutes, [m.get("change_total") for m in mon], marker="o", ms=3, label=r["run"])
+        style = {
+            "color": tab20(((2 * i) % 20 + (2 * i) // 20 % 2) / 19),  # dark shades first, then light ones
+            "ls": "--" if r.get("init") else "-",
+            "marker": "o",
+            "ms": 2.5,
+            "lw": 1.3,
+            "label": r["run"] + (f" (from {r['init']})" if r.get("init") else ""),
+        }
+        epochs = [float(m.get("epoch", 0.0)) for m in mon]
+        ax_acc.plot(epochs, [m.get("knn_accuracy") for m in mon], **style)
+        ax_chg.plot(epochs, [m.get("change_total") for m in mon], **style)
     if runs and runs[0].get("majority_accuracy") is not None:
         ax_acc.axhline(runs[0]["majority_accuracy"], color="grey", ls=":", label="majority class")
-    ax_acc.set(xlabel="minutes of pretraining", ylabel="kNN accuracy (val)", title="online kNN monitor")
-    ax_chg.set(xlabel="minutes of pretraining", ylabel="||W - W0|| / ||W0||", title="encoder weight change")
-    ax_acc.legend(fontsize=7)
-    fig.tight_layout()
+    ax_acc.set(xlabel="epochs of pretraining", ylabel="kNN accuracy (val)", title="online kNN monitor")
+    ax_chg.set(xlabel="epochs of pretraining", ylabel="||W - W0|| / ||W0||", title="encoder weight change")
+    handles, labels = ax_acc.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7, frameon=False)
+    rows = (len(labels) + 2) // 3
+    fig.tight_layout(rect=(0, min(0.45, 0.034 * rows + 0.01), 1, 1))
     fig.savefig(path, dpi=120)
 
 
