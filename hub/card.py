@@ -90,6 +90,77 @@ def comparison_lines(cfg: ModelConfig) -> list[str]:
     ]
 
 
+def _pm(stat: Any, runs: Any = None) -> str:
+    """{"mean": m, "std": s} -> 'm ± s' (3 decimals; the mean alone for a single run), else 'n/a'."""
+    if not isinstance(stat, dict) or not isinstance(stat.get("mean"), (int, float)):
+        return "n/a"
+    std = stat.get("std")
+    spread = isinstance(std, (int, float)) and runs != 1
+    return f"{stat['mean']:.3f}" + (f" ± {std:.3f}" if spread else "")
+
+
+def study_lines(study: Any) -> list[str]:
+    """The card's "Fine-tuned with few labels" section from `metrics["finetune_study"]` (written by `cthub
+    study`): per data set and protocol, this encoder's test AUC / macro F1 per label fraction beside random
+    init's on the same cells, else nothing."""
+    if not isinstance(study, dict) or not study:
+        return []
+    lines = ["", "## Fine-tuned with few labels", ""]
+    for key, entry in sorted(study.items()):
+        rows = (entry or {}).get("test") or {}
+        if not rows:
+            continue
+        data, _, protocol = key.partition(":")
+        lines += [
+            f"**{data}** ({protocol or 'split'}; test metrics, mean ± std over "
+            f"{'/'.join(sorted({str(r.get('runs')) for r in rows.values()}))} runs):",
+            "",
+            "| labels | training images | AUC | macro F1 | random init AUC | Δ AUC |",
+            "|---|---|---|---|---|---|",
+        ]
+        for frac, r in sorted(rows.items(), key=lambda kv: -float(kv[0].rstrip("%"))):
+            delta = r.get("delta_auc_vs_scratch")
+            lines.append(
+                f"| {frac} | {_fmt(r.get('n_train'), ',')} | {_pm(r.get('auc'), r.get('runs'))} "
+                f"| {_pm(r.get('f1'), r.get('runs'))} | {_pm(r.get('scratch_auc'), r.get('runs'))} "
+                f"| {_fmt(delta, '+.3f')} |"
+            )
+        lines += ["", f"Command: `{entry.get('command')}`", ""]
+    return lines[:-1]
+
+
+def frozen_feature_lines(frozen: Any) -> list[str]:
+    """The card's "Frozen features" section from `metrics["frozen_features"]` (`finetune.evaluate_encoder`
+    of this encoder and of a random-init network beside it, BN as stored and recalibrated), else nothing."""
+    if not isinstance(frozen, dict) or not isinstance(frozen.get("encoder"), dict):
+        return []
+    enc, rnd = frozen["encoder"], frozen.get("random_init") or {}
+    lines = [
+        "",
+        "## Frozen features",
+        "",
+        f"On {frozen.get('data')}: {enc.get('n_train')} training images as kNN bank and probe training set, "
+        f"{enc.get('n_test')} test images at {enc.get('image_size')} px (majority class accuracy "
+        f"{_fmt(enc.get('majority_accuracy'), '.3f')}). Random init is a seeded ResNet50 measured the same "
+        "way.",
+        "",
+        "| network | BN statistics | kNN accuracy | kNN AUC | probe accuracy | probe AUC | probe macro F1 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for who, res in (("this encoder", enc), ("random init", rnd)):
+        for bn in ("stored", "recalibrated"):
+            m = res.get(bn)
+            if not isinstance(m, dict):
+                continue
+            knn, probe = m.get("knn") or {}, (m.get("linear_probe") or {}).get("test") or {}
+            lines.append(
+                f"| {who} | {bn} | {_fmt(knn.get('accuracy'), '.3f')} | {_fmt(knn.get('auc'), '.3f')} "
+                f"| {_fmt(probe.get('accuracy'), '.3f')} | {_fmt(probe.get('auc'), '.3f')} "
+                f"| {_fmt(probe.get('f1'), '.3f')} |"
+            )
+    return lines
+
+
 def export_lines(onnx: Any) -> list[str]:
     """The card's "ONNX export" section from `metrics["onnx"]` (written by `cthub export`), else nothing."""
     if not isinstance(onnx, dict) or not onnx:
@@ -155,10 +226,14 @@ def render_card(cfg: ModelConfig) -> str:
         lines += ["", f"**Citation.** {cfg.provenance['citation']}"]
     if cfg.provenance.get("note"):
         lines += ["", f"**Note.** {cfg.provenance['note']}"]
+    lines += study_lines(cfg.metrics.get("finetune_study"))
+    lines += frozen_feature_lines(cfg.metrics.get("frozen_features"))
     lines += ["", "## Measured results", ""]
     measured = {k: v for k, v in cfg.metrics.items() if k != "onnx"}
     if measured:
-        lines += ["```json", json.dumps(measured, indent=2, sort_keys=True), "```"]
+        # everything the config records, verbatim (the sections above are read from it)
+        body = ["```json", json.dumps(measured, indent=2, sort_keys=True), "```"]
+        lines += ["<details><summary>All measurements (JSON)</summary>", "", *body, "", "</details>"]
     else:
         lines.append("Nothing has been measured for this model yet.")
     lines += comparison_lines(cfg)

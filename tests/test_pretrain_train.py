@@ -234,6 +234,10 @@ def test_cli_trains_saves_and_publishes(organamnist_npz: Path, tmp_path: Path, c
     assert cfg.metrics["knn_monitor_last"]["step"] == 2  # the monitor ran on the npz's val split at the end
     card = (Path(str(__import__("hub").hub_dir())) / "byol-organamnist-test" / "README.md").read_text()
     assert "final_loss" in card and "OrganAMNIST" in card
+    # the frozen-feature figures as a table a reader can scan, the same numbers as the config's
+    probe = ff["random_init"]["recalibrated"]["linear_probe"]["test"]
+    row = next(line for line in card.splitlines() if line.startswith("| random init | recalibrated |"))
+    assert f"| {probe['accuracy']:.3f} | {probe['auc']:.3f} |" in row
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert enc(x).shape == (2, 2048)
