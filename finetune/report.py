@@ -91,7 +91,9 @@ def table2_markdown(
     lines += [
         "",
         "Test AUC / F1, " + spread + "; training images per "
-        "fraction: " + ", ".join(f"{pct(f)} = {ntrain[f]:,}" for f in fracs) + ".",
+        "fraction: "
+        + ", ".join(f"{pct(f)} = {ntrain[f]:,}" if ntrain[f] else f"{pct(f)}: none yet" for f in fracs)
+        + ".",
     ]
     unconverged = sum(r.get("unconverged", 0) for r in rows)
     if unconverged:

@@ -528,7 +528,7 @@ def run_study(
             )
     # the folder's whole grid, as other invocations (a subset of encoders or fractions, perhaps running
     # beside this one) have left it by now: a partial run never drops their rows from the tables
-    design = _design_so_far(spec, out / "study.json")
+    design = _design_so_far(spec, out / "study.json", report_only=report_only)
     _write_design(design)
     title = f"{Path(spec.data).name}: {spec.protocol}"
     runs = load_runs(design, out, {**local_weights(design.encoders), **weights})
@@ -544,15 +544,17 @@ def run_study(
     return summary
 
 
-def _design_so_far(spec: StudySpec, path: Path) -> StudySpec:
+def _design_so_far(spec: StudySpec, path: Path, *, report_only: bool = False) -> StudySpec:
     """`spec` with the encoders, fractions and seeds the folder's study.json already lists added (the
-    settings are the same: `_check_same_recipe`): what the folder's reports cover."""
+    settings are the same: `_check_same_recipe`): what the folder's reports cover. Encoders keep the
+    folder's order, new ones after; a report asked for (`report_only`) lists the encoders it names first."""
     if not path.is_file():
         return spec
     old = json.loads(path.read_text())
+    given, known = list(spec.encoders), list(old.get("encoders", []))
     return replace(
         spec,
-        encoders=list(dict.fromkeys([*old.get("encoders", []), *spec.encoders])),
+        encoders=list(dict.fromkeys([*given, *known] if report_only else [*known, *given])),
         fractions=sorted({*map(float, old.get("fractions", [])), *spec.fractions}),
         seeds=sorted({*map(int, old.get("seeds", [])), *spec.seeds}),
     )

@@ -436,3 +436,10 @@ def test_a_run_over_a_subset_adds_its_rows_to_the_folders_tables(
     assert "| 0.5% AUC | 0.5% F1 | 0.3% AUC | 0.3% F1 |" in table
     line = next(r for r in table.splitlines() if r.startswith("| scratch |"))
     assert "–" not in line  # both cells reported, neither replaced by the other
+    # a report asked for lists the encoders it names first; one with no cells yet is a row of '–'
+    asked = dataclasses.replace(more, encoders=["not-run-yet", "scratch"])
+    assert run_study(asked, report_only=True)["ran"] == 0
+    assert json.loads((out / "study.json").read_text())["encoders"] == ["not-run-yet", "scratch"]
+    lines = (out / "table2.md").read_text().splitlines()
+    names = [r.split("|")[1].strip() for r in lines if r.startswith("| ")]
+    assert names == ["pretraining", "not-run-yet", "scratch"]
