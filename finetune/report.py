@@ -113,7 +113,8 @@ def figure5(
 ) -> Path:
     """AUC and F1 vs the labeled fraction, as the paper's Figure 5: a log axis from most labels (left) to
     fewest, ticks at every fraction of the design (`fractions`; those without a finished run yet stay
-    empty), one line per encoder (mean, ± std band), the legend outside the axes. A point averaging fewer
+    empty), one line per encoder (mean, ± std band; solid for the first ten named, then dashed), the legend
+    outside the axes. A point averaging fewer
     runs than the study's fullest cell is drawn hollow."""
     from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -123,19 +124,19 @@ def figure5(
     encoders = list(dict.fromkeys(r["encoder"] for r in rows))
     ticks = sorted({r["fraction"] for r in rows} | set(fractions or ()))
     most = max(r["runs"] for r in rows)
-    palette = "tab10" if len(encoders) <= 10 else "tab20"
     fig = Figure(figsize=(11, 5.6), layout="constrained")
     FigureCanvasAgg(fig)  # attaches itself: no pyplot, no global backend switch
     axes = fig.subplots(1, 2)
-    cmap = colormaps[palette]
+    # ten distinct colours in the order the encoders are named; beyond ten, the same colours dashed
+    cmap = colormaps["tab10"]
     for ax, m, name in ((axes[0], "auc", "AUC"), (axes[1], "f1", "macro F1")):
         for i, enc in enumerate(encoders):
             rs = sorted((r for r in rows if r["encoder"] == enc), key=lambda r: r["fraction"])
             x = [100 * r["fraction"] for r in rs]
             mu = [r[f"{m}_mean"] for r in rs]
             sd = [r[f"{m}_std"] for r in rs]
-            color = cmap(i % cmap.N)
-            ax.plot(x, mu, "o-", color=color, label=enc)
+            color, style = cmap(i % 10), ("-", "--", ":")[i // 10 % 3]
+            ax.plot(x, mu, marker="o", ls=style, color=color, label=enc)
             for xi, yi, r in zip(x, mu, rs, strict=True):
                 if r["runs"] < most:
                     ax.plot(xi, yi, "o", color=color, markerfacecolor="white")
