@@ -17,7 +17,7 @@ ORGAN_NPZ := $(if $(wildcard $(SHARED_NPZ)),$(SHARED_NPZ),data/organamnist.npz)
 HOST ?= 127.0.0.1
 PORT ?= 3000
 
-.PHONY: venv run test bench study study-organamnist study-headct pretrain pretrain-extra evaluate experiments clean lint
+.PHONY: venv run test bench study study-organamnist study-figure5 study-headct pretrain pretrain-extra evaluate experiments clean lint
 
 venv: $(STAMP)
 $(STAMP): pyproject.toml
@@ -147,6 +147,15 @@ study-organamnist: $(STAMP) | $(ORGAN_NPZ)
 	$(CTHUB) study --data $(ORGAN_NPZ) --encoders $(STUDY_ENCODERS) --fractions $(STUDY_FRACTIONS) --seeds $(STUDY_SEEDS) \
 	  --image-size 64 --epochs $(STUDY_EPOCHS) --head-epochs 2 --patience 10 --select auc --max-val 1000 --max-test 3000 \
 	  --workers $(STUDY_WORKERS) --threads 1 --out docs/results/study-organamnist $(STUDY_FLAGS)
+
+# Figure 5's larger fractions, first pass: one seed of 10/25/100% for random init and the recipe's four
+# encoders (smallest fraction first; resumable, so it fills in session by session: a 10% cell takes about an
+# hour of one core, 25% a few hours, 100% most of a day). More seeds: FIGURE5_SEEDS=3.
+FIGURE5_ENCODERS ?= scratch,spark-organamnist-cpu,byol-organamnist-cpu,mocov2-from-spark-organamnist-cpu,$\
+  swav-from-spark-lr1-organamnist-cpu
+FIGURE5_SEEDS ?= 1
+study-figure5:
+	$(MAKE) study-organamnist STUDY_ENCODERS=$(FIGURE5_ENCODERS) STUDY_FRACTIONS=0.1,0.25,1 STUDY_SEEDS=$(FIGURE5_SEEDS)
 
 # Head CT hemorrhage (../shared/data/head_ct: 200 PNG slices, windowed by the dataset's authors; labels.csv):
 # the paper's brain protocol, 5 stratified folds at 100% and 75% of each training part, 3 seeds (each seed
