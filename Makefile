@@ -47,32 +47,33 @@ TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
-# The CPU-scale encoders from unlabeled OrganAMNIST (pretrain/recipes/cpu-organamnist.yaml): two at a time,
-# 1 thread each, budgets in steps (~80-90 min of one core per method on the AVX2-only EPYC, 20-75 min on one
-# with AVX512-BF16). Then MoCo v2 and SwAV continued from the SparK encoder
-# (pretrain/recipes/cpu-organamnist-from-spark.yaml, ~20 min each on the bf16 machine): the fresh runs of those
-# two stay short of +0.03 AUC at 1% labels, the continued ones meet it (docs/results/README.md), so the
-# recipe's four encoders that help are spark, byol, mocov2-from-spark and swav-from-spark-lr1.
+# The CPU-scale encoders from unlabeled OrganAMNIST, two runs at a time at 1 thread each, budgets in steps
+# (~80-90 min of one core per method on the AVX2-only EPYC, 20-75 min on one with AVX512-BF16):
+# 1. SparK and BYOL (pretrain/recipes/cpu-organamnist.yaml);
+# 2. MoCo v2 and SwAV continued from that SparK encoder (cpu-organamnist-from-spark.yaml, ~20 min each on the
+#    bf16 machine): with 1, the recipe's four encoders that beat random init by >= 0.03 AUC at 1% labels;
+# 3. MoCo v2 and SwAV from scratch (cpu-organamnist.yaml), which stay short of that (docs/results/README.md).
 # Resumable: run it again after an interruption and every run continues from its last checkpoint; finished
 # encoders are published to the local hub (card: steps, minutes, weight change, kNN monitor, frozen-feature
 # scores, parent). Runs live outside the checkout ($(RUNS)), beside the hub, so a fresh clone finds them.
 CTHUB_HOME ?= $(HOME)/.cache/ct-ssl-hub
 RUNS ?= $(CTHUB_HOME)/runs
 HUB_MODELS := $(CTHUB_HOME)/models
-PRETRAIN_PAIRS ?= "spark byol" "mocov2 swav"
+# $(call pretrain_run,method,recipe,run folder,published name[,more flags]): one resumable run, logged beside
+# its folder; $(call side_by_side,command,command): both at once, failing (after both end) if either failed.
+pretrain_run = $(CTHUB) pretrain --method $(1) --data $(ORGAN_NPZ) --recipe $(2) $(5) --out $(RUNS)/$(3) --resume \
+  --publish $(4) > $(RUNS)/$(3).log 2>&1
+side_by_side = { $(1); } & a=$$!; { $(2); } & b=$$!; wait $$a; ra=$$?; wait $$b; rb=$$?; \
+  [ $$ra -eq 0 ] && [ $$rb -eq 0 ] || { echo "a run failed: see its log in $(RUNS)"; exit 1; }
 pretrain: $(STAMP) | $(ORGAN_NPZ)
 	@mkdir -p $(RUNS)
-	@for pair in $(PRETRAIN_PAIRS); do \
-	  for m in $$pair; do \
-	    $(CTHUB) pretrain --method $$m --data $(ORGAN_NPZ) --recipe cpu-organamnist --out $(RUNS)/$$m-cpu \
-	      --resume --publish $$m-organamnist-cpu > $(RUNS)/$$m-cpu.log 2>&1 & \
-	  done; wait; done
-	$(CTHUB) pretrain --method mocov2 --data $(ORGAN_NPZ) --recipe cpu-organamnist-from-spark \
-	  --out $(RUNS)/mocov2-from-spark-cpu --resume --publish mocov2-from-spark-organamnist-cpu \
-	  > $(RUNS)/mocov2-from-spark-cpu.log 2>&1 & \
-	$(CTHUB) pretrain --method swav --data $(ORGAN_NPZ) --recipe cpu-organamnist-from-spark \
-	  --out $(RUNS)/swav-from-spark-lr1-cpu --resume --publish swav-from-spark-lr1-organamnist-cpu \
-	  > $(RUNS)/swav-from-spark-lr1-cpu.log 2>&1 & wait
+	$(call side_by_side,$(call pretrain_run,spark,cpu-organamnist,spark-cpu,spark-organamnist-cpu),\
+	  $(call pretrain_run,byol,cpu-organamnist,byol-cpu,byol-organamnist-cpu))
+	$(call side_by_side,\
+	  $(call pretrain_run,mocov2,cpu-organamnist-from-spark,mocov2-from-spark-cpu,mocov2-from-spark-organamnist-cpu),\
+	  $(call pretrain_run,swav,cpu-organamnist-from-spark,swav-from-spark-lr1-cpu,swav-from-spark-lr1-organamnist-cpu))
+	$(call side_by_side,$(call pretrain_run,mocov2,cpu-organamnist,mocov2-cpu,mocov2-organamnist-cpu),\
+	  $(call pretrain_run,swav,cpu-organamnist,swav-cpu,swav-organamnist-cpu))
 	$(CTHUB) pretrain-report $(RUNS)/spark-cpu $(RUNS)/byol-cpu $(RUNS)/mocov2-cpu $(RUNS)/swav-cpu \
 	  $(RUNS)/mocov2-from-spark-cpu $(RUNS)/swav-from-spark-lr1-cpu --out docs/results
 
@@ -86,20 +87,13 @@ pretrain: $(STAMP) | $(ORGAN_NPZ)
 # fill ~60 min of a bf16 one). Budgets are the steps; --max-minutes is only a cap for a contended machine.
 pretrain-extra: $(STAMP) | $(ORGAN_NPZ)
 	@mkdir -p $(RUNS)
-	$(CTHUB) pretrain --method spark --data $(ORGAN_NPZ) --recipe cpu-organamnist --image-size 96 --steps 380 \
-	  --max-minutes 120 --out $(RUNS)/spark96-cpu --resume --publish spark96-organamnist-cpu \
-	  > $(RUNS)/spark96-cpu.log 2>&1 & \
-	$(CTHUB) pretrain --method byol --data $(ORGAN_NPZ) --recipe cpu-organamnist-from-spark \
-	  --out $(RUNS)/byol-from-spark-cpu --resume \
-	  --publish byol-from-spark-organamnist-cpu > $(RUNS)/byol-from-spark-cpu.log 2>&1 & wait
-	$(CTHUB) pretrain --method mocov2 --data $(ORGAN_NPZ) --recipe cpu-organamnist --optimizer lars --lr 4.0 \
-	  --weight-decay 1.5e-6 --steps 1400 --max-minutes 120 --out $(RUNS)/mocov2-lars-cpu --resume \
-	  --publish mocov2-lars-organamnist-cpu > $(RUNS)/mocov2-lars-cpu.log 2>&1 & \
-	$(CTHUB) pretrain --method swav --data $(ORGAN_NPZ) --recipe cpu-organamnist --init spark-organamnist-cpu \
-	  --steps 480 --max-minutes 120 --out $(RUNS)/swav-from-spark-cpu --resume \
-	  --publish swav-from-spark-organamnist-cpu > $(RUNS)/swav-from-spark-cpu.log 2>&1 & wait
-	$(CTHUB) pretrain --method swav --data $(ORGAN_NPZ) --recipe cpu-organamnist --steps 1500 --max-minutes 100 \
-	  --out $(RUNS)/swav1500-cpu --resume --publish swav1500-organamnist-cpu > $(RUNS)/swav1500-cpu.log 2>&1
+	$(call side_by_side,\
+	  $(call pretrain_run,spark,cpu-organamnist,spark96-cpu,spark96-organamnist-cpu,--image-size 96 --steps 380 --max-minutes 120),\
+	  $(call pretrain_run,byol,cpu-organamnist-from-spark,byol-from-spark-cpu,byol-from-spark-organamnist-cpu))
+	$(call side_by_side,\
+	  $(call pretrain_run,mocov2,cpu-organamnist,mocov2-lars-cpu,mocov2-lars-organamnist-cpu,--optimizer lars --lr 4.0 --weight-decay 1.5e-6 --steps 1400 --max-minutes 120),\
+	  $(call pretrain_run,swav,cpu-organamnist,swav-from-spark-cpu,swav-from-spark-organamnist-cpu,--init spark-organamnist-cpu --steps 480 --max-minutes 120))
+	$(call pretrain_run,swav,cpu-organamnist,swav1500-cpu,swav1500-organamnist-cpu,--steps 1500 --max-minutes 100)
 	$(CTHUB) pretrain-report $(RUNS)/spark-cpu $(RUNS)/byol-cpu $(RUNS)/mocov2-cpu $(RUNS)/swav-cpu \
 	  $(RUNS)/mocov2-from-spark-cpu $(RUNS)/swav-from-spark-lr1-cpu $(RUNS)/spark96-cpu $(RUNS)/byol-from-spark-cpu \
 	  $(RUNS)/mocov2-lars-cpu $(RUNS)/swav-from-spark-cpu $(RUNS)/swav1500-cpu --out docs/results
