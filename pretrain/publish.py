@@ -6,6 +6,7 @@ import copy
 import datetime as _dt
 import logging
 import platform
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -121,7 +122,14 @@ def publish(
     probe_max_train: int | None = 2000,
     hub_dir_override: str | Path | None = None,
 ) -> Path:
-    """Write the encoder into the local hub as `name` (sha256 recorded) with a model card."""
+    """Write the encoder into the local hub as `name` (sha256 recorded) with a model card. When the hub
+    already holds `name` with these very weights (a finished run published again, e.g. by `make pretrain`
+    rerun after an interruption elsewhere), it is left as it is: its card keeps what was measured on it since
+    (study rows, frozen features), and nothing is recomputed."""
+    existing = same_weights_published(result.encoder, name, hub_dir_override)
+    if existing is not None:
+        log.info("%s already holds these weights (same digest): kept with its card", name)
+        return existing
     probe = None
     if probe_source is not None:
         base = model_config(result, cfg, name=name, data_desc=data_desc, command=command)
@@ -134,3 +142,21 @@ def publish(
     from hub import publish_local
 
     return publish_local(result.encoder, name, mc, source="pretrain", hub_dir_override=hub_dir_override)
+
+
+def same_weights_published(
+    encoder: ResNet50, name: str, hub_dir_override: str | Path | None = None
+) -> Path | None:
+    """The hub folder of `name` when it holds exactly `encoder`'s tensors (`hub.manifest.weights_digest`),
+    else None."""
+    from hub.config import WEIGHTS_NAME
+    from hub.io import hub_dir, save_pretrained
+    from hub.manifest import weights_digest
+
+    folder = hub_dir(hub_dir_override) / name
+    if not (folder / WEIGHTS_NAME).is_file():
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        mine = save_pretrained(encoder, Path(tmp) / "w", ModelConfig(name="candidate", method="random"))
+        same = weights_digest(mine / WEIGHTS_NAME) == weights_digest(folder / WEIGHTS_NAME)
+    return folder if same else None

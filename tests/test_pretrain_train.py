@@ -184,35 +184,12 @@ def test_cli_trains_saves_and_publishes(organamnist_npz: Path, tmp_path: Path, c
     from hub import from_pretrained
 
     out = tmp_path / "run"
-    rc = cthub_main(
-        [
-            "pretrain",
-            "--method",
-            "byol",
-            "--data",
-            str(organamnist_npz),
-            "--steps",
-            "2",
-            "--image-size",
-            "32",
-            "--batch-size",
-            "4",
-            "--max-images",
-            "64",
-            "--out",
-            str(out),
-            "--amp",
-            "off",
-            "--publish",
-            "byol-organamnist-test",
-            "--probe-max-train",
-            "33",
-            "--threads",
-            "1",
-            "--monitor-size",
-            "200",
-        ]
-    )
+    argv = ["pretrain", "--method", "byol", "--data", str(organamnist_npz), "--steps", "2"]
+    argv += ["--image-size", "32", "--batch-size", "4", "--max-images", "64", "--out", str(out)]
+    argv += ["--amp", "off"]
+    argv += ["--publish", "byol-organamnist-test", "--probe-max-train", "33", "--threads", "1"]
+    argv += ["--monitor-size", "200"]
+    rc = cthub_main(argv)
     assert rc == 0
     assert (out / "checkpoint.pt").is_file() and (out / "metrics.csv").is_file()
     enc = from_pretrained("byol-organamnist-test")
@@ -241,6 +218,22 @@ def test_cli_trains_saves_and_publishes(organamnist_npz: Path, tmp_path: Path, c
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert enc(x).shape == (2, 2048)
+
+    # published again from the finished run (same weights): the hub copy and what its card gained since stay
+    from hub.io import hub_dir, record_metrics
+
+    folder = hub_dir() / "byol-organamnist-test"
+    record_metrics(folder, {"finetune_study": {"organamnist.npz:split": {"test": {}}}})
+    stamp = (folder / "model.safetensors").stat().st_mtime_ns
+    assert cthub_main([*argv, "--resume"]) == 0
+    assert (folder / "model.safetensors").stat().st_mtime_ns == stamp
+    assert "finetune_study" in from_pretrained("byol-organamnist-test").config.metrics
+    # one step more is another encoder: published anew, with a card of its own measurements only
+    steps = argv.index("--steps") + 1
+    assert cthub_main([*argv[:steps], "3", *argv[steps + 1 :], "--resume"]) == 0
+    again = from_pretrained("byol-organamnist-test").config
+    assert again.provenance["steps"] == 3 and "finetune_study" not in again.metrics
+
     rc = cthub_main(
         [
             "pretrain",
@@ -266,6 +259,6 @@ def test_cli_trains_saves_and_publishes(organamnist_npz: Path, tmp_path: Path, c
     rc = cthub_main(["pretrain-report", str(out), str(tmp_path / "missing"), "--out", str(docs)])
     rows = json.loads((docs / "pretrain-runs.json").read_text())
     assert rc == 0 and [r["run"] for r in rows] == ["mocov2-cpu", "run"]
-    assert rows[0]["from_earlier_report"] and rows[1]["method"] == "byol" and rows[1]["steps"] == 2
+    assert rows[0]["from_earlier_report"] and rows[1]["method"] == "byol" and rows[1]["steps"] == 3
     table = (docs / "pretrain-runs.md").read_text()
     assert "| mocov2-cpu † | mocov2 |" in table and "| run | byol |" in table
