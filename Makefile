@@ -55,7 +55,8 @@ test: $(STAMP)
 # 3. MoCo v2 and SwAV from scratch (cpu-organamnist.yaml), which stay short of that (docs/results/README.md).
 # Resumable: run it again after an interruption and every run continues from its last checkpoint; finished
 # encoders are published to the local hub (card: steps, minutes, weight change, kNN monitor, frozen-feature
-# scores, parent). Runs live outside the checkout ($(RUNS)), beside the hub, so a fresh clone finds them.
+# scores, parent); one the hub already holds with the same weights is left as it is, with the study rows its
+# card gained. Runs live outside the checkout ($(RUNS)), beside the hub, so a fresh clone finds them.
 CTHUB_HOME ?= $(HOME)/.cache/ct-ssl-hub
 RUNS ?= $(CTHUB_HOME)/runs
 HUB_MODELS := $(CTHUB_HOME)/models
