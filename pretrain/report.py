@@ -151,7 +151,7 @@ def _plot(runs: list[dict[str, Any]], path: Path) -> None:
         if not mon:
             continue
         style = {
-            "color": tab20(((2 * i) % 20 + (2 * i) // 20 % 2) / 19),  # dark shades first, then light ones
+            "color": tab20((2 * i + i // 10 % 2) % 20),  # the ten dark shades, then the ten light ones
             "ls": "--" if r.get("init") else "-",
             "marker": "o",
             "ms": 2.5,
