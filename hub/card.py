@@ -91,12 +91,13 @@ def comparison_lines(cfg: ModelConfig) -> list[str]:
 
 
 def _pm(stat: Any, runs: Any = None) -> str:
-    """{"mean": m, "std": s} -> 'm ± s' (3 decimals; the mean alone for a single run), else 'n/a'."""
+    """{"mean": m, "std": s} -> 'm ± s' at the 4 decimals the study records (rounding again would disagree
+    with its tables); the mean alone for a single run; else 'n/a'."""
     if not isinstance(stat, dict) or not isinstance(stat.get("mean"), (int, float)):
         return "n/a"
     std = stat.get("std")
     spread = isinstance(std, (int, float)) and runs != 1
-    return f"{stat['mean']:.3f}" + (f" ± {std:.3f}" if spread else "")
+    return f"{stat['mean']:.4f}" + (f" ± {std:.4f}" if spread else "")
 
 
 def study_lines(study: Any) -> list[str]:
@@ -123,7 +124,7 @@ def study_lines(study: Any) -> list[str]:
             lines.append(
                 f"| {frac} | {_fmt(r.get('n_train'), ',')} | {_pm(r.get('auc'), r.get('runs'))} "
                 f"| {_pm(r.get('f1'), r.get('runs'))} | {_pm(r.get('scratch_auc'), r.get('runs'))} "
-                f"| {_fmt(delta, '+.3f')} |"
+                f"| {_fmt(delta, '+.4f')} |"
             )
         lines += ["", f"Command: `{entry.get('command')}`", ""]
     return lines[:-1]

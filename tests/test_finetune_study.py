@@ -285,9 +285,9 @@ def test_study_writes_each_local_encoders_rows_into_its_card(organamnist_npz: Pa
     # and as a table: this encoder's mean AUC beside random init's on the same cells, and the difference
     line = next(r for r in card.splitlines() if r.startswith("| 0.5% |"))
     cells = [c.strip() for c in line.strip("|").split("|")]
-    assert cells[1] == f"{round(0.005 * 34561):,}" and cells[2] == f"{row['auc']['mean']:.3f}"
-    assert cells[4] == f"{row['scratch_auc']['mean']:.3f}"  # one run each: no spread claimed
-    assert cells[5] == f"{row['delta_auc_vs_scratch']:+.3f}"
+    assert cells[1] == f"{round(0.005 * 34561):,}" and cells[2] == f"{row['auc']['mean']:.4f}"
+    assert cells[4] == f"{row['scratch_auc']['mean']:.4f}"  # one run each: no spread claimed
+    assert cells[5] == f"{row['delta_auc_vs_scratch']:+.4f}"
 
 
 def test_cells_of_an_encoder_made_again_are_run_again(
