@@ -145,7 +145,8 @@ study-organamnist: $(STAMP) | $(ORGAN_NPZ)
 
 # Figure 5's larger fractions, first pass: one seed of 10/25/100% for random init and the recipe's four
 # encoders (smallest fraction first; resumable, so it fills in session by session: a 10% cell takes about an
-# hour of one core, 25% a few hours, 100% most of a day). More seeds: FIGURE5_SEEDS=3.
+# hour of one core, 25% a few hours, 100% most of a day). More seeds: FIGURE5_SEEDS=3. One per core may run
+# side by side (or beside a study of one encoder): each cell is held by the process running it, the others skip it.
 FIGURE5_ENCODERS ?= scratch,spark-organamnist-cpu,byol-organamnist-cpu,mocov2-from-spark-organamnist-cpu,$\
   swav-from-spark-lr1-organamnist-cpu
 FIGURE5_SEEDS ?= 1

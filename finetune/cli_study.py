@@ -94,6 +94,8 @@ def _study(a: argparse.Namespace) -> int:
     )
     for n, why in summary["skipped_encoders"].items():
         print(f"cthub study: not running the cells of {n!r}: not available here ({why})")
+    for why in summary["taken"].values():
+        print(f"cthub study: left to another process: {why}")
     print(json.dumps(summary, indent=2))
     table = Path(a.out) / "table2.md"
     if table.is_file():

@@ -20,10 +20,16 @@ A folder's reports cover its whole grid: the encoders, fractions and seeds of ev
 (study.json keeps their union), so a run over a subset (one new encoder, one more fraction) adds its rows to
 the tables instead of replacing them; to drop an encoder from the reports, delete its runs/ records and its
 name from study.json.
+
+Several studies may run into one folder at once (one per core, each on its own encoders, or the same command
+twice): a running cell is held by its process (`cell_lock`), so another study leaves it to that process
+(`CellTakenError`, reported as `taken`) and goes on with the cells nobody holds.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import json
@@ -51,6 +57,7 @@ from hub.manifest import sha256_any_metadata_order, sha256_file, weights_digest
 
 __all__ = [
     "Cell",
+    "CellTakenError",
     "StudySpec",
     "aggregate",
     "available_encoders",
@@ -260,6 +267,37 @@ def _check_weights(out: Path, cells: list[Cell], weights: dict[str, LocalWeights
             _write_record(out, c, {**rec, "encoder_digest": local.digest})
 
 
+class CellTakenError(CTHubError):
+    """Another process holds the cell (a second study running into the same folder), or finished it after this
+    study listed it: the cell is left to that process, neither run twice nor recorded as failed."""
+
+
+@contextlib.contextmanager
+def cell_lock(out: str | Path, cell: Cell) -> Iterator[None]:
+    """Hold `cell` for this process while it runs: an exclusive lock on a file beside its checkpoint, which
+    the system releases however the process ends (no stale locks after a kill). Two processes training one
+    cell would overwrite each other's checkpoint; the second raises `CellTakenError` instead."""
+    path = checkpoint_path(out, cell).with_suffix(".lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:  # append mode: opening never truncates the holder's pid
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip()
+            raise CellTakenError(
+                f"{cell.key} is running in another process{f' (pid {holder})' if holder else ''}"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def precision(recipe: FinetuneConfig) -> str:
     """What the cell's arithmetic was: cells accumulate across machines, and "auto" means bf16 autocast on
     CPUs with native bf16 (AVX512-BF16, AMX) and fp32 elsewhere."""
@@ -268,11 +306,26 @@ def precision(recipe: FinetuneConfig) -> str:
 
 
 def run_cell(
-    spec: StudySpec, cell: Cell, on_epoch: Callable[[dict[str, Any]], None] | None = None
+    spec: StudySpec,
+    cell: Cell,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    *,
+    unless_finished: bool = False,
 ) -> dict[str, Any]:
     """Train and measure one cell; writes runs/<key>.json (the resume marker). A cell interrupted part-way
     continues from its last checkpoint (`checkpoint_path`, written every few minutes). `on_epoch` gets each
-    epoch's record (`finetune.train.fit`)."""
+    epoch's record (`finetune.train.fit`). The cell is held by this process while it runs (`cell_lock`);
+    `unless_finished` raises `CellTakenError` when its record says it finished meanwhile (a study listed its
+    cells to do before another process ran some of them)."""
+    with cell_lock(spec.out, cell):
+        if unless_finished and is_done(spec.out, cell, spec.recipe.epochs, encoder_weights(cell.encoder)):
+            raise CellTakenError(f"{cell.key} was finished by another process meanwhile")
+        return _train_cell(spec, cell, on_epoch)
+
+
+def _train_cell(
+    spec: StudySpec, cell: Cell, on_epoch: Callable[[dict[str, Any]], None] | None
+) -> dict[str, Any]:
     train, val, test = select_splits(
         load_splits(spec.data),
         fold=cell.fold,
@@ -369,7 +422,7 @@ def _worker(spec: StudySpec, cell: Cell, threads: int) -> dict[str, Any]:
     torch.set_num_threads(threads)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     log.setLevel(logging.INFO)  # this module's progress lines; training's own log stays quiet
-    return run_cell(spec, cell, on_epoch=EpochProgress(cell, spec.recipe.epochs))
+    return run_cell(spec, cell, on_epoch=EpochProgress(cell, spec.recipe.epochs), unless_finished=True)
 
 
 def available_encoders(names: list[str]) -> tuple[list[str], dict[str, str]]:
@@ -407,7 +460,7 @@ def _outcomes(
     if workers <= 1:
         for i, c in enumerate(todo):
             log.info("[%d/%d] %s", i + 1, len(todo), c.key)
-            yield c, _attempt(c.key, functools.partial(run_cell, spec, c))
+            yield c, _attempt(c.key, functools.partial(run_cell, spec, c, unless_finished=True))
         return
     with ProcessPoolExecutor(
         workers, mp_context=get_context("spawn"), initializer=_exit_with_parent, initargs=(os.getpid(),)
@@ -508,10 +561,14 @@ def run_study(
         workers,
     )
     failed: dict[str, str] = {}
+    taken: dict[str, str] = {}
     t0 = time.monotonic()
     for i, (c, outcome) in enumerate(_outcomes(spec, todo, workers, threads_per_worker)):
         left = remaining_estimate(time.monotonic() - t0, i + 1, len(todo))
-        if isinstance(outcome, Exception):
+        if isinstance(outcome, CellTakenError):  # another process's cell: that process writes its record
+            taken[c.key] = str(outcome)
+            log.info("[%d/%d] left to the other process: %s", i + 1, len(todo), outcome)
+        elif isinstance(outcome, Exception):
             failed[c.key] = str(outcome) if isinstance(outcome, CTHubError) else repr(outcome)
             _write_record(out, c, {**asdict(c), "error": failed[c.key]})
             log.warning("[%d/%d] %s failed: %s", i + 1, len(todo), c.key, failed[c.key])
@@ -534,10 +591,11 @@ def run_study(
     runs = load_runs(design, out, {**local_weights(design.encoders), **weights})
     summary = write_reports(out, runs, spec=design.to_dict(), title=title, failed=failed)
     summary.update(
-        ran=len(todo) - len(failed),
+        ran=len(todo) - len(failed) - len(taken),
         skipped_finished=len(cells) - len(unfinished),
         not_run=len(unfinished) - len(todo),
         failed=failed,
+        taken=taken,
         skipped_encoders=skipped,
     )
     summary["cards_updated"] = record_in_cards(design, aggregate(runs), command)

@@ -443,3 +443,21 @@ def test_a_run_over_a_subset_adds_its_rows_to_the_folders_tables(
     lines = (out / "table2.md").read_text().splitlines()
     names = [r.split("|")[1].strip() for r in lines if r.startswith("| ")]
     assert names == ["pretraining", "not-run-yet", "scratch"]
+
+
+def test_a_cell_running_in_another_process_is_left_to_it(organamnist_npz: Path, tmp_path: Path) -> None:
+    """Two studies into one folder: the cell another process holds is neither run twice (their checkpoints
+    would clash) nor recorded as failed; a cell finished since the study listed it is not run again."""
+    spec = _spec(organamnist_npz, tmp_path / "study", [0.003, 0.005])
+    held, free = Cell("scratch", 0.003, 0), Cell("scratch", 0.005, 0)
+    with study.cell_lock(spec.out, held):  # what the other study's process holds while it trains the cell
+        s = run_study(spec)
+        with pytest.raises(study.CellTakenError, match="running in another process"):
+            study.run_cell(spec, held)
+    assert s["ran"] == 1 and not s["failed"] and list(s["taken"]) == [held.key]
+    assert not run_path(spec.out, held).exists() and study.is_done(spec.out, free)
+    # released (the other process ended): the next study runs it
+    assert run_study(spec)["ran"] == 1 and study.is_done(spec.out, held)
+    # listed as to do, then finished by another process before this one reached it
+    with pytest.raises(study.CellTakenError, match="finished by another process"):
+        study.run_cell(spec, held, unless_finished=True)
