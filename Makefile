@@ -144,8 +144,8 @@ study-organamnist: $(STAMP) | $(ORGAN_NPZ)
 	  --workers $(STUDY_WORKERS) --threads 1 --out docs/results/study-organamnist $(STUDY_FLAGS)
 
 # Figure 5's larger fractions, first pass: one seed of 10/25/100% for random init and the recipe's four
-# encoders (smallest fraction first; resumable, so it fills in session by session: a 10% cell takes about an
-# hour of one core, 25% a few hours, 100% most of a day). More seeds: FIGURE5_SEEDS=3. One per core may run
+# encoders (smallest fraction first; resumable, so it fills in session by session: on the AVX512-BF16 EPYC a
+# 10% cell took 18-45 min of one core, a 25% cell 51-105 min, a 100% cell takes several hours). More seeds: FIGURE5_SEEDS=3. One per core may run
 # side by side (or beside a study of one encoder): each cell is held by the process running it, the others skip it.
 FIGURE5_ENCODERS ?= scratch,spark-organamnist-cpu,byol-organamnist-cpu,mocov2-from-spark-organamnist-cpu,$\
   swav-from-spark-lr1-organamnist-cpu
