@@ -134,6 +134,10 @@ STUDY_EPOCHS ?= 200
 # run over a subset (STUDY_ENCODERS=one-new-encoder, STUDY_FRACTIONS=0.1) adds rows rather than replacing them.
 STUDY_SEEDS ?= 3
 STUDY_WORKERS ?= 2
+# Threads per cell. Two 1-thread cells side by side train 1.07x the images/s of one 2-thread cell
+# (bench/results/summary.json), so 1 is the default; STUDY_WORKERS=1 STUDY_THREADS=2 finishes one long cell
+# (100% labels: several hours of one core) in about half the wall time, inside one session.
+STUDY_THREADS ?= 1
 # STUDY_FLAGS=--report-only rewrites tables, figure and cards from the cells finished so far, running none.
 STUDY_FLAGS ?=
 study: study-organamnist study-headct
@@ -141,7 +145,7 @@ study: study-organamnist study-headct
 study-organamnist: $(STAMP) | $(ORGAN_NPZ)
 	$(CTHUB) study --data $(ORGAN_NPZ) --encoders $(STUDY_ENCODERS) --fractions $(STUDY_FRACTIONS) --seeds $(STUDY_SEEDS) \
 	  --image-size 64 --epochs $(STUDY_EPOCHS) --head-epochs 2 --patience 10 --select auc --max-val 1000 --max-test 3000 \
-	  --workers $(STUDY_WORKERS) --threads 1 --out docs/results/study-organamnist $(STUDY_FLAGS)
+	  --workers $(STUDY_WORKERS) --threads $(STUDY_THREADS) --out docs/results/study-organamnist $(STUDY_FLAGS)
 
 # Figure 5's larger fractions, first pass: one seed of 10/25/100% for random init and the recipe's four
 # encoders (smallest fraction first; resumable, so it fills in session by session: on the AVX512-BF16 EPYC a
@@ -162,7 +166,7 @@ HEADCT_SEEDS ?= 3
 study-headct: $(STAMP)
 	$(CTHUB) study --data $(HEAD_CT) --protocol kfold --folds 5 --encoders $(STUDY_ENCODERS) --fractions $(HEADCT_FRACTIONS) \
 	  --seeds $(HEADCT_SEEDS) --image-size 64 --epochs $(STUDY_EPOCHS) --head-epochs 2 --patience 10 --select auc \
-	  --workers $(STUDY_WORKERS) --threads 1 --out docs/results/study-headct $(STUDY_FLAGS)
+	  --workers $(STUDY_WORKERS) --threads $(STUDY_THREADS) --out docs/results/study-headct $(STUDY_FLAGS)
 
 # Robustness of the classifiers of `make run` (its served model and the random-init baseline, both in
 # $(MODELS)/organamnist-*) in the manner of Ghesu et al.: test AUC under HU offset/scale, rotation, zoom and
