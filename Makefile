@@ -134,9 +134,9 @@ STUDY_EPOCHS ?= 200
 # run over a subset (STUDY_ENCODERS=one-new-encoder, STUDY_FRACTIONS=0.1) adds rows rather than replacing them.
 STUDY_SEEDS ?= 3
 STUDY_WORKERS ?= 2
-# Threads per cell. Two 1-thread cells side by side train 1.07x the images/s of one 2-thread cell
-# (bench/results/summary.json), so 1 is the default; STUDY_WORKERS=1 STUDY_THREADS=2 finishes one long cell
-# (100% labels: several hours of one core) in about half the wall time, inside one session.
+# Threads per cell. 1 by default: one 100% cell at 2 threads trained 117 img/s in its full epochs on the
+# AVX512-BF16 EPYC (bf16) against ~95 img/s of a 1-thread cell, so two 1-thread cells do ~1.6x the work.
+# STUDY_WORKERS=1 STUDY_THREADS=2 only shortens one long cell's wall time (by ~20%).
 STUDY_THREADS ?= 1
 # STUDY_FLAGS=--report-only rewrites tables, figure and cards from the cells finished so far, running none.
 STUDY_FLAGS ?=
