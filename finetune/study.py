@@ -71,6 +71,9 @@ __all__ = [
 ]
 log = logging.getLogger(__name__)
 METRICS = ("accuracy", "auc", "f1")
+# how one invocation runs, not what the study compares: left out of study.json (cells run side by side at
+# other thread counts would each rewrite it) and recorded in each cell's record beside its wall time
+EXECUTION_SETTINGS = ("threads", "device")
 # what a card needs to say about how its study rows were trained
 STUDY_RECIPE_KEYS = ("image_size", "epochs", "head_epochs", "patience", "select_metric", "lr", "batch_size")
 
@@ -126,7 +129,7 @@ class StudySpec:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["data"] = Path(self.data).name  # where it sits on this machine is not part of the study
-        d["recipe"] = self.recipe.to_dict()
+        d["recipe"] = {k: v for k, v in self.recipe.to_dict().items() if k not in EXECUTION_SETTINGS}
         d["split_seed"] = self.split_seed
         return d
 
@@ -305,6 +308,16 @@ def precision(recipe: FinetuneConfig) -> str:
     return precision_label(device, recipe.resolved_amp(device))
 
 
+def _threads(recipe: FinetuneConfig) -> int:
+    """The intra-op threads a cell trains with (its wall time depends on them; a cell resumed at another
+    count reports the count of the process that finished it)."""
+    if recipe.threads:
+        return recipe.threads
+    import torch
+
+    return torch.get_num_threads()
+
+
 def run_cell(
     spec: StudySpec,
     cell: Cell,
@@ -353,6 +366,7 @@ def _train_cell(
         **asdict(cell),
         **_weights_fields(encoder_weights(cell.encoder)),
         "precision": precision(spec.recipe),
+        "threads": _threads(spec.recipe),
         "n_train": len(train),
         "n_val": len(val),
         "best_epoch": res.best_epoch,
@@ -633,9 +647,9 @@ def _check_same_recipe(spec: StudySpec, path: Path) -> int | None:
         return None
     old = json.loads(path.read_text())
     new = spec.to_dict()
-    ignore = {"threads", "device", "epochs"}
     old_recipe = old.get("recipe", {})
-    diff = sorted(k for k in new["recipe"] if k not in ignore and old_recipe.get(k) != new["recipe"][k])
+    # new["recipe"] holds no EXECUTION_SETTINGS, so older files that list them still match
+    diff = sorted(k for k in new["recipe"] if k != "epochs" and old_recipe.get(k) != new["recipe"][k])
     diff += [k for k in ("protocol", "folds", "val_fraction", "max_val", "max_test") if old.get(k) != new[k]]
     # the same file may sit in another folder on another machine: compare by file name
     if Path(str(old.get("data"))).name != Path(str(new["data"])).name:

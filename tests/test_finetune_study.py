@@ -425,13 +425,16 @@ def test_a_run_over_a_subset_adds_its_rows_to_the_folders_tables(
 ) -> None:
     out = tmp_path / "study"
     assert run_study(_spec(organamnist_npz, out, [0.003]))["ran"] == 1
-    # another invocation: one more fraction and another seed, nothing of the first repeated
-    more = dataclasses.replace(_spec(organamnist_npz, out, [0.005]), seeds=[1])
+    first_design = json.loads((out / "study.json").read_text())
+    # another invocation, at another thread count: one more fraction and another seed, nothing repeated
+    more = dataclasses.replace(_spec(organamnist_npz, out, [0.005], RECIPE.replace(threads=2)), seeds=[1])
     assert run_study(more)["ran"] == 1
     design = json.loads((out / "study.json").read_text())
     assert (design["encoders"], design["fractions"], design["seeds"]) == (["scratch"], [0.003, 0.005], [0, 1])
+    # how an invocation ran is not part of the design (side-by-side runs would rewrite it): records say it
+    assert design["recipe"] == first_design["recipe"] and not {"threads", "device"} & set(design["recipe"])
     runs = json.loads((out / "results.json").read_text())["runs"]
-    assert sorted((r["fraction"], r["seed"]) for r in runs) == [(0.003, 0), (0.005, 1)]
+    assert sorted((r["fraction"], r["seed"], r["threads"]) for r in runs) == [(0.003, 0, 1), (0.005, 1, 2)]
     table = (out / "table2.md").read_text()
     assert "| 0.5% AUC | 0.5% F1 | 0.3% AUC | 0.3% F1 |" in table
     line = next(r for r in table.splitlines() if r.startswith("| scratch |"))
