@@ -20,14 +20,19 @@ PORT ?= 3000
 .PHONY: venv run test bench study study-organamnist study-figure5 study-headct pretrain pretrain-extra evaluate experiments clean lint
 
 venv: $(STAMP)
+# One build at a time (flock, where the system has it): two `make` commands started together on a fresh clone,
+# such as study cells run side by side, would otherwise both build the venv and break each other's pip. The
+# second waits for the first, then finds the stamp current and does nothing.
 $(STAMP): pyproject.toml
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	@# torch first, pinned: the local CPU wheel. Nothing after this may replace it with a CUDA build.
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
-	@$(PY) -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') else 'torch was replaced')"
-	@touch $@
+	@if command -v flock >/dev/null; then exec 9>.venv.lock && flock 9; fi && \
+	if [ -f $@ ] && [ $@ -nt pyproject.toml ]; then echo "venv: built meanwhile by another make"; exit 0; fi && \
+	{ test -x $(PY) || $(PYTHON) -m venv $(VENV); } && \
+	set -x && $(PY) -m pip install -q --upgrade pip && \
+	: "torch first, pinned: the local CPU wheel. Nothing after this may replace it with a CUDA build." && \
+	$(PY) -m pip install -q torch==2.13.0 && \
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]" && \
+	$(PY) -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') else 'torch was replaced')" && \
+	touch $@
 
 data/organamnist.npz: | $(STAMP)
 	$(CTHUB) data fetch organamnist --root data
