@@ -4,10 +4,30 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
+
+# The CPU flags that decide which kernels oneDNN, MKL and ATen pick, hence both speed and the exact bits of a
+# result: runs of one recipe give the same weights only on CPUs that agree on these (docs/results/README.md).
+KERNEL_FLAGS = (
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512_bf16",
+    "avx512_vnni",
+    "avx512_fp16",
+    "avx_vnni",
+    "amx_bf16",
+    "amx_int8",
+    "amx_tile",
+)
+# Settings of the environment that change which kernels run (oneDNN's ISA cap, MKL's code path).
+KERNEL_ENV = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY")
 
 
 def select_device(device: str | None = None) -> torch.device:
@@ -53,6 +73,33 @@ def autocast(device: torch.device, enabled: bool | None = None) -> contextlib.Ab
 def precision_label(device: torch.device, amp: bool) -> str:
     """What a run's arithmetic was, for cards and study records ("cpu fp32", "cpu autocast (bf16/fp16)")."""
     return f"{device.type} " + ("autocast (bf16/fp16)" if amp else "fp32")
+
+
+def hardware() -> dict[str, Any]:
+    """The machine a result was computed on, for cards, study records and benchmarks: CPU model, core count,
+    the kernel-deciding SIMD flags it has, the environment settings that override them, torch's version and
+    (when present) the CUDA device."""
+    model, flags = platform.processor() or "unknown", set[str]()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model in ("unknown", "", platform.processor()):
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    info: dict[str, Any] = {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "flags": [f for f in KERNEL_FLAGS if f in flags],
+        "torch": torch.__version__,
+    }
+    env = {k: os.environ[k] for k in KERNEL_ENV if os.environ.get(k)}
+    if env:
+        info["kernel_env"] = env
+    if torch.cuda.is_available():
+        info["cuda_device"] = torch.cuda.get_device_name()
+    return info
 
 
 def needs_grad_scaler(device: torch.device, amp: bool) -> bool:

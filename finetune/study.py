@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from cthub.errors import ConfigError, CTHubError
-from cthub.runtime import precision_label, select_device
+from cthub.runtime import hardware, precision_label, select_device
 from finetune.config import FinetuneConfig
 from finetune.data import data_preprocessing, load_splits, select_splits
 from finetune.report import aggregate, pct, write_csv, write_reports
@@ -367,6 +367,7 @@ def _train_cell(
         **_weights_fields(encoder_weights(cell.encoder)),
         "precision": precision(spec.recipe),
         "threads": _threads(spec.recipe),
+        "hardware": hardware(),
         "n_train": len(train),
         "n_val": len(val),
         "best_epoch": res.best_epoch,

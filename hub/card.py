@@ -249,13 +249,27 @@ def render_card(cfg: ModelConfig) -> str:
         "epochs",
         "steps",
         "final_loss",
+        "precision",
         "created",
     ):
         if k in cfg.provenance:
             lines.append(f"- {k}: `{cfg.provenance[k]}`")
+    lines += _hardware_lines(cfg.provenance.get("hardware"))
     lines += _parent_lines(cfg.provenance.get("parent"))
     lines += ["", "Load it with `from hub import from_pretrained`.", ""]
     return "\n".join([*front, "", *lines])
+
+
+def _hardware_lines(hw: dict[str, Any] | None) -> list[str]:
+    """Where the weights were computed: the same command gives the same weights only where the kernels agree
+    (same CPU flags and overrides, same torch, same precision)."""
+    if not hw:
+        return []
+    flags = " ".join(hw.get("flags") or []) or "none of note"
+    env = "".join(f", {k}={v}" for k, v in (hw.get("kernel_env") or {}).items())
+    gpu = f", {hw['cuda_device']}" if hw.get("cuda_device") else ""
+    where = f"`{hw.get('cpu')}` ({hw.get('cores')} cores; flags {flags}{env}{gpu})"
+    return [f"- hardware: {where}, torch `{hw.get('torch')}`"]
 
 
 def _parent_lines(parent: dict[str, Any] | None) -> list[str]:

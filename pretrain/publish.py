@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from cthub.runtime import hardware
 from hub.config import ModelConfig
 from hub.resnet import ResNet50
 from pretrain.config import TrainConfig
@@ -43,6 +44,7 @@ def model_config(
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
         "machine": platform.machine(),
+        "hardware": hardware(),
         "recipe": {k: v for k, v in cfg.to_dict().items() if k not in ("data", "out")},
     }
     if result.parent:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,26 @@ from pretrain.config import METHODS, config_for
 @pytest.fixture(scope="module")
 def organ_images(organamnist_npz: Path) -> np.ndarray:
     return load_medmnist(organamnist_npz, "train").images[:256]
+
+
+def _cpuinfo_flags() -> set[str]:
+    """The CPU flags as the kernel lists them (Linux, as on every machine this suite runs on)."""
+    line = next(x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("flags"))
+    return set(line.partition(":")[2].split())
+
+
+def test_hardware_names_the_kernel_settings_that_change_results(monkeypatch) -> None:
+    """A result is reproducible where the same kernels run: `hardware()` records the flags that pick them and
+    the environment overrides (oneDNN's ISA cap, MKL's code path) only when they are set."""
+    from cthub.runtime import KERNEL_FLAGS, hardware
+
+    for k in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY"):
+        monkeypatch.delenv(k, raising=False)
+    hw = hardware()
+    assert "kernel_env" not in hw
+    assert hw["flags"] == [f for f in KERNEL_FLAGS if f in _cpuinfo_flags()]
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+    assert hardware()["kernel_env"] == {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}
 
 
 def _cfg(method: str, out: Path, **kw):
@@ -211,6 +232,13 @@ def test_cli_trains_saves_and_publishes(organamnist_npz: Path, tmp_path: Path, c
     assert cfg.metrics["knn_monitor_last"]["step"] == 2  # the monitor ran on the npz's val split at the end
     card = (Path(str(__import__("hub").hub_dir())) / "byol-organamnist-test" / "README.md").read_text()
     assert "final_loss" in card and "OrganAMNIST" in card
+    # where the weights were computed (the same command gives the same weights only on the same kernels):
+    # this machine's CPU, its kernel-deciding flags as /proc/cpuinfo lists them, and torch
+    hw, cpu_flags = cfg.provenance["hardware"], _cpuinfo_flags()
+    assert hw["cores"] == os.cpu_count() and hw["torch"] == torch.__version__ and hw["flags"]
+    assert set(hw["flags"]) <= cpu_flags and ("avx512_bf16" in hw["flags"]) == ("avx512_bf16" in cpu_flags)
+    assert f"- hardware: `{hw['cpu']}` ({hw['cores']} cores; flags {' '.join(hw['flags'])}" in card
+    assert "- precision: `cpu fp32`" in card
     # the frozen-feature figures as a table a reader can scan, the same numbers as the config's
     probe = ff["random_init"]["recalibrated"]["linear_probe"]["test"]
     row = next(line for line in card.splitlines() if line.startswith("| random init | recalibrated |"))
