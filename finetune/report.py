@@ -46,12 +46,13 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Rows as CSV with the first row's keys as the header (empty file for no rows)."""
+    """Rows as CSV, the header every key of any row in the order first seen (records written before a field
+    existed leave its cell empty); an empty file for no rows."""
     if not rows:
         path.write_text("")
         return
     with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]), extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
         w.writeheader()
         w.writerows(rows)
 
@@ -168,6 +169,9 @@ def _flat(run: dict[str, Any]) -> dict[str, Any]:
     """One results.csv row: the run's fields with test_/val_ metric columns instead of nested dicts."""
     row = {k: v for k, v in run.items() if k not in ("test", "val")}
     row.setdefault("converged", "")  # runs recorded before the flag existed: unknown
+    if isinstance(hw := row.get("hardware"), dict):  # one readable cell: CPU (kernel flags), torch
+        flags = " ".join(hw.get("flags") or [])
+        row["hardware"] = f"{hw.get('cpu')} ({flags}), torch {hw.get('torch')}"
     return row | {f"test_{m}": run["test"][m] for m in METRICS} | {f"val_{m}": run["val"][m] for m in METRICS}
 
 

@@ -436,9 +436,11 @@ def test_a_run_over_a_subset_adds_its_rows_to_the_folders_tables(
     assert design["recipe"] == first_design["recipe"] and not {"threads", "device"} & set(design["recipe"])
     runs = json.loads((out / "results.json").read_text())["runs"]
     assert sorted((r["fraction"], r["seed"], r["threads"]) for r in runs) == [(0.003, 0, 1), (0.005, 1, 2)]
-    assert all(
-        r["hardware"] == hardware() for r in runs
-    )  # and on which CPU, flags and torch (one machine here)
+    assert all(r["hardware"] == hardware() for r in runs)  # and on which CPU, flags and torch
+    with (out / "results.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["threads"] for r in rows) == ["1", "2"]  # a column of every record's fields
+    assert all(r["hardware"].startswith(f"{hardware()['cpu']} (") for r in rows)  # one readable cell
     table = (out / "table2.md").read_text()
     assert "| 0.5% AUC | 0.5% F1 | 0.3% AUC | 0.3% F1 |" in table
     line = next(r for r in table.splitlines() if r.startswith("| scratch |"))
