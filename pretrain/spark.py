@@ -12,6 +12,7 @@ import math
 import torch
 from torch import nn
 
+from cthub.errors import ConfigError
 from hub.resnet import DOWNSAMPLE, STAGE_CHANNELS, ResNet50
 from pretrain.augment import ViewSpec
 from pretrain.base import SSLMethod
@@ -19,12 +20,17 @@ from pretrain.dist import convert_batchnorm, set_bn_sync
 from pretrain.sparse import MaskContext, SparseBatchNorm2d, sparsify
 
 
+def visible_patches(n: int, ratio: float) -> int:
+    """How many of `n` patches a mask at `ratio` keeps visible: round(n * (1 - ratio)), at least one."""
+    return max(1, round(n * (1 - ratio)))
+
+
 def random_mask(
     b: int, fh: int, fw: int, ratio: float, device: torch.device, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """[B,1,fh,fw] bool, True = visible; exactly round(fh*fw*(1-ratio)) visible patches per image."""
+    """[B,1,fh,fw] bool, True = visible; exactly `visible_patches(fh*fw, ratio)` visible per image."""
     n = fh * fw
-    keep = max(1, round(n * (1 - ratio)))
+    keep = visible_patches(n, ratio)
     idx = torch.rand(b, n, generator=generator).argsort(dim=1)[:, :keep].to(device)
     m = torch.zeros(b, n, dtype=torch.bool, device=device)
     m.scatter_(1, idx, True)
@@ -116,9 +122,14 @@ class SparK(SSLMethod):
 
     def view_specs(self, size: int, hflip: bool) -> list[ViewSpec]:
         if size % DOWNSAMPLE:
-            from cthub.errors import ConfigError
-
             raise ConfigError(f"SparK needs an input size divisible by {DOWNSAMPLE}, got {size}")
+        grid = size // DOWNSAMPLE
+        if visible_patches(grid * grid, self.mask_ratio) >= grid * grid:
+            raise ConfigError(
+                f"SparK at {size} px has a {grid}x{grid} patch grid, where a mask ratio of {self.mask_ratio} "
+                f"hides no patch and the loss is always 0: use a larger input ({2 * DOWNSAMPLE} px or more) "
+                "or a higher mask ratio"
+            )
         return [ViewSpec(size, scale=(0.67, 1.0), p_intensity=0.0, p_blur=0.0, p_hflip=0.5 if hflip else 0.0)]
 
     def param_groups(self, weight_decay: float) -> list[dict]:

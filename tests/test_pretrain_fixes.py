@@ -9,12 +9,16 @@ statistics.
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cthub.cli import main as cthub_main
 from cthub.errors import ConfigError
 from hub.resnet import ResNet50
 from pretrain.config import METHODS, TrainConfig, build_method, config_for
@@ -32,6 +36,21 @@ def test_method_table_and_unknown_names() -> None:
     cfg.method = "simclr"  # bypassing validation must not fall through to some default method
     with pytest.raises(ConfigError, match="unknown method"):
         build_method(cfg)
+
+
+def test_spark_refuses_a_mask_that_hides_nothing(organamnist_npz: Path, tmp_path: Path, capsys) -> None:
+    """At 32 px SparK's patch grid is 1x1: the one patch stays visible, the loss is 0 at every step and the
+    run learns nothing. That is a configuration error, said before any work; 64 px (2x2) trains."""
+    argv = ["pretrain", "--method", "spark", "--data", str(organamnist_npz), "--steps", "1"]
+    argv += ["--batch-size", "2", "--max-images", "8", "--monitor-data", "none"]
+    argv += ["--out", str(tmp_path / "run")]
+    assert cthub_main([*argv, "--image-size", "32"]) == 2  # one clear line, no traceback, no run
+    assert re.search(r"1x1 patch grid.*64 px or more", capsys.readouterr().err)
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    kw = {"decoder_width": 32, "mask_ratio": 0.1}
+    with pytest.raises(ConfigError, match="2x2 patch grid"):  # 10% of 4 patches rounds to none hidden
+        build_method(config_for("spark", None, steps=1, method_kwargs=kw)).view_specs(64, hflip=False)
+    assert len(build_method(config_for("spark", None, steps=1)).view_specs(64, hflip=False)) == 1
 
 
 def test_spark_mask_tokens_get_no_weight_decay_and_no_trust_ratio() -> None:
