@@ -76,9 +76,9 @@ def precision_label(device: torch.device, amp: bool) -> str:
 
 
 def hardware() -> dict[str, Any]:
-    """The machine a result was computed on, for cards, study records and benchmarks: CPU model, core count,
-    the kernel-deciding SIMD flags it has, the environment settings that override them, torch's version and
-    (when present) the CUDA device."""
+    """The machine a result was computed on, for cards, study records and benchmarks: CPU model,
+    architecture, core count, the kernel-deciding SIMD flags it has, the environment settings that override
+    them, torch's version and (when present) the CUDA device."""
     model, flags = platform.processor() or "unknown", set[str]()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
@@ -90,6 +90,7 @@ def hardware() -> dict[str, Any]:
                 flags = set(value.split())
     info: dict[str, Any] = {
         "cpu": model,
+        "arch": platform.machine(),
         "cores": os.cpu_count(),
         "flags": [f for f in KERNEL_FLAGS if f in flags],
         "torch": torch.__version__,

@@ -268,7 +268,7 @@ def _hardware_lines(hw: dict[str, Any] | None) -> list[str]:
     flags = " ".join(hw.get("flags") or []) or "none of note"
     env = "".join(f", {k}={v}" for k, v in (hw.get("kernel_env") or {}).items())
     gpu = f", {hw['cuda_device']}" if hw.get("cuda_device") else ""
-    where = f"`{hw.get('cpu')}` ({hw.get('cores')} cores; flags {flags}{env}{gpu})"
+    where = f"`{hw.get('cpu')}` ({hw.get('arch')}, {hw.get('cores')} cores; flags {flags}{env}{gpu})"
     return [f"- hardware: {where}, torch `{hw.get('torch')}`"]
 
 

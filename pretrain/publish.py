@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import datetime as _dt
 import logging
-import platform
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -42,8 +41,6 @@ def model_config(
         "images_per_s": round(result.images_per_s, 2),
         "precision": result.precision,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "machine": platform.machine(),
         "hardware": hardware(),
         "recipe": {k: v for k, v in cfg.to_dict().items() if k not in ("data", "out")},
     }

@@ -237,7 +237,8 @@ def test_cli_trains_saves_and_publishes(organamnist_npz: Path, tmp_path: Path, c
     hw, cpu_flags = cfg.provenance["hardware"], _cpuinfo_flags()
     assert hw["cores"] == os.cpu_count() and hw["torch"] == torch.__version__ and hw["flags"]
     assert set(hw["flags"]) <= cpu_flags and ("avx512_bf16" in hw["flags"]) == ("avx512_bf16" in cpu_flags)
-    assert f"- hardware: `{hw['cpu']}` ({hw['cores']} cores; flags {' '.join(hw['flags'])}" in card
+    flags = " ".join(hw["flags"])
+    assert f"- hardware: `{hw['cpu']}` ({hw['arch']}, {hw['cores']} cores; flags {flags}" in card
     assert "- precision: `cpu fp32`" in card
     # the frozen-feature figures as a table a reader can scan, the same numbers as the config's
     probe = ff["random_init"]["recalibrated"]["linear_probe"]["test"]
