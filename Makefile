@@ -17,7 +17,7 @@ ORGAN_NPZ := $(if $(wildcard $(SHARED_NPZ)),$(SHARED_NPZ),data/organamnist.npz)
 HOST ?= 127.0.0.1
 PORT ?= 3000
 
-.PHONY: venv run test bench study study-organamnist study-figure5 study-headct pretrain pretrain-extra evaluate experiments clean lint
+.PHONY: venv run test bench study study-organamnist study-figure5 study-headct pretrain pretrain-extra evaluate experiments clean lint replicate
 
 venv: $(STAMP)
 # One build at a time (flock, where the system has it): two `make` commands started together on a fresh clone,
@@ -161,6 +161,24 @@ FIGURE5_ENCODERS ?= scratch,spark-organamnist-cpu,byol-organamnist-cpu,mocov2-fr
 FIGURE5_SEEDS ?= 1
 study-figure5:
 	$(MAKE) study-organamnist STUDY_ENCODERS=$(FIGURE5_ENCODERS) STUDY_FRACTIONS=0.1,0.25,1 STUDY_SEEDS=$(FIGURE5_SEEDS)
+
+# Does the 1%-label gain survive a rebuild on another machine? The committed encoders can be rebuilt bit for bit
+# only on the CPU kind that made them (docs/results/README.md), so this rebuilds SparK with `make pretrain`'s
+# command into a hub of its own ($(REPLICA_HOME): the main hub and the committed study rows stay as they are),
+# then fine-tunes random init and that encoder at 1% labels, 3 seeds, the study's recipe, into $(REPLICA_OUT)
+# (each record names the machine and the weights). Two jobs side by side: SparK, then its cells; random init's.
+REPLICA_HOME ?= $(CTHUB_HOME)-replica
+REPLICA_OUT ?= docs/results/study-organamnist-replica
+replica_study = CTHUB_HOME=$(REPLICA_HOME) $(CTHUB) study --data $(ORGAN_NPZ) --encoders $(1) --fractions 0.01 \
+  --seeds 3 --image-size 64 --epochs $(STUDY_EPOCHS) --head-epochs 2 --patience 10 --select auc --max-val 1000 \
+  --max-test 3000 --workers 1 --threads 1 --out $(REPLICA_OUT) $(STUDY_FLAGS)
+replicate: $(STAMP) | $(ORGAN_NPZ)
+	@mkdir -p $(REPLICA_HOME)/runs
+	$(call side_by_side,\
+	  CTHUB_HOME=$(REPLICA_HOME) $(CTHUB) pretrain --method spark --data $(ORGAN_NPZ) --recipe cpu-organamnist \
+	    --out $(REPLICA_HOME)/runs/spark-cpu --resume --publish spark-organamnist-cpu \
+	    > $(REPLICA_HOME)/runs/spark-cpu.log 2>&1 && $(call replica_study,spark-organamnist-cpu),\
+	  $(call replica_study,scratch))
 
 # Head CT hemorrhage (../shared/data/head_ct: 200 PNG slices, windowed by the dataset's authors; labels.csv):
 # the paper's brain protocol, 5 stratified folds at 100% and 75% of each training part, 3 seeds (each seed
