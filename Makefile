@@ -70,7 +70,7 @@ HUB_MODELS := $(CTHUB_HOME)/models
 pretrain_run = $(CTHUB) pretrain --method $(1) --data $(ORGAN_NPZ) --recipe $(2) $(5) --out $(RUNS)/$(3) --resume \
   --publish $(4) > $(RUNS)/$(3).log 2>&1
 side_by_side = { $(1); } & a=$$!; { $(2); } & b=$$!; wait $$a; ra=$$?; wait $$b; rb=$$?; \
-  [ $$ra -eq 0 ] && [ $$rb -eq 0 ] || { echo "a run failed: see its log in $(RUNS)"; exit 1; }
+  [ $$ra -eq 0 ] && [ $$rb -eq 0 ] || { echo "a run failed: see the log its command names"; exit 1; }
 pretrain: $(STAMP) | $(ORGAN_NPZ)
 	@mkdir -p $(RUNS)
 	$(call side_by_side,$(call pretrain_run,spark,cpu-organamnist,spark-cpu,spark-organamnist-cpu),\
