@@ -114,9 +114,9 @@ def figure5(
 ) -> Path:
     """AUC and F1 vs the labeled fraction, as the paper's Figure 5: a log axis from most labels (left) to
     fewest, ticks at every fraction of the design (`fractions`; those without a finished run yet stay
-    empty), one line per encoder (mean, ± std band; solid for the first ten named, then dashed), the legend
-    outside the axes. A point averaging fewer
-    runs than the study's fullest cell is drawn hollow."""
+    empty), one line per encoder (mean, ± std band, or a ± std bar for an encoder at one fraction only;
+    solid for the first ten named, then dashed), the legend outside the axes. A point averaging fewer runs
+    than the study's fullest cell is drawn hollow."""
     from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -149,6 +149,8 @@ def figure5(
                 alpha=0.12,
                 linewidth=0,
             )
+            if len(rs) == 1 and sd[0] > 0:  # a band needs two fractions: one point shows its spread as a bar
+                ax.errorbar(x, mu, yerr=sd, fmt="none", ecolor=color, elinewidth=1.2, capsize=4)
         ax.set_xscale("log")
         ax.xaxis.set_major_locator(FixedLocator([100 * f for f in ticks]))
         ax.xaxis.set_minor_locator(NullLocator())
