@@ -147,10 +147,13 @@ STUDY_THREADS ?= 1
 STUDY_FLAGS ?=
 study: study-organamnist study-headct
 
+# The OrganAMNIST recipe every init is fine-tuned with (`make study-organamnist` and `make replicate`).
+ORGAN_RECIPE = --image-size 64 --epochs $(STUDY_EPOCHS) --head-epochs 2 --patience 10 --select auc --max-val 1000 \
+  --max-test 3000
 study-organamnist: $(STAMP) | $(ORGAN_NPZ)
 	$(CTHUB) study --data $(ORGAN_NPZ) --encoders $(STUDY_ENCODERS) --fractions $(STUDY_FRACTIONS) --seeds $(STUDY_SEEDS) \
-	  --image-size 64 --epochs $(STUDY_EPOCHS) --head-epochs 2 --patience 10 --select auc --max-val 1000 --max-test 3000 \
-	  --workers $(STUDY_WORKERS) --threads $(STUDY_THREADS) --out docs/results/study-organamnist $(STUDY_FLAGS)
+	  $(ORGAN_RECIPE) --workers $(STUDY_WORKERS) --threads $(STUDY_THREADS) --out docs/results/study-organamnist \
+	  $(STUDY_FLAGS)
 
 # Figure 5's larger fractions, first pass: one seed of 10/25/100% for random init and the recipe's four
 # encoders (smallest fraction first; resumable, so it fills in session by session: on the AVX512-BF16 EPYC a
@@ -168,16 +171,16 @@ study-figure5:
 # then fine-tunes random init and that encoder at 1% labels, 3 seeds, the study's recipe, into $(REPLICA_OUT)
 # (each record names the machine and the weights). Two jobs side by side: SparK, then its cells; random init's.
 REPLICA_HOME ?= $(CTHUB_HOME)-replica
+REPLICA_HOME := $(REPLICA_HOME)
 REPLICA_OUT ?= docs/results/study-organamnist-replica
-replica_study = CTHUB_HOME=$(REPLICA_HOME) $(CTHUB) study --data $(ORGAN_NPZ) --encoders $(1) --fractions 0.01 \
-  --seeds 3 --image-size 64 --epochs $(STUDY_EPOCHS) --head-epochs 2 --patience 10 --select auc --max-val 1000 \
-  --max-test 3000 --workers 1 --threads 1 --out $(REPLICA_OUT) $(STUDY_FLAGS)
+replica_study = $(CTHUB) study --data $(ORGAN_NPZ) --encoders $(1) --fractions 0.01 --seeds 3 $(ORGAN_RECIPE) \
+  --workers 1 --threads 1 --out $(REPLICA_OUT) $(STUDY_FLAGS)
+replicate: export CTHUB_HOME = $(REPLICA_HOME)
+replicate: RUNS = $(REPLICA_HOME)/runs
 replicate: $(STAMP) | $(ORGAN_NPZ)
-	@mkdir -p $(REPLICA_HOME)/runs
+	@mkdir -p $(RUNS)
 	$(call side_by_side,\
-	  CTHUB_HOME=$(REPLICA_HOME) $(CTHUB) pretrain --method spark --data $(ORGAN_NPZ) --recipe cpu-organamnist \
-	    --out $(REPLICA_HOME)/runs/spark-cpu --resume --publish spark-organamnist-cpu \
-	    > $(REPLICA_HOME)/runs/spark-cpu.log 2>&1 && $(call replica_study,spark-organamnist-cpu),\
+	  $(call pretrain_run,spark,cpu-organamnist,spark-cpu,spark-organamnist-cpu) && $(call replica_study,spark-organamnist-cpu),\
 	  $(call replica_study,scratch))
 
 # Head CT hemorrhage (../shared/data/head_ct: 200 PNG slices, windowed by the dataset's authors; labels.csv):
