@@ -110,9 +110,11 @@ def publish_local(
 
 
 def local_model_dir(name_or_path: str | Path) -> Path | None:
-    """The folder of a model that exists on this machine (an explicit folder, else `hub_dir()/<name>`), or
-    None when it is only reachable remotely or not at all. Nothing is downloaded."""
-    for d in (Path(name_or_path).expanduser(), hub_dir() / str(name_or_path)):
+    """The folder of a model that exists on this machine (an explicit folder, else `hub_dir()/<name>` with
+    registry aliases resolved as `from_pretrained` resolves them: "spark" -> spark-lidc), or None when it
+    is only reachable remotely or not at all. Nothing is downloaded."""
+    name = load_registry().canonical(str(name_or_path))
+    for d in (Path(name_or_path).expanduser(), hub_dir() / name):
         if (d / "config.json").is_file() and (d / WEIGHTS_NAME).is_file():
             return d
     return None
