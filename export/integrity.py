@@ -19,7 +19,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from cthub.errors import IntegrityError, StaleModelError
+from cthub.errors import ConfigError, IntegrityError, ModelNotFoundError, StaleModelError
 from hub import manifest
 from hub.config import ModelConfig
 from hub.manifest import read_sidecar, sha256_file
@@ -29,6 +29,19 @@ log = logging.getLogger(__name__)
 ONNX_NAME = "model.onnx"
 INT8_NAME = "model.int8.onnx"
 ONNX_FILES: dict[str, str] = {"fp32": ONNX_NAME, "int8": INT8_NAME}
+
+
+def onnx_file(model_dir: Path, variant: str = "fp32") -> Path:
+    """The ONNX file of a variant in a model folder (fp32: model.onnx, int8: model.int8.onnx): ConfigError
+    for an unknown variant, ModelNotFoundError naming the command that makes the file when it is missing.
+    A cheap check; the file itself is verified when it is loaded."""
+    if variant not in ONNX_FILES:
+        raise ConfigError(f"unknown ONNX variant {variant!r}; choose one of {', '.join(ONNX_FILES)}")
+    path = model_dir / ONNX_FILES[variant]
+    if not path.is_file():
+        how = "cthub export" + (" --int8" if variant == "int8" else "")
+        raise ModelNotFoundError(f"no {path.name} in {model_dir}: run `{how} {model_dir}` first")
+    return path
 
 
 def int8_path(fp32_path: Path) -> Path:

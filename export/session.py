@@ -20,7 +20,7 @@ import numpy as np
 
 from cthub.errors import ConfigError, CTHubError, InputError, ModelNotFoundError
 from export.classifier import Classifier, softmax
-from export.integrity import ONNX_FILES, ONNX_NAME, check_fresh, verify_onnx_file
+from export.integrity import ONNX_NAME, check_fresh, onnx_file, verify_onnx_file
 from export.ood import OodReference
 from hub.config import WEIGHTS_NAME, ModelConfig
 from hub.manifest import read_sidecar, sha256_file
@@ -182,12 +182,7 @@ class OnnxClassifier(Classifier):
         """The verified ONNX classifier of a model folder: its checksum, and that it was exported from the
         folder's current weights and preprocessing (IntegrityError / StaleModelError otherwise)."""
         model_dir = Path(model_dir)
-        if variant not in ONNX_FILES:
-            raise ConfigError(f"unknown ONNX variant {variant!r}; choose one of {', '.join(ONNX_FILES)}")
-        path = model_dir / ONNX_FILES[variant]
-        if not path.is_file():
-            how = "cthub export" + (" --int8" if variant == "int8" else "")
-            raise ModelNotFoundError(f"no {path.name} in {model_dir}: run `{how} {model_dir}` first")
+        path = onnx_file(model_dir, variant)
         config = ModelConfig.load(model_dir)
         return cls(
             path,
