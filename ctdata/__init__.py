@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from cthub.lazy import lazy_exports
+from cthub.lazy import lazy_package
 
 if TYPE_CHECKING:
     from ctdata.datasets import ArraySplit, load_labeled, load_medmnist, load_unlabeled, source_preprocessing
@@ -28,54 +28,4 @@ if TYPE_CHECKING:
         unit_to_uint8,
     )
 
-_EXPORTS: dict[str, str] = {
-    "WINDOW_PRESETS": "ctdata.preprocess",
-    "ArraySplit": "ctdata.datasets",
-    "CTImage": "ctdata.dicom",
-    "DicomError": "ctdata.dicom",
-    "DicomPolicy": "ctdata.dicom",
-    "PreprocessConfig": "ctdata.preprocess",
-    "finalize": "ctdata.preprocess",
-    "grey_to_unit": "ctdata.preprocess",
-    "hu_to_unit": "ctdata.preprocess",
-    "intensities_to_unit": "ctdata.preprocess",
-    "load_image": "ctdata.io",
-    "load_labeled": "ctdata.datasets",
-    "load_medmnist": "ctdata.datasets",
-    "load_unlabeled": "ctdata.datasets",
-    "prepare": "ctdata.preprocess",
-    "prepare_batch": "ctdata.preprocess",
-    "read_dicom": "ctdata.dicom",
-    "resize_unit": "ctdata.preprocess",
-    "source_preprocessing": "ctdata.datasets",
-    "to_unit": "ctdata.preprocess",
-    "unit_to_input": "ctdata.preprocess",
-    "unit_to_uint8": "ctdata.preprocess",
-}
-__all__ = [
-    "WINDOW_PRESETS",
-    "ArraySplit",
-    "CTImage",
-    "DicomError",
-    "DicomPolicy",
-    "PreprocessConfig",
-    "finalize",
-    "grey_to_unit",
-    "hu_to_unit",
-    "intensities_to_unit",
-    "load_image",
-    "load_labeled",
-    "load_medmnist",
-    "load_unlabeled",
-    "prepare",
-    "prepare_batch",
-    "read_dicom",
-    "resize_unit",
-    "source_preprocessing",
-    "to_unit",
-    "unit_to_input",
-    "unit_to_uint8",
-]
-
-
-__getattr__ = lazy_exports(__name__, _EXPORTS)
+__getattr__, __all__ = lazy_package(__name__, __file__)

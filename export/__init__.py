@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from cthub.lazy import lazy_exports
+from cthub.lazy import lazy_package
 
 if TYPE_CHECKING:
     from export.classifier import Classifier, InferenceOutputs, TorchClassifier, softmax
@@ -20,52 +20,4 @@ if TYPE_CHECKING:
     from export.quantize import Int8Report, Int8Tolerance, QuantSettings, quantize_int8
     from export.session import OnnxClassifier, quiet_onnxruntime_process, read_metadata
 
-_EXPORTS: dict[str, str] = {
-    "INT8_NAME": "export.integrity",
-    "ONNX_FILES": "export.integrity",
-    "ONNX_NAME": "export.integrity",
-    "PARITY_TOLERANCE": "export.defaults",
-    "Classifier": "export.classifier",
-    "ExportReport": "export.exporter",
-    "InferenceOutputs": "export.classifier",
-    "Int8Report": "export.quantize",
-    "Int8Tolerance": "export.quantize",
-    "OnnxClassifier": "export.session",
-    "OodReference": "export.ood",
-    "QuantSettings": "export.quantize",
-    "TorchClassifier": "export.classifier",
-    "check_parity": "export.exporter",
-    "export_onnx": "export.exporter",
-    "matches_source": "export.exporter",
-    "onnx_is_fresh": "export.exporter",
-    "quantize_int8": "export.quantize",
-    "quiet_onnxruntime_process": "export.session",
-    "read_metadata": "export.session",
-    "softmax": "export.classifier",
-}
-__all__ = [
-    "INT8_NAME",
-    "ONNX_FILES",
-    "ONNX_NAME",
-    "PARITY_TOLERANCE",
-    "Classifier",
-    "ExportReport",
-    "InferenceOutputs",
-    "Int8Report",
-    "Int8Tolerance",
-    "OnnxClassifier",
-    "OodReference",
-    "QuantSettings",
-    "TorchClassifier",
-    "check_parity",
-    "export_onnx",
-    "matches_source",
-    "onnx_is_fresh",
-    "quantize_int8",
-    "quiet_onnxruntime_process",
-    "read_metadata",
-    "softmax",
-]
-
-
-__getattr__ = lazy_exports(__name__, _EXPORTS)
+__getattr__, __all__ = lazy_package(__name__, __file__)

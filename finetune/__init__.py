@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from cthub.lazy import lazy_exports
+from cthub.lazy import lazy_package
 
 if TYPE_CHECKING:
     from finetune.artifact import save_classifier
@@ -25,34 +25,4 @@ if TYPE_CHECKING:
     from finetune.probe import extract_features, linear_probe
     from finetune.train import FitResult, fit, predict_proba
 
-_EXPORTS: dict[str, str] = {
-    "FinetuneConfig": "finetune.config",
-    "FitResult": "finetune.train",
-    "choose_threshold": "finetune.metrics",
-    "classification_metrics": "finetune.metrics",
-    "evaluate_encoder": "finetune.evaluate",
-    "extract_features": "finetune.probe",
-    "knn_eval": "finetune.evaluate",
-    "fit": "finetune.train",
-    "linear_probe": "finetune.probe",
-    "predict_proba": "finetune.train",
-    "save_classifier": "finetune.artifact",
-    "select_splits": "finetune.data",
-}
-__all__ = [
-    "FinetuneConfig",
-    "FitResult",
-    "choose_threshold",
-    "classification_metrics",
-    "evaluate_encoder",
-    "extract_features",
-    "fit",
-    "knn_eval",
-    "linear_probe",
-    "predict_proba",
-    "save_classifier",
-    "select_splits",
-]
-
-
-__getattr__ = lazy_exports(__name__, _EXPORTS)
+__getattr__, __all__ = lazy_package(__name__, __file__)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from cthub.lazy import lazy_exports
+from cthub.lazy import lazy_package
 
 if TYPE_CHECKING:
     from hub.config import ModelConfig
@@ -29,32 +29,4 @@ if TYPE_CHECKING:
     from hub.registry import load_registry
     from hub.resnet import ResNet50
 
-_EXPORTS: dict[str, str] = {
-    "FeaturesOnly": "hub.features",
-    "ModelConfig": "hub.config",
-    "ResNet50": "hub.resnet",
-    "from_pretrained": "hub.io",
-    "hub_dir": "hub.io",
-    "load_dir": "hub.io",
-    "load_registry": "hub.registry",
-    "local_model_dir": "hub.io",
-    "publish_local": "hub.io",
-    "record_metrics": "hub.io",
-    "save_pretrained": "hub.io",
-}
-__all__ = [
-    "FeaturesOnly",
-    "ModelConfig",
-    "ResNet50",
-    "from_pretrained",
-    "hub_dir",
-    "load_dir",
-    "load_registry",
-    "local_model_dir",
-    "publish_local",
-    "record_metrics",
-    "save_pretrained",
-]
-
-
-__getattr__ = lazy_exports(__name__, _EXPORTS)
+__getattr__, __all__ = lazy_package(__name__, __file__)

@@ -122,7 +122,7 @@ def describe_data(path: str, n: int) -> str:
 def _pretrain(a: argparse.Namespace) -> int:
     from pretrain.config import config_for
     from pretrain.dist import rank
-    from pretrain.publish import publish
+    from pretrain.publishing import publish
     from pretrain.trainer import train
 
     if a.publish and "lidc" in a.publish.lower() and "lidc" not in str(a.data).lower():
@@ -165,7 +165,7 @@ def _pretrain(a: argparse.Namespace) -> int:
         return 0
     command = command_line("pretrain", a)
     from hub.io import save_pretrained
-    from pretrain.publish import model_config
+    from pretrain.publishing import model_config
 
     desc = describe_data(a.data, result.n_images)
     enc_dir = save_pretrained(

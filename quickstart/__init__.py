@@ -9,21 +9,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from cthub.lazy import lazy_exports
+from cthub.lazy import lazy_package
 
 if TYPE_CHECKING:
     from quickstart.budgets import BUDGETS, Budget
     from quickstart.pipeline import Plan, best_local_encoder, build, plan
 
-_EXPORTS: dict[str, str] = {
-    "BUDGETS": "quickstart.budgets",
-    "Budget": "quickstart.budgets",
-    "Plan": "quickstart.pipeline",
-    "best_local_encoder": "quickstart.pipeline",
-    "build": "quickstart.pipeline",
-    "plan": "quickstart.pipeline",
-}
-__all__ = ["BUDGETS", "Budget", "Plan", "best_local_encoder", "build", "plan"]
-
-
-__getattr__ = lazy_exports(__name__, _EXPORTS)
+__getattr__, __all__ = lazy_package(__name__, __file__)

@@ -201,7 +201,7 @@ def test_init_continues_from_a_hub_encoder_and_records_the_parent(organamnist_np
     from hub import from_pretrained, hub_dir, publish_local
     from hub.config import ModelConfig
     from hub.manifest import weights_digest
-    from pretrain.publish import publish
+    from pretrain.publishing import publish
     from pretrain.trainer import train
 
     torch.manual_seed(3)
