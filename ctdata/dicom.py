@@ -21,11 +21,13 @@ from typing import Any
 
 import numpy as np
 
+from ctdata.codestream import IMAGECODECS_SYNTAXES, PLUGIN_LABEL, codestream_size, register_jpeg_plugin
 from ctdata.dicom_utils import _meta, _native_fast, _padding_mask
 from cthub.errors import CTHubError, InputError
 
 DEFAULT_MAX_PIXELS = 4096 * 4096 * 4
 DEFAULT_MAX_BYTES = 1 << 30
+_PREFERRED_PLUGIN = dict.fromkeys(IMAGECODECS_SYNTAXES, PLUGIN_LABEL)
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
@@ -267,15 +269,18 @@ def _fill_padding(hu: np.ndarray, pad: np.ndarray) -> None:
 
 
 def _decode(ds: Any, ts: Any) -> np.ndarray:
-    """Decode all frames; JPEG 2000 prefers pylibjpeg-openjpeg (measured 1-5x faster than gdcm/Pillow)."""
+    """Decode all frames. JPEG 2000 prefers pylibjpeg-openjpeg (measured 1-5x faster than gdcm/Pillow), the
+    JPEG syntaxes imagecodecs (the only permissive decoder of 12-bit JPEG Extended); when the preferred
+    plugin fails, pydicom tries every installed one."""
     from pydicom.pixels import pixel_array
 
     fast = _native_fast(ds, ts)
     if fast is not None:
         return fast
-    if ts.name.startswith("JPEG 2000") and "PixelData" in ds:
+    preferred = _PREFERRED_PLUGIN.get(str(ts)) or ("pylibjpeg" if ts.name.startswith("JPEG 2000") else None)
+    if preferred and "PixelData" in ds:
         try:
-            return np.asarray(pixel_array(ds, decoding_plugin="pylibjpeg"))
+            return np.asarray(pixel_array(ds, decoding_plugin=preferred))
         except Exception:  # noqa: BLE001, S110 - plugin missing or failed: pydicom tries every plugin
             pass
     return np.asarray(ds.pixel_array)
@@ -285,8 +290,6 @@ def _check_pixel_data(
     ds: Any, ts: Any, rows: int, cols: int, frames: int, spp: int, bits: int, pol: DicomPolicy
 ) -> None:
     """Before decoding: a decoder exists, native data is long enough, codestreams fit the header's size."""
-    from ctdata.codestream import codestream_size
-
     if "PixelData" not in ds:
         return
     if not ts.is_compressed:
@@ -299,16 +302,17 @@ def _check_pixel_data(
         return
     from pydicom.pixels import get_decoder
 
+    register_jpeg_plugin()
     try:
         available = get_decoder(ts).is_available
     except (NotImplementedError, ValueError, KeyError):
         available = False
     if not available:
+        kind = "a retired transfer syntax" if ts.is_retired else "a transfer syntax"
         raise DicomError(
             "unsupported_transfer_syntax",
-            f"the pixel data is compressed as '{ts.name or ts}' and no decoder for it is "
-            "installed (install pylibjpeg-openjpeg, pylibjpeg-rle or python-gdcm, or export "
-            "uncompressed)",
+            f"the pixel data is compressed as {kind} no installed decoder reads: '{ts.name or ts}' "
+            f"({ts}); export it uncompressed, JPEG-LS or JPEG 2000",
         )
     size = codestream_size(bytes(ds.PixelData[:65536]))
     if size is not None and size[0] * size[1] > rows * cols:
