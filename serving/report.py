@@ -219,6 +219,59 @@ def _measurement_report(model: ModelIdentity, groups: list[Any], sources: Sequen
     raise AssertionError("unreachable")
 
 
+# Type 2 attributes of the Patient and General Study modules that highdicom copies from the first source (it
+# reads them as attributes): de-identified images often lack them; the IOD allows them empty.
+STUDY_TYPE2 = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
+# Type 1 attributes a report must copy or reference from every source
+REFERENCE_TYPE1 = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+
+
+def with_empty_type2(ds: Any, keywords: Sequence[str] = STUDY_TYPE2) -> Any:
+    """`ds` itself when it holds every attribute of `keywords`, else a header-only copy where the missing ones
+    are present and empty (Type 2: "required, may be empty"). The source is never modified."""
+    from pydicom.dataset import Dataset
+
+    missing = [k for k in keywords if k not in ds]
+    if not missing:
+        return ds
+    out = Dataset()
+    out.update({tag: elem for tag, elem in ds.items() if tag != 0x7FE00010})
+    for keyword in missing:
+        setattr(out, keyword, None)
+    return out
+
+
+def complete_deidentification(ds: Any) -> None:
+    """A copied PatientIdentityRemoved YES needs a de-identification method (Type 1C); sources that leave it
+    empty get a truthful placeholder rather than an invalid object."""
+    if str(ds.get("PatientIdentityRemoved", "") or "").upper() != "YES":
+        return
+    method = str(ds.get("DeidentificationMethod", "") or "").strip()
+    if method or ds.get("DeidentificationMethodCodeSequence"):
+        return
+    ds.DeidentificationMethod = "not recorded in the source images"
+
+
+def check_type1(sources: Sequence[Any], keywords: Sequence[str] = REFERENCE_TYPE1) -> None:
+    """UnprocessableInputError naming the Type 1 attributes some source lacks (or holds empty)."""
+    for ds in sources:
+        missing = [k for k in keywords if str(ds.get(k, "") or "").strip() == ""]
+        if missing:
+            raise UnprocessableInputError(
+                f"a source image lacks {', '.join(missing)} (Type 1): no report can reference it"
+            )
+
+
 def write_sr(
     sources: Sequence[Any],
     content: ReportContent,
@@ -234,16 +287,8 @@ def write_sr(
 
     if not sources:
         raise UnprocessableInputError("a report needs at least one source image")
-    for ds in sources:
-        missing = [
-            k
-            for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
-            if k not in ds
-        ]
-        if missing:
-            raise UnprocessableInputError(
-                f"a source image lacks {', '.join(missing)}: no report can reference it"
-            )
+    check_type1(sources)
+    sources = [with_empty_type2(ds) for ds in sources]
     try:
         with _quiet():
             sr = ComprehensiveSR(
@@ -261,12 +306,17 @@ def write_sr(
                 contributing_equipment=[_equipment(content.model)],
                 series_description=SERIES_DESCRIPTION,
             )
-    except (ValueError, TypeError, AttributeError, KeyError) as e:
+    except AttributeError as e:  # a required attribute is absent: its keyword is no patient data
+        raise UnprocessableInputError(
+            f"the source images lack {e.name or 'an attribute'} that the report must copy"
+        ) from None
+    except (ValueError, TypeError, KeyError) as e:
         # highdicom's messages may quote header values (patient data): only the type is reported
         raise UnprocessableInputError(
             f"the source images' headers do not allow a valid report ({type(e).__name__})"
         ) from None
     sr.CodingSchemeIdentificationSequence = [_coding_scheme()]
+    complete_deidentification(sr)
     assert isinstance(sr, hd.SOPClass)
     return sr
 

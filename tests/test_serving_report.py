@@ -162,3 +162,65 @@ def test_writing_leaks_no_patient_data_through_warnings_or_logs(caplog: pytest.L
     assert str(sr.PatientName) == PATIENT
     assert all(PATIENT not in str(w.message) for w in caught)
     assert PATIENT not in caplog.text
+
+
+# --- de-identified real CT: Type 2 attributes removed or emptied, as anonymisers leave them ---------------
+
+STRIPPED = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+    "StudyID",
+)
+REAL_SLICES = [
+    ("ge_head_tilt", "01.dcm"),  # PatientIdentityRemoved YES with an empty DeidentificationMethod
+    ("fnndsc_chest", "000001.dcm"),
+    ("siim_contrast", "ID_0000_AGE_0060_CONTRAST_1_CT.dcm"),
+]
+
+
+def real_header(folder: str, name: str) -> pydicom.Dataset:
+    from conftest import shared_file
+
+    return pydicom.dcmread(shared_file("real_ct", folder, name), stop_before_pixels=True)
+
+
+@pytest.mark.shared
+@pytest.mark.parametrize("how", ["absent", "empty"])
+@pytest.mark.parametrize(("folder", "name"), REAL_SLICES)
+def test_sr_of_a_deidentified_real_slice_is_valid(folder: str, name: str, how: str, tmp_path: Path) -> None:
+    ds = real_header(folder, name)
+    for keyword in STRIPPED:
+        if how == "absent":
+            ds.pop(keyword, None)
+        else:
+            setattr(ds, keyword, None)
+    before = set(ds.keys())
+    sr = write_sr([ds], content(1))
+    assert set(ds.keys()) == before  # the caller's header is not modified
+    data = to_bytes(sr)
+    back = pydicom.dcmread(io.BytesIO(data))
+    for keyword in STRIPPED:  # Type 2: present and empty, as the IOD allows
+        assert keyword in back and str(back[keyword].value or "") == ""
+    assert back.StudyInstanceUID == ds.StudyInstanceUID
+    evidence = back.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+    assert [r.ReferencedSOPInstanceUID for r in evidence.ReferencedSOPSequence] == [ds.SOPInstanceUID]
+    assert dciodvfy_errors(data, tmp_path) == []
+
+
+@pytest.mark.shared
+@pytest.mark.parametrize("keyword", ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"])
+def test_missing_type1_attribute_is_named(keyword: str) -> None:
+    for how in ("absent", "empty"):
+        ds = real_header("fnndsc_chest", "000001.dcm")
+        if how == "absent":
+            del ds[keyword]
+        else:
+            setattr(ds, keyword, "")
+        with pytest.raises(UnprocessableInputError, match=keyword):
+            write_sr([ds], content(1))
