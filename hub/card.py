@@ -227,6 +227,7 @@ def render_card(cfg: ModelConfig) -> str:
         lines += ["", f"**Citation.** {cfg.provenance['citation']}"]
     if cfg.provenance.get("note"):
         lines += ["", f"**Note.** {cfg.provenance['note']}"]
+    lines += origin_lines(cfg.provenance)
     lines += study_lines(cfg.metrics.get("finetune_study"))
     lines += frozen_feature_lines(cfg.metrics.get("frozen_features"))
     lines += ["", "## Measured results", ""]
@@ -258,6 +259,26 @@ def render_card(cfg: ModelConfig) -> str:
     lines += _parent_lines(cfg.provenance.get("parent"))
     lines += ["", "Load it with `from hub import from_pretrained`.", ""]
     return "\n".join([*front, "", *lines])
+
+
+def origin_lines(prov: dict[str, Any]) -> list[str]:
+    """Where converted weights came from: the authors' file, its checksum, and the licence note."""
+    origin = prov.get("origin")
+    if not origin:
+        return []
+    lines = [
+        "",
+        "## Origin",
+        "",
+        f"Converted by {prov.get('converted_by', 'ct-ssl-hub')}: {origin.get('url')}"
+        + (f" (linked from {origin['published_in']})" if origin.get("published_in") else "")
+        + f", key layout `{origin.get('layout')}`.",
+        "",
+        f"- original file sha256: `{origin.get('sha256')}` ({origin.get('size')} bytes)",
+    ]
+    if prov.get("license_note"):
+        lines.append(f"- licence: {prov['license_note']}")
+    return lines
 
 
 def _hardware_lines(hw: dict[str, Any] | None) -> list[str]:

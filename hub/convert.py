@@ -9,6 +9,9 @@ tests/test_hub_convert.py, which builds each layout):
           (`module` dict with `sparse_encoder.sp_cnn.*` beside the decoder, which is dropped)
 - torchvision: a plain `torchvision.models.resnet50().state_dict()`, or a torchvision reference-script
           checkpoint (`model` dict beside `args`, an argparse.Namespace)
+`pull_original` downloads the authors' own checkpoint named by a registry entry (hub/download.py), refuses a
+file that differs from the one seen before (registry pin or manifest record) unless told otherwise, and
+converts it the same way, recording the sha256 of the original file and of the converted weights.
 Files are read with `torch.load(weights_only=True)`: nothing in them is executed. Lightning's hyperparameter
 containers (AttributeDict) are read as plain dicts, and argparse.Namespace is allowed; any other object
 makes the import fail with a clear error instead of running code.
@@ -17,6 +20,7 @@ makes the import fail with a clear error instead of running code.
 from __future__ import annotations
 
 import argparse
+import logging
 import pickle
 import zipfile
 from dataclasses import dataclass
@@ -26,11 +30,22 @@ from typing import Any
 import torch
 
 from ctdata.preprocess import PreprocessConfig
-from cthub.errors import ConfigError, InputError, IntegrityError
-from hub.config import ModelConfig
+from cthub.errors import ConfigError, InputError, IntegrityError, ModelNotFoundError
+from hub import manifest
+from hub.config import WEIGHTS_NAME, ModelConfig
 from hub.manifest import sha256_file
-from hub.registry import check_name, load_registry
+from hub.registry import RegistryEntry, check_name, load_registry
 from hub.resnet import ResNet50
+
+CONVERTED_BY = "ct-ssl-hub from the authors' checkpoint"
+DOWNLOADS = ".downloads"  # inside the hub dir: partial downloads wait here to be resumed
+log = logging.getLogger(__name__)
+
+
+class OriginChangedError(IntegrityError):
+    """The authors' file now differs from the one recorded (registry pin or an earlier pull)."""
+
+    code = "origin_changed"
 
 
 @dataclass(frozen=True)
@@ -160,8 +175,13 @@ def import_checkpoint(
     license: str | None = None,
     hub_dir_override: str | Path | None = None,
     command: str | None = None,
+    source: str = "import",
+    origin: dict[str, Any] | None = None,
 ) -> Path:
-    """Convert an original checkpoint into `hub_dir()/<name>` (recorded in the manifest); returns it."""
+    """Convert an original checkpoint into `hub_dir()/<name>` (recorded in the manifest); returns it.
+
+    `origin` (where the authors publish the file, its sha256) goes into the provenance and the card.
+    """
     from hub.io import publish_local  # late: hub.io imports the registry and card machinery
 
     check_name(name)
@@ -187,13 +207,96 @@ def import_checkpoint(
         prov.update(datasets=list(entry.datasets), citation=entry.citation)
         if entry.extra.get("preprocessing_note"):
             prov["note"] = entry.extra["preprocessing_note"]
+        if entry.extra.get("license_note"):
+            prov["license_note"] = entry.extra["license_note"]
+    if origin is not None:
+        prov.update(origin=origin, converted_by=CONVERTED_BY)
     cfg = ModelConfig(
         name=name,
         method=entry.method if entry else LAYOUTS[method].method,
         pretraining_data=pretraining_data
         or (entry.pretraining_data if entry else "unknown (imported checkpoint)"),
-        revision=f"import:{prov['source_sha256'][:12]}",
+        revision=f"{source}:{prov['source_sha256'][:12]}",
         preprocessing=PreprocessConfig.from_dict(pp),
         provenance=prov,
     )
-    return publish_local(model, name, cfg, source="import", hub_dir_override=hub_dir_override)
+    return publish_local(model, name, cfg, source=source, hub_dir_override=hub_dir_override)
+
+
+def _check_origin(entry: RegistryEntry, hub: Path, sha: str, allow_changed: bool) -> str | None:
+    """The sha256 this file was expected to have (None: first pull); OriginChangedError when it differs."""
+    assert entry.original is not None
+    recorded = manifest.read_manifest(hub).get(entry.name, {}).get("origin", {}).get("sha256")
+    for where, expected in (("the registry", entry.original.sha256), (manifest.manifest_path(hub), recorded)):
+        if expected and expected != sha:
+            if allow_changed:
+                log.warning(
+                    "%s: accepting a changed original (%s... instead of %s...)", entry.name, sha, expected
+                )
+                continue
+            raise OriginChangedError(
+                f"the authors' checkpoint of {entry.name} ({entry.original.url}) is not the file recorded in "
+                f"{where}: sha256 {sha[:12]}... instead of {expected[:12]}.... Nothing was converted. If the "
+                f"authors replaced it on purpose, accept it with `cthub hub pull {entry.name} "
+                "--allow-changed-origin`."
+            )
+    return recorded
+
+
+def pull_original(
+    entry: RegistryEntry,
+    *,
+    hub_dir_override: str | Path | None = None,
+    endpoint: str | None = None,
+    allow_changed_origin: bool = False,
+    local_files_only: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Download the authors' checkpoint of `entry` and convert it into `hub_dir()/<name>`; returns the folder.
+
+    The download (resumable, hub/download.py) waits in `<hub>/.downloads` and is deleted once converted. The
+    manifest records `origin` (URL, sha256 and size of the original file) beside the converted weights' sha256
+    and weights digest; a later pull of a different file raises OriginChangedError unless
+    `allow_changed_origin`. The same file again over an intact folder converts nothing.
+    """
+    from hub.download import DownloadError, download, gdrive_url
+    from hub.io import hub_dir  # late: hub.io imports this module's callers
+
+    src = entry.original
+    if src is None:
+        raise ModelNotFoundError(f"{entry.name} names no original checkpoint in the registry")
+    if local_files_only:
+        raise DownloadError(f"the authors' checkpoint {src.url} is not downloaded: local_files_only=True")
+    hub = hub_dir(hub_dir_override)
+    url = gdrive_url(src.file_id, endpoint)
+    log.info("%s: downloading the authors' checkpoint from %s", entry.name, url)
+    got = download(url, hub / DOWNLOADS / f"{entry.name}-{src.file_id}", progress=progress)
+    try:
+        recorded = _check_origin(entry, hub, got.sha256, allow_changed_origin)
+        folder = hub / entry.name
+        weights_sha = manifest.read_manifest(hub).get(entry.name, {}).get("sha256")
+        same = recorded == got.sha256 and (folder / WEIGHTS_NAME).is_file()
+        if same and sha256_file(folder / WEIGHTS_NAME) == weights_sha:
+            log.info("%s: the same original as before; %s is intact", entry.name, folder)
+            return folder
+        origin = {
+            "url": src.url,
+            "published_in": src.published_in,
+            "sha256": got.sha256,
+            "size": got.size,
+            "layout": src.layout,
+        }
+        folder = import_checkpoint(
+            got.path,
+            src.layout,
+            entry.name,
+            hub_dir_override=hub,
+            command=f"cthub hub pull {entry.name}",
+            source="original",
+            origin=origin,
+        )
+        weights = folder / WEIGHTS_NAME
+        manifest.update(hub, entry.name, origin=origin, weights_digest=manifest.weights_digest(weights))
+        return folder
+    finally:
+        got.path.unlink(missing_ok=True)

@@ -194,8 +194,10 @@ def _not_found(name: str, entry: RegistryEntry | None, looked: list[str]) -> Mod
     lines.append("Get it one of three ways:")
     if entry is None or entry.is_remote:
         repo = entry.repo_id if entry else "ORG/NAME"
+        also = f", else the authors' {entry.original.url}" if entry and entry.original else ""
         lines.append(
-            f"  1. download it when online: unset HF_HUB_OFFLINE and run `cthub hub pull {name}` ({repo})"
+            "  1. download it when online: unset HF_HUB_OFFLINE and run "
+            f"`cthub hub pull {name}` ({repo}{also})"
         )
     else:
         lines.append(f"  1. download: {name} has no remote copy (local only); use 2 or 3")
@@ -277,11 +279,14 @@ def load_remote(
     token: str | bool | None = None,
     local_files_only: bool = False,
     looked: list[str] | None = None,
+    allow_changed_origin: bool = False,
 ) -> ResNet50:
     """Fetch `repo_id@revision` through the HF cache, verify and load it (used by from_pretrained and pull).
 
     Verified against `expected_sha256` (the registry's), else the manifest's record of that commit; a first
     download of an entry without a published checksum is recorded (trust on first use) for later loads.
+    When the Hub has nothing, a registry entry's next source, the authors' own checkpoint, is downloaded and
+    converted (hub.convert.pull_original).
     """
     from hub.remote import RemoteUnavailable, fetch
 
@@ -291,7 +296,10 @@ def load_remote(
     try:
         got = fetch(repo_id, revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only)
     except RemoteUnavailable as e:
-        raise _not_found(name, reg.get(name), (looked or []) + [str(e)]) from None
+        entry, tried = reg.get(name), [*(looked or []), str(e)]
+        if entry is None or entry.original is None or revision not in (None, entry.revision):
+            raise _not_found(name, entry, tried) from None
+        return _load_original(entry, hub, num_classes, local_files_only, allow_changed_origin, tried)
     key = manifest.remote_key(repo_id, got.commit)
     recorded = manifest.read_manifest(hub).get(key, {}).get("sha256")
     expected = {
@@ -307,6 +315,41 @@ def load_remote(
         "sha256": sha,
         "name": name,
         "path": str(got.folder),
+    }
+    return model
+
+
+def _load_original(
+    entry: RegistryEntry,
+    hub: Path,
+    num_classes: int | None,
+    local_files_only: bool,
+    allow_changed_origin: bool,
+    looked: list[str],
+) -> ResNet50:
+    """The registry's next source after the Hub: the authors' checkpoint, converted into `hub/<name>`."""
+    from hub.convert import pull_original
+    from hub.download import DownloadError
+
+    url = entry.original.url if entry.original else ""
+    try:
+        folder = pull_original(
+            entry,
+            hub_dir_override=hub,
+            allow_changed_origin=allow_changed_origin,
+            local_files_only=local_files_only,
+        )
+    except DownloadError as e:  # the same class, with every place looked in and the ways out
+        raise type(e)(str(_not_found(entry.name, entry, [*looked, f"{url}: {e}"]))) from None
+    record = manifest.read_manifest(hub).get(entry.name, {})
+    model, sha = _load_verified(
+        folder, {f"the hub manifest {manifest.manifest_path(hub)}": record.get("sha256")}, num_classes, "cpu"
+    )
+    model.config.provenance["loaded"] = {
+        "from": url,
+        "sha256": sha,
+        "name": entry.name,
+        "path": str(folder),
     }
     return model
 

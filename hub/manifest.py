@@ -6,6 +6,9 @@
   (`publish_local`, `cthub hub import`, `cthub pretrain --publish`) and of every file pulled from the Hugging
   Face Hub whose registry entry has no published checksum yet (key `hf:<repo>@<commit>`). Writes are atomic
   and serialised by a lock file, so parallel publishers do not lose each other's entries.
+- A model converted from the authors' own checkpoint (`cthub hub pull`, source "original") also records that
+  file under `origin` (its URL and sha256): a later pull that gets a different file is refused
+  (hub/convert.py, `--allow-changed-origin`).
 
 These check files. Which *weights* a file holds is `weights_digest`: safetensors writes the header's
 `__metadata__` keys in a random order per process (safetensors issue #584), so saving the same tensors twice
@@ -167,10 +170,26 @@ def record(hub: Path, key: str, sha256: str, **info: Any) -> dict[str, Any]:
     with _locked(hub):
         models = read_manifest(hub)
         models[key] = entry
-        tmp = manifest_path(hub).with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"format_version": 1, "models": models}, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, manifest_path(hub))
+        _write(hub, models)
     return entry
+
+
+def update(hub: Path, key: str, **info: Any) -> dict[str, Any]:
+    """Add `info` to the existing record of `key` (IntegrityError when there is none); returns the record."""
+    with _locked(hub):
+        models = read_manifest(hub)
+        if key not in models:
+            raise IntegrityError(f"{manifest_path(hub)} has no record of {key!r} to update")
+        models[key] = {**models[key], **info}
+        _write(hub, models)
+    return models[key]
+
+
+def _write(hub: Path, models: dict[str, dict[str, Any]]) -> None:
+    """Replace the manifest atomically (the caller holds the lock)."""
+    tmp = manifest_path(hub).with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps({"format_version": 1, "models": models}, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, manifest_path(hub))
 
 
 def remote_key(repo_id: str, commit: str) -> str:

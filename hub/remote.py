@@ -10,13 +10,14 @@ lazily (it costs ~0.3 s).
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import re
 import socket
-import sys
 import threading
 import urllib.parse
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,8 +28,9 @@ REQUIRED_FILES = ("config.json", "model.safetensors")
 OPTIONAL_FILES = ("README.md",)
 TRUTHY = {"1", "true", "yes", "on"}
 COMMIT_RE = re.compile(r"[0-9a-f]{40}")
-# Transport errors of the HTTP client huggingface_hub uses (httpx2 in 2.x, httpx in 1.x, requests in 0.x),
-# which it passes through untranslated, e.g. when a server closes the connection without answering.
+# The public base class of transport errors of each HTTP client huggingface_hub has used (httpx2 in 2.x,
+# httpx in 1.x, requests in 0.x): it passes them through untranslated, e.g. when a server closes the
+# connection without answering, and has no public error class of its own for them.
 _TRANSPORT_ERRORS = (
     ("httpx2", "TransportError"),
     ("httpx", "TransportError"),
@@ -72,9 +74,17 @@ def endpoint_reachable(timeout: float = CONNECT_TIMEOUT_S) -> bool:
     """
     from huggingface_hub import constants
 
-    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
-    url = urllib.parse.urlsplit(proxy or constants.ENDPOINT)
-    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    return host_reachable(constants.ENDPOINT, timeout)
+
+
+def host_reachable(url: str, timeout: float = CONNECT_TIMEOUT_S) -> bool:
+    """Whether a TCP connection to the host of `url` (or to the proxy urllib would use for it) opens within
+    `timeout` seconds; DNS resolution runs in a daemon thread abandoned on time-out."""
+    parts = urllib.parse.urlsplit(url)
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if proxy and not urllib.request.proxy_bypass(parts.hostname or ""):
+        parts = urllib.parse.urlsplit(proxy)
+    host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
     if not host:
         return False
     result: list[bool] = []
@@ -93,9 +103,18 @@ def endpoint_reachable(timeout: float = CONNECT_TIMEOUT_S) -> bool:
 
 
 def _transport_errors() -> tuple[type[Exception], ...]:
-    """The transport error classes of the HTTP clients already imported (none is imported here)."""
-    found = (getattr(sys.modules.get(mod), name, None) for mod, name in _TRANSPORT_ERRORS)
-    return tuple(c for c in found if isinstance(c, type) and issubclass(c, Exception))
+    """Adapter: the transport error classes (public names) of the installed HTTP clients above. The one place
+    that names a client of huggingface_hub's own choosing, because huggingface_hub exposes no public class for
+    a connection that broke; a client that is not installed is skipped."""
+    found = []
+    for mod, name in _TRANSPORT_ERRORS:
+        try:
+            cls = getattr(importlib.import_module(mod), name, None)
+        except ImportError:
+            continue
+        if isinstance(cls, type) and issubclass(cls, Exception):
+            found.append(cls)
+    return tuple(found)
 
 
 def fetch(
