@@ -132,16 +132,24 @@ def cmd_pull(args: argparse.Namespace) -> int:
         raise ModelNotFoundError(
             f"{args.name!r} is not in the registry ({reg.path}) and is not an ORG/NAME repo id"
         )
+    hub = _hub(args)
     model = load_remote(
         repo_id,
         name=entry.name if entry else args.name,
         revision=args.revision or (entry.revision if entry else None),
         expected_sha256=entry.sha256 if entry else None,
-        hub=_hub(args),
+        hub=hub,
         cache_dir=args.cache_dir,
+        allow_changed_origin=args.allow_changed_origin,
     )
     loaded = model.config.provenance["loaded"]
     print(f"{args.name}: {loaded['from']} -> {loaded['path']}\n  verified sha256 {loaded['sha256']}")
+    origin = model.config.provenance.get("origin")
+    if origin and entry is not None:
+        print(
+            f"  converted from the authors' checkpoint (sha256 {origin['sha256']}, recorded in "
+            f"{manifest.manifest_path(hub)}); publish it with `cthub hub push {entry.name} --repo ORG/NAME`"
+        )
     return 0
 
 
@@ -227,10 +235,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("name")
     p.add_argument("--cache-dir", default=None)
     p.set_defaults(func=cmd_show)
-    p = sub.add_parser("pull", help="download a model into the Hugging Face cache and verify it")
+    p = sub.add_parser(
+        "pull",
+        help="download a model (its Hugging Face repo, else the authors' checkpoint, converted), verify it",
+    )
     p.add_argument("name")
     p.add_argument("--revision", default=None, help="branch, tag or commit (default: the registry's pin)")
     p.add_argument("--cache-dir", default=None)
+    p.add_argument(
+        "--allow-changed-origin",
+        action="store_true",
+        help="accept an authors' checkpoint whose sha256 differs from the one recorded before",
+    )
     p.set_defaults(func=cmd_pull)
     p = sub.add_parser("push", help="upload a local model folder with HfApi.upload_folder")
     p.add_argument("name", help="hub name or model folder")
