@@ -46,6 +46,7 @@ class SeriesReport:
     label: str
     slices: int
     overlays: list[Any] = field(default_factory=list)  # Secondary Capture datasets (`cam=True`)
+    maps: list[Any] = field(default_factory=list)  # Parametric Map datasets (`cam=True`)
     rejected: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[dict[str, Any]] = field(default_factory=list)
     other_series: list[dict[str, Any]] = field(default_factory=list)
@@ -95,18 +96,25 @@ class SeriesReporter:
             answer, request = Analyzer(self.settings, self.model, infer).analyse_series(files, {})
         except CTHubError as e:
             raise SeriesRefused(e, *self._explain(files)) from None
-        sr = write_sr(request.headers, report_content(answer, request, self.model))
+        content = report_content(answer, request, self.model)
+        sr = write_sr(request.headers, content)
         overlays: list[Any] = []
+        maps: list[Any] = []
         if self.cam:
             try:
                 overlays = self._overlays(files, answer, request, outputs)
             except Exception as e:  # noqa: BLE001 -- optional: the SR goes to the PACS without them
                 log.warning("no overlay series (%s): the SR is stored without it", type(e).__name__)
+            try:
+                maps = self._parametric_maps(answer, request, outputs, content.model)
+            except Exception as e:  # noqa: BLE001 -- optional, as the overlays
+                log.warning("no parametric map (%s): the SR is stored without it", type(e).__name__)
         return SeriesReport(
             sr=sr,
             label=str(answer["series"]["label"]),
             slices=len(answer["slices"]),
             overlays=overlays,
+            maps=maps,
             rejected=[_reason(r, files) for r in request.rejected],
             skipped=list(request.skipped),
             other_series=list(request.other_series),
@@ -138,6 +146,26 @@ class SeriesReporter:
             rgb = overlay_image(unit, np.asarray(cam, dtype=np.float32)[c], label, name)
             images.append((index[(s["file"], s["member"])], rgb))
         return overlay_series(request.headers, images, label, name)
+
+    def _parametric_maps(
+        self, answer: dict[str, Any], request: Any, outputs: list[dict[str, Any]], identity: Any
+    ) -> list[Any]:
+        """The decided class's maps of the k deciding slices as a Parametric Map series on those slices
+        (`serving.parametric_map`); [] when the model has no `cam` output."""
+        import numpy as np
+
+        from serving.parametric_map import write_parametric_maps
+
+        series, slices = answer["series"], answer["slices"]
+        label = str(series["label"])
+        c = self.model.labels.index(label)
+        top = sorted(range(len(slices)), key=lambda i: -slices[i]["probabilities"][label])[: series["top_k"]]
+        index = {where: i for i, where in enumerate(request.sources)}
+        if any(outputs[i].get("cam") is None for i in top):
+            return []
+        headers = [request.headers[index[(slices[i]["file"], slices[i]["member"])]] for i in sorted(top)]
+        maps = [np.asarray(outputs[i]["cam"], dtype=np.float32)[c] for i in sorted(top)]
+        return write_parametric_maps(headers, maps, label, identity)
 
     def _explain(self, files: list[Path]) -> tuple[list[dict[str, Any]], ...]:
         """Why each object of a refused series was left out (the analysis's own steps, run again on the

@@ -6,6 +6,7 @@ A record (`RecordLog.write`) is one of
     {"event": "stored",  "change": 8, "study": "<pseudonym>", "series": "<pseudonym>", "modality": "CT",
      "instances": 4, "slices": 3, "rejected": [{"index": 3, "status": 400, "reason": "truncated", ...}],
      "report_series": "<pseudonym>", "overlays": 3, "overlay_series": "<pseudonym>",
+     "maps": 1, "map_series": "<pseudonym>",
      "model_sha256": "...", "time": "..."}
     {"event": "failed",  ..., "stage": "lookup|fetch|analyse|store|internal", "error": "...",
      "reason": "...", "detail": "...", "attempts": 3, "rejected": [...]}

@@ -9,8 +9,8 @@ For every `StableSeries` change, in order:
 2. fetch it by WADO-RS into a private temporary directory (deleted afterwards);
 3. analyse it in this process (`pacs.analysis.SeriesReporter`, the `/report` endpoint's code): instances
    that cannot be read are left out and listed in the record; a series with nothing readable -> `failed`;
-4. store the SR (and with `--cam` the overlay series of `pacs.overlay`) by STOW-RS into the same study ->
-   a `stored` record.
+4. store the SR (and with `--cam` the overlay series of `pacs.overlay` and the Parametric Map series of
+   `serving.parametric_map`) by STOW-RS into the same study -> a `stored` record.
 
 Lookup, fetch and store talk to the PACS and are retried (`WatchSettings.attempts`, doubling waits) before a
 `failed` record is written; the analysis is not (the same files give the same answer). Nothing that one
@@ -231,7 +231,8 @@ class Watcher:
             except Exception as e:  # noqa: BLE001 -- unexpected: recorded, and the loop goes on
                 log.error("change %d: the analysis failed with %s at\n%s", seq, type(e).__name__, _where(e))
                 return self._record("failed", seq, info, stage="analyse", **describe_error(e))
-        self._retry("store", lambda: self.client.store(info.study_uid, [report.sr, *report.overlays]), stop)
+        stored = [report.sr, *report.overlays, *report.maps]
+        self._retry("store", lambda: self.client.store(info.study_uid, stored), stop)
         return self._stored(seq, info, fetched, report)
 
     def _stored(self, seq: int, info: SeriesInfo, fetched: Fetched, report: SeriesReport) -> dict[str, Any]:
@@ -252,6 +253,8 @@ class Watcher:
             report_series=self.records.pseudonym(report.sr.SeriesInstanceUID),
             overlays=len(report.overlays),
             overlay_series=self.records.pseudonym(overlays[0].SeriesInstanceUID if overlays else ""),
+            maps=len(report.maps),
+            map_series=self.records.pseudonym(report.maps[0].SeriesInstanceUID if report.maps else ""),
             model_sha256=self.reporter.identity.get("sha256"),
         )
 

@@ -12,7 +12,7 @@ their own Frame of Reference UID, or whose gantry tilt varies, gets one per grou
   viewer fuses it with the CT (e.g. OHIF, 3D Slicer, Weasis);
 - the values are the map's, not rescaled: a Real World Value Mapping (unitless, identity) says so, and the
   default window spans 0 to the largest value (negative evidence stays in the data, below the window);
-- Content Qualification RESEARCH, a series description that says "not for diagnostic use", the model as
+- Modality that of the sources (CT), Content Qualification RESEARCH, a series description that says "not for diagnostic use", the model as
   manufacturer model name, software versions and serial number, patient and study copied from the sources
   (absent Type 2 attributes written empty, as in `serving.report`).
 
@@ -162,6 +162,9 @@ def _parametric_map(
             f"the source images' headers do not allow a valid parametric map ({type(e).__name__})"
         ) from None
     pm.SeriesDescription = MAP_DESCRIPTION
+    # highdicom writes OT; the Parametric Map Series module takes the defined terms of Modality, and maps
+    # derived from CT keep CT (as quantitative MR maps keep MR), so viewers file them with the images
+    pm.Modality = str(sources[0].get("Modality", "") or "OT")
     # General Series Laterality (Type 2C): the slices' when they have one, else empty: unknown here
     pm.Laterality = str(sources[0].get("Laterality", "") or "")
     complete_deidentification(pm)

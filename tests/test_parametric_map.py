@@ -52,6 +52,7 @@ def test_maps_lie_on_their_slices_and_keep_their_values(tmp_path: Path) -> None:
     data = to_bytes(pm)
     back = pydicom.dcmread(io.BytesIO(data))
     assert back.SOPClassUID == "1.2.840.10008.5.1.4.1.1.30"  # Parametric Map Storage
+    assert back.Modality == "CT"
     assert back.FrameOfReferenceUID == sources[0].FrameOfReferenceUID
     assert back.StudyInstanceUID == sources[0].StudyInstanceUID
     assert back.SeriesInstanceUID != sources[0].SeriesInstanceUID
