@@ -6,7 +6,8 @@ tests/test_hub_convert.py, which builds each layout):
 - byol:   Bolts `.ckpt`, `state_dict` keys `online_network.encoder.*`
 - swav:   Bolts `.ckpt`, `state_dict` keys `model.*` (`model.projection_head.*`, `model.prototypes.*` dropped)
 - spark:  SparK's `*_timm_style.pth` (bare timm ResNet keys) or the with-decoder file
-          (`module` dict with `sparse_encoder.sp_cnn.*` beside the decoder, which is dropped)
+          (`module` dict with `sparse_encoder.sp_cnn.*` beside the decoder, which is dropped), or the
+          paper authors' `*_1kpretrained.pth` ({'arch', 'module': bare timm keys without fc, 'is_pretrain'})
 - torchvision: a plain `torchvision.models.resnet50().state_dict()`, or a torchvision reference-script
           checkpoint (`model` dict beside `args`, an argparse.Namespace)
 `pull_original` downloads the authors' own checkpoint named by a registry entry (hub/download.py), refuses a

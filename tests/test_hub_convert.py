@@ -159,6 +159,8 @@ def _spark_checkpoint(kind: str, m: ResNet50) -> dict[str, Any]:
 
     - `*_1kpretrained_timm_style.pth`: save_checkpoint_model_weights_only saves
       `sparse_encoder.sp_cnn.state_dict()`: bare timm ResNet keys, with timm's 1000-class `fc`.
+    - the paper authors' copy of that code saves `Epoch_N_Loss_L_resnet50_1kpretrained.pth`:
+      {'arch': 'resnet50', 'module': sp_cnn.state_dict(), 'is_pretrain': False}, their sp_cnn without fc.
     - `*_still_pretraining.pth` / `*_withdecoder_1kpretrained_spark_style.pth`:
       save_checkpoint_with_meta_info_and_opt_state saves {'args': str(args), 'input_size', 'arch', 'epoch',
       'performance_desc', 'module': SparK.state_dict(with_config=True), 'optimizer', 'is_pretrain': True};
@@ -169,6 +171,9 @@ def _spark_checkpoint(kind: str, m: ResNet50) -> dict[str, Any]:
     timm = _prefixed(m, "") | {"fc.weight": torch.randn(1000, 2048), "fc.bias": torch.zeros(1000)}
     if kind == "timm":
         return timm
+    if kind == "authors":  # Wolf et al.'s SparK, Pre-Training/Masked_Autoencoder/utils/misc.py,
+        # save_checkpoint_for_finetune: sp_cnn is timm's resnet50 with num_classes=0 (no fc)
+        return {"arch": "resnet50", "module": _prefixed(m, ""), "is_pretrain": False}
     module = {f"sparse_encoder.sp_cnn.{k}": v for k, v in timm.items()} | {
         "dense_decoder.dec.0.up_sample.weight": torch.randn(16, 16, 4, 4),
         "dense_decoder.dec.0.up_sample.bias": torch.zeros(16),
@@ -233,6 +238,7 @@ CASES = [
     ("swav", "swav"),
     ("spark-timm", "spark"),
     ("spark-decoder", "spark"),
+    ("spark-authors", "spark"),
     ("torchvision-weights", "torchvision"),
     ("torchvision-reference", "torchvision"),
 ]

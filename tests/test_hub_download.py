@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import html
+import json
 import shutil
 import socket
 import threading
@@ -49,6 +50,7 @@ from test_hub_remote import TOKEN, FakeHub, fake_hub  # noqa: F401 - a fixture, 
 
 from ctdata.preprocess import PreprocessConfig
 from cthub.cli import main
+from cthub.errors import ConfigError
 from hub import ResNet50, from_pretrained, hub_dir, manifest
 from hub.convert import CONVERTED_BY, OriginChangedError
 from hub.download import DownloadError, NotAFileError, download, gdrive_url
@@ -502,3 +504,17 @@ def test_push_publishes_the_converted_encoder_and_the_next_user_gets_it_from_the
     assert load_file(str(model.config.provenance["loaded"]["path"] + "/model.safetensors")).keys() == (
         src.state_dict().keys()
     )
+
+
+def test_registry_names_the_authors_links_after_the_hub_repo(tmp_path: Path) -> None:
+    reg = load_registry()
+    for name in PAPER:
+        e = reg[name]
+        assert e.sources == ("huggingface", "original") and e.original is not None
+        assert e.original.url == f"https://drive.google.com/uc?export=download&id={e.original.file_id}"
+        assert e.original.layout == e.method and "Apache-2.0" in e.extra["license_note"]
+    bad = json.loads(Path(reg.path).read_text())
+    bad["models"]["spark-lidc"]["original"]["layout"] = "pickle"
+    (tmp_path / "r.json").write_text(json.dumps(bad))
+    with pytest.raises(ConfigError, match="unknown layout 'pickle'"):
+        load_registry(tmp_path / "r.json")
