@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ctdata.heatmap import overlay  # the one map drawing (figures here, serving, pacs)
 from cthub.errors import ConfigError
 from hub.resnet import ResNet50
 
@@ -88,19 +89,6 @@ def grad_cam(
     if upsample:
         maps = _upsample(maps, _size(x))
     return (_normalize(maps) if normalize else maps), t
-
-
-def overlay(unit_image: np.ndarray, heat: np.ndarray, alpha: float = 0.45, cmap: str = "jet") -> np.ndarray:
-    """Grey image in [0,1] [H,W] + heatmap in [0,1] (any size) -> RGB uint8 [H,W,3]."""
-    import matplotlib
-
-    h, w = unit_image.shape
-    hm = torch.as_tensor(heat, dtype=torch.float32)
-    if hm.shape != (h, w):
-        hm = _upsample(hm[None], (h, w))[0]
-    colors = matplotlib.colormaps[cmap](hm.clamp(0, 1).numpy())[..., :3]
-    grey = np.repeat(np.clip(unit_image, 0, 1)[..., None], 3, axis=2)
-    return (255 * ((1 - alpha) * grey + alpha * colors)).round().astype(np.uint8)
 
 
 def save_overlays(

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from ctdata.heatmap import heat, overlay
 from serving.report import MANUFACTURER
 
 OVERLAY_DESCRIPTION = "AI class activation map - NOT FOR DIAGNOSTIC USE"
@@ -85,11 +86,7 @@ def upscale(unit: np.ndarray, min_width: int = MIN_WIDTH) -> np.ndarray:
 def overlay_image(unit: np.ndarray, cam: np.ndarray, label: str, model_name: str) -> np.ndarray:
     """RGB uint8 [H, W, 3]: the slice in [0, 1] with the class's map (ReLU'd, scaled to its maximum,
     upsampled) blended in, and the warning burned in."""
-    from finetune.cam import overlay
-
-    heat = np.maximum(np.asarray(cam, dtype=np.float32), 0.0)
-    top = float(heat.max())
-    rgb = overlay(upscale(np.asarray(unit, dtype=np.float32)), heat / top if top > 0 else heat)
+    rgb = overlay(upscale(np.asarray(unit, dtype=np.float32)), heat(cam))
     return burn_in(rgb, [WARNING_TEXT, f"class activation map: {label}"[:48], model_name[:48]])
 
 

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from ctdata.heatmap import heat, overlay
+
 SERIES_RULE = (
     "series score of a class = mean of its k highest slice probabilities (k = min(top_k, slices)); "
     "decision = slice rule applied to the scores; OOD score = median of the slice scores"
@@ -93,15 +95,10 @@ def aggregate_series(
 
 def cam_overlay_png(unit: np.ndarray, cam: np.ndarray) -> str:
     """Base64 PNG: the slice in [0, 1] [H, W] with a class activation map [h, w] (ReLU'd, scaled to its
-    maximum, upsampled) blended in (jet colour map, as the demo and `finetune.cam` draw it)."""
+    maximum, upsampled) blended in (`ctdata.heatmap`: jet, as the demo and `finetune.cam` draw it)."""
     from PIL import Image
 
-    from finetune.cam import overlay
-
-    heat = np.maximum(np.asarray(cam, dtype=np.float32), 0.0)
-    top = float(heat.max())
-    heat = heat / top if top > 0 else heat
-    rgb = overlay(np.asarray(unit, dtype=np.float32), heat)
+    rgb = overlay(np.asarray(unit, dtype=np.float32), heat(cam))
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, format="PNG", optimize=False)
     return base64.b64encode(buf.getvalue()).decode("ascii")
