@@ -270,7 +270,6 @@ def pull_original(
         raise DownloadError(f"the authors' checkpoint {src.url} is not downloaded: local_files_only=True")
     hub = hub_dir(hub_dir_override)
     url = gdrive_url(src.file_id, endpoint)
-    log.info("%s: downloading the authors' checkpoint from %s", entry.name, url)
     got = download(url, hub / DOWNLOADS / f"{entry.name}-{src.file_id}", progress=progress)
     try:
         recorded = _check_origin(entry, hub, got.sha256, allow_changed_origin)

@@ -26,6 +26,7 @@ import hashlib
 import html.parser
 import http.client
 import http.cookiejar
+import logging
 import os
 import re
 import urllib.error
@@ -46,6 +47,7 @@ CHUNK = 1 << 20
 MAX_PAGE = 1 << 20  # an HTML page is read up to 1 MiB, no more
 MAX_CONFIRMATIONS = 3
 USER_AGENT = "ct-ssl-hub (python urllib)"
+log = logging.getLogger(__name__)
 
 
 class DownloadError(RemoteUnavailable):
@@ -271,6 +273,7 @@ def download(
         )
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
+    log.info("downloading %s into %s", url, dest)
     opener, target, resumed, cut = _opener(), url, 0, ""
     for _ in range(attempts):
         start = part.stat().st_size if part.is_file() else 0
