@@ -1,4 +1,4 @@
-"""`cthub data ...`: fetch MedMNIST, extract LIDC-IDRI shards, inspect a DICOM/image file without PHI."""
+"""`cthub data ...`: fetch MedMNIST, extract CT into pretraining shards, inspect a file without PHI."""
 
 from __future__ import annotations
 
@@ -24,10 +24,19 @@ def register(subparsers: Any) -> None:
     f.add_argument("--no-mirror", action="store_true", help="do not try the PyPI mirror")
     f.set_defaults(func=_fetch)
 
-    e = sub.add_parser("extract", help="CT series (LIDC-IDRI layout) -> memory-mapped uint8 slice shards")
-    e.add_argument("root", help="LIDC-IDRI root (patient/study/series folders of .dcm files)")
+    e = sub.add_parser(
+        "extract", help="CT series and image folders -> memory-mapped uint8 slice shards for pretraining"
+    )
+    e.add_argument(
+        "roots",
+        nargs="+",
+        metavar="ROOT",
+        help="folders of DICOM series (any layout: grouped by SeriesInstanceUID) or of PNG/JPEG slices",
+    )
     e.add_argument("--out", required=True, help="shard directory (re-run to resume)")
-    e.add_argument("--size", type=int, default=256, help="stored slice size in pixels (default 256)")
+    e.add_argument(
+        "--size", type=int, default=256, help="stored slice size in pixels (default 256: room for 224 crops)"
+    )
     e.add_argument("--mapping", default="interval", choices=("interval", "minmax", "window"))
     e.add_argument("--window", help="window preset when --mapping window (e.g. lung)")
     e.add_argument("--limit", type=int, help="only the first N series (for a trial run)")
@@ -57,11 +66,11 @@ def _fetch(args: argparse.Namespace) -> int:
 
 
 def _extract(args: argparse.Namespace) -> int:
+    from ctdata.extract import extract_series
     from ctdata.preprocess import PreprocessConfig
-    from ctdata.shards import extract_series
 
     cfg = PreprocessConfig(mapping=args.mapping, window=args.window)
-    stats = extract_series(args.root, args.out, size=args.size, preprocessing=cfg, limit=args.limit)
+    stats = extract_series(args.roots, args.out, size=args.size, preprocessing=cfg, limit=args.limit)
     print(json.dumps(stats))
     return 0
 

@@ -1,4 +1,4 @@
-"""Compact, memory-mapped uint8 slice shards for pretraining, and resumable LIDC-IDRI extraction.
+"""Compact, memory-mapped uint8 slice shards for pretraining (written by `ctdata.extract`).
 
 Layout of a shard directory:
 
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,14 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from ctdata.dicom import DicomPolicy
-from ctdata.preprocess import PreprocessConfig, intensities_to_unit, resize_unit, unit_to_uint8
-from ctdata.series import read_series
-from cthub.errors import CTHubError, DataError
+from cthub.errors import DataError
 
-log = logging.getLogger(__name__)
 FORMAT = "ct-ssl-hub-shards"
 INDEX, MANIFEST, SHARDS = "index.json", "manifest.jsonl", "shards"
 
@@ -155,73 +149,6 @@ def open_shards(path: str | Path) -> ShardSet:
                 f"shard {e['file']} is missing or damaged; delete its manifest line and re-run the extraction"
             ) from None
     return ShardSet(arrays, int(meta["size"]), meta.get("preprocessing", {}))
-
-
-def find_series_dirs(root: str | Path) -> list[Path]:
-    """Folders directly holding DICOM files (.dcm or suffix-less), sorted (LIDC: patient/study/series)."""
-    root = Path(root)
-    dirs = set()
-    for f in root.rglob("*"):
-        if f.is_file() and (f.suffix.lower() == ".dcm" or (f.suffix == "" and f.name != "DICOMDIR")):
-            dirs.add(f.parent)
-    return sorted(dirs)
-
-
-def extract_series(
-    root: str | Path,
-    out: str | Path,
-    *,
-    size: int = 256,
-    preprocessing: PreprocessConfig | None = None,
-    policy: DicomPolicy | None = None,
-    progress: bool = True,
-    limit: int | None = None,
-) -> dict[str, int]:
-    """Extract every CT series under `root` into uint8 shards (resumable). Returns counts.
-
-    Each slice goes through the shared path: `intensities_to_unit` (HU by the configured mapping, default the
-    pretraining interval -1024..3071) -> `resize_unit` to `size` -> `unit_to_uint8`. Series that are not CT
-    (LIDC also holds chest X-rays) are skipped and counted.
-    """
-    cfg = preprocessing or PreprocessConfig()
-    pol = policy or DicomPolicy(modality="reject")
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"{root.name}: not a folder")
-    writer = ShardWriter(out, size, cfg.to_dict())
-    series = find_series_dirs(root)[:limit]
-    stats = {"series": len(series), "done_before": 0, "written": 0, "skipped": 0, "slices": 0}
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(series), desc="series", unit="series")
-    for d in series:
-        key = unit_key(d.relative_to(root).as_posix())
-        if key in writer.done:
-            stats["done_before"] += 1
-        else:
-            try:
-                s = read_series(d, policy=pol)
-                unit = torch.from_numpy(intensities_to_unit(s.pixels, s.is_hu, cfg))
-                images = np.concatenate(
-                    [
-                        unit_to_uint8(resize_unit(unit[i : i + 64, None], size))[:, 0]
-                        for i in range(0, len(unit), 64)
-                    ]
-                )
-                writer.write(key, images, s.warnings)
-                stats["written"] += 1
-                stats["slices"] += len(images)
-            except CTHubError as e:
-                stats["skipped"] += 1
-                log.warning("series %d skipped: %s", series.index(d) + 1, e)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(slices=stats["slices"], skipped=stats["skipped"])
-    if bar is not None:
-        bar.close()
-    return stats
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

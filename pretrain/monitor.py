@@ -73,16 +73,18 @@ class KnnMonitor:
     def from_source(
         cls, source: str | Path, pp: PreprocessConfig, n: int = 1000, seed: int = 0
     ) -> KnnMonitor:
-        """`n` bank + `n` query images, stratified, from the validation split of a labeled MedMNIST npz."""
+        """`n` bank + `n` query images, stratified, from the validation split of a labeled source (MedMNIST
+        npz), or from all its images when it defines no splits (a labeled folder such as head CT: its labels
+        are used only by this monitor, never by the training)."""
         from finetune.data import load_splits
         from finetune.splits import stratified_subset
 
         splits = load_splits(source, pp)
-        held = splits.get("val")
+        held = splits.get("val", splits.get("all"))
         if held is None or held.labels is None:
             from cthub.errors import DataError
 
-            raise DataError(f"the kNN monitor needs a labeled validation split; {Path(source).name} has none")
+            raise DataError(f"the kNN monitor needs labeled images; {Path(source).name} has none")
         idx = stratified_subset(held.labels, min(2 * n, len(held)), seed)
         rng = np.random.default_rng(seed)
         idx = rng.permutation(idx)

@@ -1,5 +1,5 @@
-"""Series sorting (folder / zip), LIDC-style shard extraction (resumable), MedMNIST fetch (offline,
---path)."""
+"""Series sorting (folder / zip), shard extraction (LIDC layout and real multi-source CT, resumable),
+MedMNIST fetch (offline, --path)."""
 
 from __future__ import annotations
 
@@ -12,12 +12,14 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from conftest import shared_file
 
 from ctdata import PreprocessConfig, load_unlabeled
 from ctdata.datasets import image_to_storage
+from ctdata.extract import extract_series, find_units
 from ctdata.fetch import fetch_medmnist, md5sum, medmnist_file
 from ctdata.series import read_series
-from ctdata.shards import ShardWriter, extract_series, open_shards, read_manifest
+from ctdata.shards import ShardWriter, open_shards, read_manifest
 from cthub.errors import DataError, InputError, IntegrityError
 
 
@@ -87,7 +89,7 @@ def test_extract_lidc_layout_resumable(tmp_path: Path, ct_small_dcm: Path) -> No
     stats = extract_series(root, out, size=32, progress=False, limit=1)
     assert stats["written"] == 1 and stats["slices"] == 3
     stats = extract_series(root, out, size=32, progress=False)  # resume: the first series is not redone
-    assert stats == {"series": 3, "done_before": 1, "written": 1, "skipped": 1, "slices": 2}
+    assert stats == {"units": 3, "done_before": 1, "written": 1, "skipped": 1, "slices": 2}
     shards = open_shards(out)
     assert len(shards) == 5 and shards[0].shape == (32, 32) and shards[0].dtype == np.uint8
     assert isinstance(shards.arrays[0], np.memmap)
@@ -99,6 +101,65 @@ def test_extract_lidc_layout_resumable(tmp_path: Path, ct_small_dcm: Path) -> No
     # one path: a shard slice is what the datasets store for that slice file (file names run against z)
     files = sorted((root / "LIDC-IDRI-0001" / "study1" / "series1").iterdir(), reverse=True)
     np.testing.assert_array_equal(arr[:3], [image_to_storage(f, PreprocessConfig(), 32) for f in files])
+
+
+def _ipp_z(f: Path) -> float:
+    ds = pydicom.dcmread(f, stop_before_pixels=True)
+    normal = np.cross(np.asarray(ds.ImageOrientationPatient[:3]), np.asarray(ds.ImageOrientationPatient[3:]))
+    return float(np.dot(normal, np.asarray(ds.ImagePositionPatient, dtype=float)))
+
+
+@pytest.mark.shared
+def test_extract_real_ct_from_every_source_by_series(tmp_path: Path) -> None:
+    """Real public CT as downloaded (../shared/data/real_ct: JPEG 2000 and JPEG-LS lossless, several series of
+    one patient in one folder, single-slice series of many patients in one folder, a head series with gantry
+    tilt) and a folder of head CT PNGs -> one shard unit per series and per image folder, in anatomical order,
+    through the same per-image path as the fine-tuning datasets; resumable; nothing identifying stored."""
+    real = shared_file("real_ct")
+    head = shared_file("head_ct")
+    root = tmp_path / "ct"
+    picks = {
+        "chest": sorted((real / "fnndsc_chest").glob("*.dcm"))[:6],  # one series, file order != anatomy
+        "tilt": sorted((real / "ge_head_tilt").iterdir())[:4],
+        "contrast": sorted((real / "siim_contrast").glob("*.dcm"))[:3],  # three patients, one folder
+    }
+    lung = sorted(f for f in (real / "lung_pet_ct_dx").rglob("*.dcm"))
+    by_series: dict[str, list[Path]] = {}
+    for f in lung:
+        by_series.setdefault(str(pydicom.dcmread(f, stop_before_pixels=True).SeriesInstanceUID), []).append(f)
+    assert len(by_series) == 4
+    picks["lung"] = [f for fs in by_series.values() for f in fs[:2]]  # 4 series of 2 patients, one folder
+    for name, files in picks.items():
+        (root / name).mkdir(parents=True)
+        for i, f in enumerate(files):
+            if f.is_file() and f.name != "LICENSE":
+                (root / name / f"{i:02d}-{f.name}").symlink_to(f)
+    (root / "png").mkdir()
+    for f in sorted(head.glob("*.png"))[:3]:
+        (root / "png" / f.name).symlink_to(f)
+
+    units = find_units(root)
+    kinds = sorted(u.kind for u in units)
+    n_tilt = sum(1 for f in picks["tilt"] if f.is_file() and f.name != "LICENSE")
+    assert kinds == ["images"] + ["series"] * (1 + 1 + 3 + 4)
+    out = tmp_path / "shards"
+    stats = extract_series([root], out, size=64, progress=False)
+    assert stats == {
+        "units": 10,
+        "done_before": 0,
+        "written": 10,
+        "skipped": 0,
+        "slices": 6 + n_tilt + 3 + 8 + 3,
+    }
+    assert extract_series(root, out, size=64, progress=False)["done_before"] == 10  # resumed: nothing redone
+    manifest = json.dumps(read_manifest(out))
+    assert "1.3.6" not in manifest and "fnndsc" not in manifest and "TCGA" not in manifest
+    # the chest unit: its slices in anatomical order, each what the datasets store for that file
+    chest = next(u for u in units if u.files[0].parent.name == "chest")
+    shard = open_shards(out).arrays[[u.key for u in units].index(chest.key)]
+    order = sorted(chest.files, key=lambda f: _ipp_z(f.resolve()))
+    assert order != sorted(chest.files)  # the file names do not give the anatomy
+    np.testing.assert_array_equal(shard, [image_to_storage(f, PreprocessConfig(), 64) for f in order])
 
 
 def test_shard_writer_rejects_other_size(tmp_path: Path) -> None:
