@@ -38,7 +38,8 @@ def _cached(entry: RegistryEntry, cache_dir: str | None) -> bool:
 
 
 def status(entry: RegistryEntry, hub: Path, cache_dir: str | None = None) -> str:
-    """local (in the hub dir) | cached (HF cache) | remote | unpublished | not built (local-only, absent)."""
+    """local (in the hub dir) | cached (HF cache) | remote | original (not on the Hub: the authors' checkpoint
+    is downloaded and converted) | unpublished | not built (local-only, absent)."""
     from hub.config import WEIGHTS_NAME
 
     if (hub / entry.name / WEIGHTS_NAME).is_file():
@@ -46,7 +47,7 @@ def status(entry: RegistryEntry, hub: Path, cache_dir: str | None = None) -> str
     if _cached(entry, cache_dir):
         return "cached"
     if entry.is_remote:
-        return "remote" if entry.is_published else "unpublished"
+        return "remote" if entry.is_published else ("original" if entry.original else "unpublished")
     return "not built"
 
 

@@ -550,7 +550,7 @@ def test_offline_reads_what_was_downloaded_without_any_connection(
     assert "HF_HUB_OFFLINE" in err and "cthub hub import CHECKPOINT --method swav" in err
     assert main(["hub", "list", "--json"]) == 0
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
-    assert rows["byol-lidc"]["status"] == "cached" and rows["swav-lidc"]["status"] == "unpublished"
+    assert rows["byol-lidc"]["status"] == "cached" and rows["swav-lidc"]["status"] == "original"
     assert rows["spark-organamnist-cpu"]["status"] == "not built" and "spark" in rows["spark-lidc"]["aliases"]
     assert (fake_hub.connections, len(fake_hub.calls)) == (connections, calls)
 
