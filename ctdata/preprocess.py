@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cthub.compat import known_fields
 from cthub.errors import ConfigError, ShapeError
 
 if TYPE_CHECKING:
@@ -105,11 +106,8 @@ class PreprocessConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PreprocessConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ConfigError(f"unknown preprocessing keys: {sorted(unknown)}")
-        kw = dict(d)
+        """From `to_dict`'s form; unknown keys are ignored with a warning (cthub.compat)."""
+        kw, _ = known_fields(cls, d, "preprocessing")
         for k in ("hu_range", "mean", "std"):
             if k in kw:
                 kw[k] = tuple(float(v) for v in kw[k])

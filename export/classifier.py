@@ -85,7 +85,7 @@ class CamHead(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         feats = self.model.forward_features(x)
-        embedding = torch.flatten(self.model.avgpool(feats), 1)
+        embedding = self.model.forward_head(feats, pre_logits=True)
         logits = self.fc(embedding)
         cam = F.conv2d(feats, self.fc.weight[:, :, None, None])  # a 1x1 convolution: fast in ONNX
         return logits, torch.softmax(logits, dim=1), cam, embedding

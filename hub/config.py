@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ctdata.preprocess import PreprocessConfig
+from cthub.compat import known_fields
 from cthub.errors import ConfigError
 
 CONFIG_NAME = "config.json"
@@ -42,13 +43,16 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        d = dict(d)
-        known = {f.name for f in dataclasses.fields(cls)}
-        extra = {k: d.pop(k) for k in list(d) if k not in known}
-        if extra:  # written by a newer version or by hand: keep, do not fail
-            d.setdefault("provenance", {})["unknown_config_keys"] = sorted(extra)
+        """From `to_dict`'s form. Keys this version does not know, at the top or in `preprocessing`, are
+        ignored with a warning (cthub.compat) and their names kept in `provenance["unknown_config_keys"]`."""
+        d, unknown = known_fields(cls, d, "model config")
         pp = d.get("preprocessing", {})
-        d["preprocessing"] = pp if isinstance(pp, PreprocessConfig) else PreprocessConfig.from_dict(pp)
+        if not isinstance(pp, PreprocessConfig):
+            pp_known, pp_unknown = known_fields(PreprocessConfig, pp, "model config preprocessing")
+            unknown += [f"preprocessing.{k}" for k in pp_unknown]
+            d["preprocessing"] = PreprocessConfig.from_dict(pp_known)
+        if unknown:
+            d["provenance"] = {**d.get("provenance", {}), "unknown_config_keys": unknown}
         try:
             return cls(**d)
         except TypeError as e:

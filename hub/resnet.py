@@ -2,23 +2,37 @@
 
 Keys match `torchvision.models.resnet50()` exactly (conv1, bn1, layer1..layer4, fc), so torchvision, timm and
 the seed paper's checkpoints load with strict key matching. The feature API follows timm's contract:
-`forward_features` returns the last stage map (stride 32, the input of `forward_head`), and
-`forward_intermediates` returns the four stage outputs (strides 4, 8, 16, 32) that SparK's decoder needs.
+`forward_features` returns the last stage map (stride 32, the input of `forward_head`);
+`forward_head(x, pre_logits=False)` pools it (and applies the head unless `pre_logits`);
+`forward_intermediates(x, indices, intermediates_only=...)` returns `(last map, [stage maps])` or the maps
+only, and `feature_info` describes the feature levels (`channels()`, `reduction()`, `module_name()`).
+One difference from timm's ResNet: the feature levels are the four stages (strides 4, 8, 16, 32, the ones
+SparK's decoder and `features_only` use); timm also counts the stem (stride 2) as level 0.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Literal, overload
 
 import torch
 from torch import nn
+
+from hub.feature_info import FeatureInfo, take_indices
 
 if TYPE_CHECKING:
     from hub.config import ModelConfig
 
 STAGE_CHANNELS: tuple[int, int, int, int] = (256, 512, 1024, 2048)
+STAGE_REDUCTIONS: tuple[int, int, int, int] = (4, 8, 16, 32)
 FEATURE_DIM = 2048
 DOWNSAMPLE = 32
+
+
+def stage_feature_info() -> FeatureInfo:
+    """The four stages of ResNet50: layer1..layer4, channels 256..2048, strides 4..32."""
+    levels = enumerate(zip(STAGE_CHANNELS, STAGE_REDUCTIONS, strict=True))
+    return FeatureInfo([{"num_chs": c, "reduction": r, "module": f"layer{i + 1}"} for i, (c, r) in levels])
 
 
 class Bottleneck(nn.Module):
@@ -81,6 +95,7 @@ class ResNet50(nn.Module):
         self.layer4 = _stage(1024, 512, 3, 2)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc: nn.Module = nn.Linear(FEATURE_DIM, num_classes) if num_classes > 0 else nn.Identity()
+        self.feature_info = stage_feature_info()
         if not self.conv1.weight.is_meta:  # built on the meta device to be loaded with assign=True: no init
             self._init_weights()
 
@@ -98,14 +113,49 @@ class ResNet50(nn.Module):
     def stem(self, x: torch.Tensor) -> torch.Tensor:
         return self.maxpool(self.relu(self.bn1(self.conv1(x))))
 
-    def forward_intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The four stage outputs, strides 4/8/16/32, channels 256/512/1024/2048."""
+    @overload
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        *,
+        stop_early: bool = False,
+        intermediates_only: Literal[False] = False,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]: ...
+    @overload
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        *,
+        stop_early: bool = False,
+        intermediates_only: Literal[True],
+    ) -> list[torch.Tensor]: ...
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        *,
+        stop_early: bool = False,
+        intermediates_only: bool = False,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]] | list[torch.Tensor]:
+        """Stage outputs (levels 0..3: strides 4/8/16/32, channels 256/512/1024/2048) chosen by `indices`
+        (None: all; n: the last n; a list: those levels), ascending. Returns `(last map, intermediates)` as
+        timm does, or the intermediates only; `stop_early` (or `intermediates_only`) skips the stages after
+        the deepest level taken, so the "last map" is then that level's output."""
+        take = take_indices(len(self.feature_info), indices)
+        stages = self.stages()
+        if stop_early or intermediates_only:
+            stages = stages[: take[-1] + 1]
         x = self.stem(x)
-        feats = []
-        for stage in self.stages():
+        intermediates = []
+        for i, stage in enumerate(stages):
             x = stage(x)
-            feats.append(x)
-        return feats
+            if i in take:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The last stage map [B, 2048, H/32, W/32] (timm's contract: `forward_head` takes it)."""
@@ -114,9 +164,11 @@ class ResNet50(nn.Module):
             x = stage(x)
         return x
 
-    def forward_head(self, last: torch.Tensor) -> torch.Tensor:
-        """Global average pool, then the linear head (identity for an encoder)."""
-        return self.fc(torch.flatten(self.avgpool(last), 1))
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Global average pool of the last stage map, then the linear head (identity for an encoder);
+        `pre_logits=True` returns the pooled [B, 2048] features without the head."""
+        pooled = torch.flatten(self.avgpool(x), 1)
+        return pooled if pre_logits else self.fc(pooled)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))

@@ -153,7 +153,9 @@ class SparK(SSLMethod):
             active = random_mask(b, h // DOWNSAMPLE, w // DOWNSAMPLE, self.mask_ratio, x.device)
         self.ctx.active = active
         try:
-            feats = self.encoder.forward_intermediates(x * self.ctx.at((h, w)).to(x.dtype))
+            feats = self.encoder.forward_intermediates(
+                x * self.ctx.at((h, w)).to(x.dtype), intermediates_only=True
+            )
             to_dec, cur = [], active
             for i, f in enumerate(reversed(feats)):  # deep -> shallow
                 f = self.densify_norms[i](f)

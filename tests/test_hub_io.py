@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ctdata.preprocess import PreprocessConfig, prepare_batch
-from cthub.errors import IntegrityError, ModelNotFoundError
+from cthub.errors import ConfigError, IntegrityError, ModelNotFoundError
 from hub import (
     FeaturesOnly,
     ModelConfig,
@@ -116,9 +116,72 @@ def test_fresh_head_and_features_only_on_real_images(encoder: ResNet50, organamn
     with torch.no_grad():
         maps = feats(x)
         pooled = enc(x)
-    assert [m.shape[1] for m in maps] == feats.channels() == [256, 512, 1024, 2048]
-    assert [32 // m.shape[-1] for m in maps] == feats.reduction()
+    assert [m.shape[1] for m in maps] == feats.feature_info.channels() == [256, 512, 1024, 2048]
+    assert [32 // m.shape[-1] for m in maps] == feats.feature_info.reduction() == [4, 8, 16, 32]
     assert torch.allclose(maps[-1].mean((2, 3)), pooled, atol=1e-5)
+    deep = FeaturesOnly(enc, out_indices=(1, -1))  # timm's out_indices: levels 1 and 3
+    assert deep.feature_info.channels() == [512, 2048] and deep.feature_info.module_name() == [
+        "layer2",
+        "layer4",
+    ]
+    with torch.no_grad():
+        two = deep(x)
+    assert len(two) == 2 and torch.equal(two[0], maps[1]) and torch.equal(two[1], maps[3])
+
+
+def test_resnet_follows_timms_intermediates_head_and_feature_info_contract(organamnist_npz: Path) -> None:
+    """`forward_intermediates` -> (last map, maps) or maps only, chosen by `indices`; `forward_head` with
+    `pre_logits`; `feature_info` with channels()/reduction() describing what the maps really are."""
+    torch.manual_seed(0)
+    model = ResNet50(num_classes=3).eval()
+    with np.load(organamnist_npz) as z:
+        x = prepare_batch(z["test_images"][:2], PreprocessConfig(input_size=64))
+    info = model.feature_info
+    with torch.no_grad():
+        last, maps = model.forward_intermediates(x)
+        assert torch.equal(last, model.forward_features(x)) and len(maps) == len(info) == 4
+        assert [m.shape[1] for m in maps] == info.channels() == [256, 512, 1024, 2048]
+        assert [64 // m.shape[-1] for m in maps] == info.reduction() == [4, 8, 16, 32]
+        assert (
+            info.channels(3) == 2048 and info.reduction([0, 2]) == [4, 16] and info[1]["module"] == "layer2"
+        )
+        _, last_two = model.forward_intermediates(x, 2)  # an int: the last n levels
+        assert [m.shape[1] for m in last_two] == [1024, 2048] and torch.equal(last_two[0], maps[2])
+        early, (second,) = model.forward_intermediates(x, [1], stop_early=True)
+        assert torch.equal(early, maps[1]) and torch.equal(second, maps[1])  # stopped after level 1
+        only = model.forward_intermediates(x, [0, -1], intermediates_only=True)
+        assert isinstance(only, list) and torch.equal(only[0], maps[0]) and torch.equal(only[1], maps[3])
+        pooled = model.forward_head(last, pre_logits=True)
+        assert pooled.shape == (2, 2048) and torch.allclose(pooled, last.mean((2, 3)), atol=1e-6)
+        assert torch.allclose(model.forward_head(last), model.fc(pooled)) and torch.equal(
+            model(x), model.forward_head(last)
+        )
+    for bad in (0, 5, [4], [-5], []):
+        with pytest.raises(ConfigError, match="indices"):
+            model.forward_intermediates(x, bad)
+
+
+def test_unknown_config_keys_at_any_level_are_ignored_with_a_warning(
+    encoder: ResNet50, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One forward-compatibility rule for the whole config.json: keys a newer version wrote, at the top or
+    in `preprocessing`, are ignored with a warning (and named in provenance), never an error."""
+    folder = save_pretrained(encoder, tmp_path / "enc", _cfg())
+    path = folder / "config.json"
+    written = json.loads(path.read_text())
+    written["future_top_key"] = {"a": 1}
+    written["preprocessing"]["future_pp_key"] = "bilateral"
+    path.write_text(json.dumps(written))
+    with caplog.at_level("WARNING", logger="cthub.compat"):
+        model = load_dir(folder)
+    assert model.config.preprocessing == _cfg().preprocessing  # the known keys, unchanged
+    assert model.config.provenance["unknown_config_keys"] == ["future_top_key", "preprocessing.future_pp_key"]
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "future_top_key" in warned and "future_pp_key" in warned
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="cthub.compat"):  # the same rule when read on its own
+        pp = PreprocessConfig.from_dict({**_cfg().preprocessing.to_dict(), "future_pp_key": 1})
+    assert pp == _cfg().preprocessing and "future_pp_key" in caplog.text
 
 
 def test_offline_unpublished_name_gives_one_clear_error() -> None:

@@ -139,7 +139,7 @@ def test_sparse_encoder_zeroes_masked_positions_and_normalizes_visible_only() ->
     x = torch.randn(3, 1, 64, 64)
     active = random_mask(3, 2, 2, 0.6, x.device)
     model.ctx.active = active
-    feats = model.encoder.forward_intermediates(x * model.ctx.at((64, 64)))
+    feats = model.encoder.forward_intermediates(x * model.ctx.at((64, 64)), intermediates_only=True)
     for f in feats:
         hidden = ~model.ctx.at(f.shape[-2:]).expand_as(f)
         assert f[hidden].abs().max().item() == 0.0
