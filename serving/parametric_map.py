@@ -9,12 +9,13 @@ their own Frame of Reference UID, or whose gantry tilt varies, gets one per grou
 
 - one float frame per source slice, its plane position and orientation those of the slice (highdicom derives
   them from the sources), the sources in the Source Image Sequence and the shared Frame of Reference, so a
-  viewer fuses it with the CT (e.g. OHIF, 3D Slicer, Weasis);
+  viewer that supports parametric maps can fuse it with the CT;
 - the values are the map's, not rescaled: a Real World Value Mapping (unitless, identity) says so, and the
   default window spans 0 to the largest value (negative evidence stays in the data, below the window);
-- Modality that of the sources (CT), Content Qualification RESEARCH, a series description that says "not for diagnostic use", the model as
-  manufacturer model name, software versions and serial number, patient and study copied from the sources
-  (absent Type 2 attributes written empty, as in `serving.report`).
+- Modality that of the sources (CT), Content Qualification RESEARCH, a series description that says "not
+  for diagnostic use", the model as manufacturer model name, software versions and serial number, patient
+  and study copied from the sources (absent Type 2 attributes written empty, broken coded entries left out,
+  as in `serving.report`).
 
 Kept free of HTTP so the PACS loop (`pacs.analysis`) calls it directly.
 """
@@ -33,7 +34,7 @@ from serving.report import (
     ModelIdentity,
     check_type1,
     complete_deidentification,
-    with_empty_type2,
+    copyable_header,
 )
 
 MAP_DESCRIPTION = "AI class activation map (parametric) - NOT FOR DIAGNOSTIC USE"
@@ -135,7 +136,7 @@ def _parametric_map(
     try:
         with _quiet():
             pm = ParametricMap(
-                source_images=[with_empty_type2(ds) for ds in sources],
+                source_images=[copyable_header(ds) for ds in sources],
                 pixel_array=pixels,
                 series_instance_uid=series_uid,
                 series_number=series_number,

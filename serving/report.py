@@ -236,19 +236,42 @@ STUDY_TYPE2 = (
 REFERENCE_TYPE1 = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 
 
-def with_empty_type2(ds: Any, keywords: Sequence[str] = STUDY_TYPE2) -> Any:
-    """`ds` itself when it holds every attribute of `keywords`, else a header-only copy where the missing ones
-    are present and empty (Type 2: "required, may be empty"). The source is never modified."""
+def copyable_header(ds: Any, keywords: Sequence[str] = STUDY_TYPE2) -> Any:
+    """What highdicom may copy from a source (it copies every root attribute of the Patient and Study
+    modules): `ds` itself when it is fit, else a header-only copy where the absent Type 2 `keywords` are
+    present and empty ("required, may be empty") and coded entries without a code value, scheme or meaning
+    (as some anonymisers leave them) are left out. The source is never modified."""
     from pydicom.dataset import Dataset
 
     missing = [k for k in keywords if k not in ds]
-    if not missing:
+    broken = {elem.tag: _valid_codes(elem.value) for elem in ds if elem.VR == "SQ"}  # iterating converts
+    broken = {tag: kept for tag, kept in broken.items() if len(kept) != len(ds[tag].value)}
+    if not missing and not broken:
         return ds
     out = Dataset()
-    out.update({tag: elem for tag, elem in ds.items() if tag != 0x7FE00010})
+    out.update({tag: elem for tag, elem in ds.items() if tag != 0x7FE00010 and tag not in broken})
     for keyword in missing:
         setattr(out, keyword, None)
+    for tag, kept in broken.items():
+        if kept:
+            out.add_new(tag, "SQ", kept)
     return out
+
+
+def _valid_codes(items: Sequence[Any]) -> list[Any]:
+    """The items of a sequence, less coded entries that lack their Type 1 code value, scheme or meaning."""
+
+    def fit(item: Any) -> bool:
+        if "CodeValue" not in item and "CodingSchemeDesignator" not in item and "CodeMeaning" not in item:
+            return True  # not a code entry
+        value = any(
+            str(item.get(k, "") or "").strip() for k in ("CodeValue", "LongCodeValue", "URNCodeValue")
+        )
+        return value and all(
+            str(item.get(k, "") or "").strip() for k in ("CodingSchemeDesignator", "CodeMeaning")
+        )
+
+    return [item for item in items if fit(item)]
 
 
 def complete_deidentification(ds: Any) -> None:
@@ -288,7 +311,7 @@ def write_sr(
     if not sources:
         raise UnprocessableInputError("a report needs at least one source image")
     check_type1(sources)
-    sources = [with_empty_type2(ds) for ds in sources]
+    sources = [copyable_header(ds) for ds in sources]
     try:
         with _quiet():
             sr = ComprehensiveSR(

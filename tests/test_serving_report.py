@@ -181,6 +181,7 @@ REAL_SLICES = [
     ("ge_head_tilt", "01.dcm"),  # PatientIdentityRemoved YES with an empty DeidentificationMethod
     ("fnndsc_chest", "000001.dcm"),
     ("siim_contrast", "ID_0000_AGE_0060_CONTRAST_1_CT.dcm"),
+    ("siim_contrast", "ID_0002_AGE_0074_CONTRAST_1_CT.dcm"),  # a Procedure Code without its Code Meaning
 ]
 
 
@@ -203,6 +204,9 @@ def test_sr_of_a_deidentified_real_slice_is_valid(folder: str, name: str, how: s
     before = set(ds.keys())
     sr = write_sr([ds], content(1))
     assert set(ds.keys()) == before  # the caller's header is not modified
+    assert "ProcedureCodeSequence" not in ds or all(  # broken coded entries stay in the source, not the SR
+        "CodeMeaning" in item for item in sr.get("ProcedureCodeSequence", [])
+    )
     data = to_bytes(sr)
     back = pydicom.dcmread(io.BytesIO(data))
     for keyword in STRIPPED:  # Type 2: present and empty, as the IOD allows
