@@ -132,7 +132,7 @@ def _parametric_map(
         slope=1.0,
         intercept=0.0,
     )
-    versions = tuple(v for v in (model.software_version, model.version[:LO_MAX], model.sha256[:LO_MAX]) if v)
+    versions = [v for v in (model.software_version, model.version[:LO_MAX], model.sha256[:LO_MAX]) if v]
     try:
         with _quiet():
             pm = ParametricMap(
@@ -144,7 +144,7 @@ def _parametric_map(
                 instance_number=instance_number,
                 manufacturer=MANUFACTURER,
                 manufacturer_model_name=model.name[:LO_MAX],
-                software_versions=versions,  # type: ignore[arg-type]  # highdicom types it tuple[str]; any length is valid
+                software_versions=versions,  # type: ignore[arg-type]  # typed tuple[str]; pydicom warns on tuples
                 device_serial_number=model.sha256[:16],
                 contains_recognizable_visual_features=False,
                 real_world_value_mappings=[mapping],

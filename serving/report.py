@@ -239,12 +239,12 @@ REFERENCE_TYPE1 = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesI
 def copyable_header(ds: Any, keywords: Sequence[str] = STUDY_TYPE2) -> Any:
     """What highdicom may copy from a source (it copies every root attribute of the Patient and Study
     modules): `ds` itself when it is fit, else a header-only copy where the absent Type 2 `keywords` are
-    present and empty ("required, may be empty") and coded entries without a code value, scheme or meaning
-    (as some anonymisers leave them) are left out. The source is never modified."""
+    present and empty ("required, may be empty"), and coded entries or SOP references that lack a Type 1
+    attribute (as some anonymisers leave them) are left out. The source is never modified."""
     from pydicom.dataset import Dataset
 
     missing = [k for k in keywords if k not in ds]
-    broken = {elem.tag: _valid_codes(elem.value) for elem in ds if elem.VR == "SQ"}  # iterating converts
+    broken = {elem.tag: _valid_items(elem.value) for elem in ds if elem.VR == "SQ"}  # iterating converts
     broken = {tag: kept for tag, kept in broken.items() if len(kept) != len(ds[tag].value)}
     if not missing and not broken:
         return ds
@@ -258,18 +258,20 @@ def copyable_header(ds: Any, keywords: Sequence[str] = STUDY_TYPE2) -> Any:
     return out
 
 
-def _valid_codes(items: Sequence[Any]) -> list[Any]:
-    """The items of a sequence, less coded entries that lack their Type 1 code value, scheme or meaning."""
+def _valid_items(items: Sequence[Any]) -> list[Any]:
+    """The items of a sequence, less coded entries without their code value, scheme or meaning and SOP
+    references without their class or instance UID (both Type 1 in their macros)."""
+
+    def filled(item: Any, keywords: Sequence[str]) -> bool:
+        return all(str(item.get(k, "") or "").strip() for k in keywords)
 
     def fit(item: Any) -> bool:
-        if "CodeValue" not in item and "CodingSchemeDesignator" not in item and "CodeMeaning" not in item:
-            return True  # not a code entry
-        value = any(
-            str(item.get(k, "") or "").strip() for k in ("CodeValue", "LongCodeValue", "URNCodeValue")
-        )
-        return value and all(
-            str(item.get(k, "") or "").strip() for k in ("CodingSchemeDesignator", "CodeMeaning")
-        )
+        if any(k in item for k in ("CodeValue", "CodingSchemeDesignator", "CodeMeaning")):
+            value = any(filled(item, [k]) for k in ("CodeValue", "LongCodeValue", "URNCodeValue"))
+            return value and filled(item, ("CodingSchemeDesignator", "CodeMeaning"))
+        if any(k in item for k in ("ReferencedSOPClassUID", "ReferencedSOPInstanceUID")):
+            return filled(item, ("ReferencedSOPClassUID", "ReferencedSOPInstanceUID"))
+        return True
 
     return [item for item in items if fit(item)]
 

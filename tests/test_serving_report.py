@@ -182,6 +182,8 @@ REAL_SLICES = [
     ("fnndsc_chest", "000001.dcm"),
     ("siim_contrast", "ID_0000_AGE_0060_CONTRAST_1_CT.dcm"),
     ("siim_contrast", "ID_0002_AGE_0074_CONTRAST_1_CT.dcm"),  # a Procedure Code without its Code Meaning
+    # a Referenced Study Sequence item without its SOP Class UID
+    ("lung_pet_ct_dx", "Lung_Dx-A0001/04-04-2007-NA-Chest-07990/2.000000-5mm-40805/1-01.dcm"),
 ]
 
 
