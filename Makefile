@@ -246,6 +246,17 @@ experiments: pretrain evaluate study pretrain-extra
 bench: $(STAMP)
 	$(PY) -m bench
 
+# The GPU path in one run (docs/gpu-check.md). On the GPU machine, no venv: `make gpu-check PY=python3` (the
+# image's CUDA torch; what the image lacks comes from the carried .gpu-check/wheels). Without a GPU: the same
+# steps on the CPU at 64 px, a few steps each ("no GPU found: dry run on CPU"). `make gpu-wheels` fills
+# .gpu-check/ (wheels for Python 3.12 + a real-data sample; ignored, carried, never committed).
+GPU_CHECK_FLAGS ?=
+.PHONY: gpu-check gpu-wheels
+gpu-check: $(if $(filter $(VENV)/bin/python,$(PY)),$(STAMP))
+	$(PY) -m bench.gpu_check $(GPU_CHECK_FLAGS)
+gpu-wheels: $(STAMP)
+	$(PY) -m bench.gpu_wheels
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
