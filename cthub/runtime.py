@@ -122,6 +122,16 @@ def num_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
+@contextlib.contextmanager
+def isolated_seed(seed: int) -> Iterator[None]:
+    """Run the block with torch's CPU generator seeded to `seed`, then give the caller's generator its state
+    back: a library function (a random-init baseline, a probe) is reproducible without reseeding its caller.
+    For what cannot take a local `torch.Generator`, such as the default initialisation of `nn` layers."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
 def seed_everything(seed: int) -> torch.Generator:
     """Seed python, numpy and torch; return a torch Generator seeded the same for samplers."""
     import random

@@ -19,6 +19,7 @@ import torch
 
 from ctdata.datasets import ArraySplit
 from ctdata.preprocess import PreprocessConfig, prepare, prepare_batch
+from cthub.errors import InputError
 from hub.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ def pydicom_sources(extra: Sequence[str | Path] = ()) -> list[Path]:
     for name in PYDICOM_SAMPLES:
         try:
             p = get_testdata_file(name, download=False)
-        except Exception:  # noqa: BLE001 -- pydicom raises when a file is neither bundled nor cached
+        except (ValueError, OSError):  # pydicom's documented error; an unreadable data folder
             p = None
         if p:
             out.append(Path(p))
@@ -85,6 +86,6 @@ def prepare_files(cfg: PreprocessConfig, sources: Sequence[Path]) -> tuple[torch
         try:
             tensors.append(prepare(src, cfg))
             names.append(src.name)
-        except Exception as e:  # noqa: BLE001 -- a sample that cannot be decoded here is skipped, not fatal
+        except InputError as e:  # a sample that cannot be decoded here is skipped, not fatal
             log.warning("parity: skipping %s (%s)", src.name, e)
     return (torch.stack(tensors) if tensors else None), names

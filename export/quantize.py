@@ -48,8 +48,7 @@ from export.exporter import (
 )
 from export.integrity import ONNX_NAME, int8_path, record_onnx
 from export.session import INPUT_NAME, OnnxClassifier, read_metadata, weights_sha256
-from finetune.data import data_source
-from hub.config import ModelConfig
+from hub.config import ModelConfig, data_source
 
 log = logging.getLogger(__name__)
 

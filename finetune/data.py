@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -13,11 +12,11 @@ from ctdata.datasets import ArraySplit, load_labeled, load_medmnist, source_prep
 from ctdata.preprocess import PreprocessConfig
 from cthub.errors import ConfigError, CTHubError, DataError, MissingSplitError
 from finetune.splits import kfold_splits, stratified_subset, train_val_split
+from hub.config import data_source as data_source  # moved to hub.config; export.exporter imports it here
 
 if TYPE_CHECKING:
     from hub.config import ModelConfig
 
-log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 
@@ -202,20 +201,3 @@ def recorded_splits(config: ModelConfig, source: str | Path) -> tuple[ArraySplit
             "not the classifier's data"
         )
     return train, val, test
-
-
-def data_source(config: ModelConfig, override: str | Path | None = None) -> Path | None:
-    """The labeled data the classifier was fine-tuned on: `override`, else its provenance's `data` when that
-    file or folder exists here; None otherwise."""
-    if override is not None:
-        p = Path(override).expanduser()
-        if not p.exists():
-            raise ConfigError(f"--data {p} does not exist")
-        return p
-    recorded = config.provenance.get("data")
-    if isinstance(recorded, str) and recorded:
-        p = Path(recorded).expanduser()
-        if p.exists():
-            return p
-        log.warning("the model's data %s is not on this machine: pass --data to check on it", recorded)
-    return None

@@ -15,7 +15,7 @@ from torch import nn
 
 from ctdata.datasets import ArraySplit
 from ctdata.preprocess import PreprocessConfig
-from cthub.runtime import autocast, num_threads, resolve_amp, seed_everything, select_device
+from cthub.runtime import autocast, isolated_seed, num_threads, resolve_amp, select_device
 from finetune.data import labels_of
 from finetune.metrics import choose_threshold, classification_metrics
 from finetune.train import model_inputs, place_model, resolve_encoder
@@ -100,14 +100,14 @@ def linear_probe(
     `bn="recalibrated"` (default) re-estimates BatchNorm statistics on `n_recalibrate` clean training images
     first, so a random-init encoder and a pretrained one are compared the same way (`finetune.evaluate`);
     `bn="stored"` uses the statistics the encoder carries."""
-    seed_everything(seed)
     t0 = time.perf_counter()
     dev = select_device(device)
     y_train, y_val = labels_of(train), labels_of(val)
     k = max(len(train.class_names), int(y_train.max()) + 1)
     splits = (("train", train), ("val", val)) + ((("test", test),) if test is not None else ())
     with num_threads(threads):
-        model, pp, name, _ = resolve_encoder(encoder, k, image_size)
+        with isolated_seed(seed):  # a random-init encoder (and the head) the same for every call
+            model, pp, name, _ = resolve_encoder(encoder, k, image_size)
         model = place_model(model, dev, True)
         if bn == "recalibrated":
             model = recalibrate_bn(model, train.images, pp, n_images=n_recalibrate, seed=seed)
@@ -167,8 +167,7 @@ def linear_probe_on_features(
 def fit_logreg(z: torch.Tensor, y: torch.Tensor, k: int, c: float, iters: int = 100) -> nn.Linear:
     """Multinomial logistic regression, L2 penalty 1/(2C) * ||W||^2 on the summed loss (scikit-learn's C),
     full-batch L-BFGS in torch (scikit-learn's lbfgs was pathologically slow beside torch's OpenMP here)."""
-    torch.manual_seed(0)
-    lin = nn.Linear(z.shape[1], k).double()
+    lin = nn.utils.skip_init(nn.Linear, z.shape[1], k, dtype=torch.float64)  # no random init: zeros below
     nn.init.zeros_(lin.weight)
     nn.init.zeros_(lin.bias)
     zd, n = z.double(), len(z)

@@ -30,8 +30,7 @@ import torch.nn.functional as F
 from ctdata.datasets import ArraySplit
 from ctdata.preprocess import PreprocessConfig
 from cthub.errors import ConfigError, DataError
-from finetune.data import data_source
-from hub.config import ModelConfig
+from hub.config import ModelConfig, data_source
 
 log = logging.getLogger(__name__)
 

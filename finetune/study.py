@@ -35,6 +35,7 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -419,15 +420,28 @@ class EpochProgress:
         )
 
 
-def _exit_with_parent(parent: int) -> None:
+def _stop_with_parent(parent: int) -> None:
     """Worker initializer: when the study process is gone (`kill`, a closed session), its workers stop too,
-    instead of training on unseen and writing the checkpoints a restarted study would resume from."""
+    instead of training on unseen and writing the checkpoints a restarted study would resume from.
+
+    A watcher thread signals the worker's main thread (SIGTERM), whose handler raises SystemExit: training
+    unwinds as on Ctrl-C (its `finally` blocks release the cell's lock; the last checkpoint is already on
+    disk) and the process exits through the interpreter's normal shutdown. The pool's loop catches what a
+    task raises and would wait for more work, so the watcher signals again until the process has left."""
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(1)
 
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(2)
-        os._exit(1)  # orphaned: nothing to report to, and the cell's last checkpoint is already on disk
+        log.warning("the study process is gone: this worker stops")
+        while True:  # the first signal ends the cell, a later one the pool's wait (the thread dies with us)
+            signal.pthread_kill(main, signal.SIGTERM)
+            time.sleep(2)
 
+    main = threading.main_thread().ident or 0
+    signal.signal(signal.SIGTERM, stop)
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
@@ -478,7 +492,7 @@ def _outcomes(
             yield c, _attempt(c.key, functools.partial(run_cell, spec, c, unless_finished=True))
         return
     with ProcessPoolExecutor(
-        workers, mp_context=get_context("spawn"), initializer=_exit_with_parent, initargs=(os.getpid(),)
+        workers, mp_context=get_context("spawn"), initializer=_stop_with_parent, initargs=(os.getpid(),)
     ) as ex:
         futs = {ex.submit(_worker, spec, c, threads): c for c in todo}
         for fut in as_completed(futs):

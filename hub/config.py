@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 CARD_NAME = "README.md"
 FORMAT_VERSION = 1
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -74,3 +76,20 @@ class ModelConfig:
             raise ConfigError(f"{path} does not exist") from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path} is not valid JSON: {e}") from None
+
+
+def data_source(config: ModelConfig, override: str | Path | None = None) -> Path | None:
+    """The labeled data the classifier was fine-tuned on: `override`, else its provenance's `data` when that
+    file or folder exists here; None otherwise."""
+    if override is not None:
+        p = Path(override).expanduser()
+        if not p.exists():
+            raise ConfigError(f"--data {p} does not exist")
+        return p
+    recorded = config.provenance.get("data")
+    if isinstance(recorded, str) and recorded:
+        p = Path(recorded).expanduser()
+        if p.exists():
+            return p
+        log.warning("the model's data %s is not on this machine: pass --data to check on it", recorded)
+    return None

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ctdata.preprocess import PreprocessConfig, finalize
-from finetune.augment import affine_resample
+from ctdata.warp import affine_resample
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from cthub.runtime import hardware
+from cthub.runtime import hardware, isolated_seed
 from hub.config import ModelConfig
 from hub.resnet import ResNet50
 from pretrain.config import TrainConfig
@@ -104,8 +102,8 @@ def frozen_feature_scores(
 
 
 def _random_like(encoder: ResNet50, config: ModelConfig) -> ResNet50:
-    torch.manual_seed(0)
-    rnd = ResNet50(num_classes=0, in_chans=encoder.in_chans)
+    with isolated_seed(0):  # the same baseline for every publish, the caller's RNG untouched
+        rnd = ResNet50(num_classes=0, in_chans=encoder.in_chans)
     rnd.config = config  # same preprocessing as the encoder it is compared with
     return rnd
 

@@ -27,7 +27,7 @@ def summarize_run(run_dir: str | Path) -> dict[str, Any]:
     d = Path(run_dir)
     metrics = _read_csv(d / "metrics.csv")
     if (d / "checkpoint.pt").is_file():
-        ckpt = torch.load(d / "checkpoint.pt", map_location="cpu", weights_only=False)
+        ckpt = torch.load(d / "checkpoint.pt", map_location="cpu", weights_only=True)
         cfg, step, elapsed = ckpt["config"], int(ckpt["step"]), float(ckpt["elapsed"])
     else:  # interrupted before its first checkpoint: what the logs say
         cfg = json.loads((d / "run_config.json").read_text())

@@ -269,7 +269,7 @@ def _setup(cfg: TrainConfig, resume: bool, images: Any) -> _Run:
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / CKPT_NAME
     ckpt = (
-        torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        torch.load(ckpt_path, map_location="cpu", weights_only=True)  # plain dicts, tensors and numbers
         if resume and ckpt_path.is_file()
         else None
     )

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cthub.errors import ConfigError
+from cthub.errors import ConfigError, IntegrityError
 from cthub.provenance import command_line
 from hub.config import WEIGHTS_NAME, ModelConfig
 from hub.io import hub_dir, local_model_dir, record_metrics
@@ -231,7 +231,7 @@ def _onnx_state(p: Plan) -> tuple[bool, bool]:
     if int8:
         try:
             verify_onnx_file(p.classifier / INT8_NAME)
-        except Exception:  # noqa: BLE001 -- any failed check means: make it again
+        except (IntegrityError, OSError):  # any failed check means: make it again
             int8 = False
     return fp32, int8
 

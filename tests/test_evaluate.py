@@ -17,9 +17,11 @@ from ctdata.preprocess import PreprocessConfig
 from cthub.cli import main as cthub_main
 from finetune.data import limit, load_splits
 from finetune.evaluate import collapse_std, evaluate_encoder, knn_eval, majority_accuracy
-from finetune.probe import extract_features, recalibrate_bn
+from finetune.probe import extract_features, linear_probe, recalibrate_bn
 from finetune.train import model_inputs
+from hub.config import ModelConfig
 from hub.resnet import ResNet50
+from pretrain.publishing import _random_like
 
 
 @pytest.fixture(scope="module")
@@ -149,3 +151,22 @@ def test_evaluate_cli_writes_json(organamnist_npz: Path, tmp_path: Path, capsys)
     (r,) = json.loads(out.read_text())
     assert r["encoder"] == "scratch" and r["stored"]["knn"]["accuracy"] > r["majority_accuracy"] + 0.2
     assert "majority" in capsys.readouterr().out
+
+
+def test_probe_and_the_random_baseline_are_reproducible_and_leave_the_callers_rng_alone(organ: dict) -> None:
+    """Library code seeds only its own generators: the caller's torch and numpy RNG states are unchanged,
+    and a random-init probe (and publish's random baseline) is the same on every call."""
+    encoder = ResNet50(num_classes=0)
+    small = {s: limit(organ[s], 120, 0) for s in ("train", "val", "test")}
+    torch.manual_seed(1234)
+    np.random.seed(7)
+    torch_before, numpy_before = torch.get_rng_state(), np.random.get_state()[1].copy()
+    runs = [
+        linear_probe(None, small["train"], small["val"], small["test"], image_size=32, threads=1, bn="stored")
+        for _ in range(2)
+    ]
+    baselines = [_random_like(encoder, ModelConfig()) for _ in range(2)]
+    assert torch.equal(torch.get_rng_state(), torch_before)
+    assert np.array_equal(np.random.get_state()[1], numpy_before)
+    assert runs[0]["test"] == runs[1]["test"] and runs[0]["C"] == runs[1]["C"]
+    assert all(torch.equal(a, b) for a, b in zip(*(m.state_dict().values() for m in baselines), strict=True))
