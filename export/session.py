@@ -9,25 +9,24 @@ load error on CPU-only hosts) are in `quiet_onnxruntime_process`, for entry poin
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
-from cthub.errors import ConfigError, CTHubError, InputError, ModelNotFoundError
+from cthub.errors import ConfigError, InputError, ModelNotFoundError
 from export.classifier import Classifier, softmax
-from export.integrity import ONNX_NAME, check_fresh, onnx_file, verify_onnx_file
+from export.integrity import check_fresh, onnx_file, verify_onnx_file
+from export.metadata import META_PREFIX, decode_metadata, ood_reference_of, read_metadata
 from export.ood import OodReference
 from hub.config import WEIGHTS_NAME, ModelConfig
 from hub.manifest import read_sidecar, sha256_file
 
 log = logging.getLogger(__name__)
 
-META_PREFIX = "cthub."
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 OUTPUT_NAMES: tuple[str, ...] = ("logits", "probabilities", "cam", "embedding")
@@ -75,25 +74,6 @@ def quiet_onnxruntime_process() -> bool:
     ort.set_default_logger_severity(ORT_ERRORS_ONLY)
     ort.disable_telemetry_events()
     return True
-
-
-def _decode_metadata(props: Iterable[tuple[str, str]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in props:
-        if key.startswith(META_PREFIX):
-            try:
-                out[key[len(META_PREFIX) :]] = json.loads(value)
-            except json.JSONDecodeError:
-                out[key[len(META_PREFIX) :]] = value
-    return out
-
-
-def read_metadata(path: str | Path) -> dict[str, Any]:
-    """The `cthub.*` metadata of an exported model, JSON values decoded (config, labels, sha256...)."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    return _decode_metadata((p.key, p.value) for p in model.metadata_props)
 
 
 def _session_options(ort: Any, threads: int | None, optimization: str) -> Any:
@@ -149,7 +129,7 @@ class OnnxClassifier(Classifier):
         except Exception as e:  # noqa: BLE001 -- onnxruntime raises its own exception types for unreadable models
             raise InputError(f"{self.path.name} is not a loadable ONNX model ({type(e).__name__})") from None
         self.providers = list(self.session.get_providers())
-        self.metadata = _decode_metadata(self.session.get_modelmeta().custom_metadata_map.items())
+        self.metadata = decode_metadata(self.session.get_modelmeta().custom_metadata_map.items())
         if verify:
             check_fresh(self.metadata, self.path, config=config, source_sha256=source_sha256)
         stored = self.metadata.get("config")
@@ -220,20 +200,3 @@ def weights_sha256(model_dir: Path) -> str:
 
     expected = {f"the sidecar {weights.name}.sha256": read_sidecar(weights)}
     return verify(weights, expected, sha256_file(weights))
-
-
-def ood_reference_of(model_dir: Path, source_sha256: str, config: ModelConfig) -> OodReference | None:
-    """The out-of-distribution reference of the folder's model.onnx when that file is verified and was
-    exported from these weights and preprocessing; None (logged) otherwise."""
-    path = model_dir / ONNX_NAME
-    if not path.is_file():
-        return None
-    try:
-        verify_onnx_file(path)
-        meta = read_metadata(path)
-        check_fresh(meta, path, config=config, source_sha256=source_sha256)
-    except CTHubError as e:
-        log.warning("no out-of-distribution reference: %s", e)
-        return None
-    ood = meta.get("ood")
-    return OodReference.from_metadata(ood) if isinstance(ood, dict) else None
