@@ -6,10 +6,10 @@ the model's identity (config, weights sha256, backend, providers). Its input che
 once; an implementation only runs a checked float32 batch. `OnnxClassifier` (export.session) runs an
 exported ONNX file with ONNX Runtime; `TorchClassifier` runs the safetensors weights with torch.
 
-The class activation maps are those of the GAP + linear head at the last stage, for every class, before
-upsampling: cam[b, k] = sum_c W[k, c] * A[b, c] ([B, K, S/32, S/32], no ReLU, no bias), so that
-logits[b, k] = mean_ij cam[b, k, i, j] + bias[k]. ReLU(cam[:, k]) is `finetune.cam.class_activation_map`
-for target k with normalize=False, upsample=False.
+The class activation maps are Grad-CAM at the stride-16 stage (layer3), for every class, before ReLU and
+upsampling: cam[b, k] = sum_c alpha[b, k, c] A3[b, c] with alpha the spatial mean of d logit_k / d A3
+([B, K, S/16, S/16]: 14x14 at 224 px, where the last stage's map is 7x7 and 2x2 at 64 px). The gradient is
+computed inside the graph (`hub.gradcam`) and equals torch autograd's (`hub.gradcam.reference_grad_cam`).
 """
 
 from __future__ import annotations
@@ -21,11 +21,14 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from cthub.errors import ConfigError, ShapeError
+from cthub.runtime import select_device
+from export.metadata import ood_reference_of
 from export.ood import OodReference
 from hub.config import ModelConfig
+from hub.gradcam import stride16_grad_cam
+from hub.io import load_dir
 from hub.resnet import ResNet50
 
 
@@ -64,7 +67,7 @@ class InferenceOutputs:
 
     logits: np.ndarray  # [B, K] float32
     probabilities: np.ndarray  # [B, K] float64 (softmax of the logits)
-    cam: np.ndarray  # [B, K, h, w] float32, class activation maps at the last stage (h = w = S/32)
+    cam: np.ndarray  # [B, K, h, w] float32, Grad-CAM of every class at the stride-16 stage (h = w = S/16)
     embedding: np.ndarray  # [B, D] float32, globally pooled last-stage features
 
 
@@ -84,10 +87,10 @@ class CamHead(torch.nn.Module):
         self.fc: torch.nn.Linear = fc
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        feats = self.model.forward_features(x)
+        a3 = self.model.forward_intermediates(x, indices=[2], intermediates_only=True)[0]  # stride 16
+        feats, cam = stride16_grad_cam(self.model, self.fc, a3)
         embedding = self.model.forward_head(feats, pre_logits=True)
         logits = self.fc(embedding)
-        cam = F.conv2d(feats, self.fc.weight[:, :, None, None])  # a 1x1 convolution: fast in ONNX
         return logits, torch.softmax(logits, dim=1), cam, embedding
 
 
@@ -212,10 +215,6 @@ class TorchClassifier(Classifier):
         """Load a model folder strictly; its weights are hashed once, while loading, and verified. With `ood`
         the out-of-distribution reference comes from the folder's model.onnx when that is verified and
         exported from these weights (else the classifier has none)."""
-        from cthub.runtime import select_device
-        from export.session import ood_reference_of
-        from hub.io import load_dir
-
         model = load_dir(model_dir, sha256=sha256)
         cfg = model_config(model)
         sha = loaded_sha256(cfg)

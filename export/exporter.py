@@ -18,7 +18,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from cthub.errors import ConfigError, IntegrityError, ModelNotFoundError, ToleranceError
+from cthub.errors import (
+    ConfigError,
+    CTHubError,
+    IntegrityError,
+    ModelNotFoundError,
+    StaleModelError,
+    ToleranceError,
+)
 from export.classifier import CamHead, Classifier, loaded_sha256, model_config
 from export.data import ModelData, batches, load_model_data, prepare_files, pydicom_sources
 from export.defaults import (
@@ -27,9 +34,10 @@ from export.defaults import (
     DEFAULT_PARITY_IMAGES,
     DEFAULT_QUANTILE,
     EXPORTERS,
+    GRAPH_VERSION,
     PARITY_TOLERANCE,
 )
-from export.integrity import ONNX_NAME, record_onnx
+from export.integrity import ONNX_NAME, check_fresh, record_onnx
 from export.ood import OodReference
 from export.session import INPUT_NAME, META_PREFIX, OUTPUT_NAMES, OnnxClassifier, read_metadata
 from hub.config import WEIGHTS_NAME, ModelConfig
@@ -49,8 +57,8 @@ CHUNK = 16  # images per forward pass in the checks (bounded memory at 224 px)
 OUTPUT_DOCS: dict[str, str] = {
     "logits": "[batch, K] raw class scores",
     "probabilities": "[batch, K] softmax of the logits",
-    "cam": "[batch, K, S/32, S/32] class activation maps at the last stage, every class, before upsampling: "
-    "sum_c W[k, c] * A[c] (no ReLU, no bias; spatial mean + bias = logits)",
+    "cam": "[batch, K, S/16, S/16] Grad-CAM of every class at the stride-16 stage (layer3), before ReLU and "
+    "upsampling: sum_c alpha[k, c] * A3[c], alpha = spatial mean of d logit_k / d A3 (computed in the graph)",
     "embedding": "[batch, 2048] globally pooled last-stage features (out-of-distribution scoring)",
 }
 
@@ -344,6 +352,7 @@ def base_metadata(cfg: ModelConfig, source_sha: str, opset: int, exporter: str) 
         "exported_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "exporter": {"method": exporter, "opset": opset, **tool_versions()},
         "outputs": OUTPUT_DOCS,
+        "graph_version": GRAPH_VERSION,
         "variant": "fp32",
     }
 
@@ -458,11 +467,13 @@ def export_onnx(
 
 
 def matches_source(metadata: dict[str, Any], config: ModelConfig, weights_sha256: str) -> bool:
-    """True when ONNX metadata names these weights and carries this config's preprocessing."""
-    return (
-        metadata.get("preprocessing") == config.preprocessing.to_dict()
-        and metadata.get("source_sha256") == weights_sha256
-    )
+    """True when ONNX metadata names these weights, carries this config's preprocessing and this version's
+    graph (the rule `export.integrity.check_fresh` enforces at load)."""
+    try:
+        check_fresh(metadata, Path(ONNX_NAME), config=config, source_sha256=weights_sha256)
+    except StaleModelError:
+        return False
+    return True
 
 
 def onnx_is_fresh(model_dir: str | Path, onnx_path: str | Path | None = None) -> bool:
@@ -473,9 +484,11 @@ def onnx_is_fresh(model_dir: str | Path, onnx_path: str | Path | None = None) ->
     weights = model_dir / WEIGHTS_NAME
     if not path.is_file() or not weights.is_file():
         return False
+    from google.protobuf.message import DecodeError  # onnx's parse error; onnx is an optional extra
+
     try:
         meta = read_metadata(path)
         config = ModelConfig.load(model_dir)
-    except Exception:  # noqa: BLE001 -- an unreadable ONNX file or config is simply not fresh
+    except (OSError, ValueError, DecodeError, CTHubError):  # unreadable ONNX, metadata or config: not fresh
         return False
     return matches_source(meta, config, sha256_file(weights))

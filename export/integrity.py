@@ -8,7 +8,7 @@ manifest under `<model>/<file>`. Loading refuses, each with its own message:
 - a truncated file (its checksum differs and it is not a complete ONNX model);
 - a tampered file (a complete ONNX model whose checksum differs from the one recorded at export);
 - a stale file (`StaleModelError`): exported from other weights, or with other preprocessing, than the
-  model folder now holds.
+  model folder now holds, or by a version of ct-ssl-hub whose graph has other outputs (`GRAPH_VERSION`).
 
 Nothing is ever re-exported silently: the messages name the command that makes a fresh file.
 """
@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from cthub.errors import ConfigError, IntegrityError, ModelNotFoundError, StaleModelError
+from export.defaults import GRAPH_VERSION
 from hub import manifest
 from hub.config import ModelConfig
 from hub.manifest import read_sidecar, sha256_file
@@ -131,6 +132,12 @@ def check_fresh(
         raise StaleModelError(
             f"{path.name} is stale: it was exported from weights {stored_sha[:12] or 'unknown'}... but the "
             f"model now has weights {source_sha256[:12]}... (retrained or replaced since export); {how}"
+        )
+    stored_graph = metadata.get("graph_version", 1)
+    if stored_graph != GRAPH_VERSION:
+        raise StaleModelError(
+            f"{path.name} is stale: it holds version {stored_graph} of the exported graph, this ct-ssl-hub "
+            f"writes version {GRAPH_VERSION} (its class activation maps are Grad-CAM at stride 16); {how}"
         )
     if config is not None:
         raw = metadata.get("preprocessing")
