@@ -101,6 +101,20 @@ def write_parametric_maps(
     ]
 
 
+def _window(high: float) -> Any:
+    """The default display: 0 (no evidence) to the largest value. LINEAR_EXACT, because activation maps
+    span far less than one unit and the LINEAR function does not allow a window narrower than 1."""
+    import highdicom as hd
+
+    width = high if high > 0 else 1.0
+    return hd.VOILUTTransformation(
+        window_center=width / 2,
+        window_width=width,
+        window_explanation="0 to the largest activation",
+        voi_lut_function=hd.VOILUTFunctionValues.LINEAR_EXACT,
+    )
+
+
 def _parametric_map(
     sources: list[Any],
     maps: list[np.ndarray],
@@ -148,8 +162,7 @@ def _parametric_map(
                 device_serial_number=model.sha256[:16],
                 contains_recognizable_visual_features=False,
                 real_world_value_mappings=[mapping],
-                window_center=high / 2 if high > 0 else 0.5,
-                window_width=high if high > 0 else 1.0,
+                voi_lut_transformations=[_window(high)],
                 content_label="CAM",
                 content_description=f"class activation map of {label}"[:LO_MAX],
             )

@@ -47,7 +47,7 @@ def frames_of(pm: pydicom.Dataset) -> np.ndarray:
 def test_maps_lie_on_their_slices_and_keep_their_values(tmp_path: Path) -> None:
     sources = headers("ge_head_tilt", 6)  # one frame of reference, gantry tilt, uneven gaps
     rng = np.random.default_rng(7)
-    maps = [rng.normal(size=(7, 7)).astype(np.float32) for _ in sources]
+    maps = [0.01 * rng.normal(size=(7, 7)).astype(np.float32) for _ in sources]  # a real CAM's range
     (pm,) = write_parametric_maps(sources, maps, "hemorrhage", MODEL)
     data = to_bytes(pm)
     back = pydicom.dcmread(io.BytesIO(data))
@@ -72,6 +72,8 @@ def test_maps_lie_on_their_slices_and_keep_their_values(tmp_path: Path) -> None:
     shared = back.SharedFunctionalGroupsSequence[0]
     orientation = [float(v) for v in shared.PlaneOrientationSequence[0].ImageOrientationPatient]
     np.testing.assert_allclose(orientation, [float(v) for v in sources[0].ImageOrientationPatient])
+    window = shared.FrameVOILUTSequence[0]
+    assert window.VOILUTFunction == "LINEAR_EXACT" and float(window.WindowWidth) == pytest.approx(got.max())
     rwvm = back.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
     assert float(rwvm.RealWorldValueSlope) == 1.0 and float(rwvm.RealWorldValueIntercept) == 0.0
     assert dciodvfy_errors(data, tmp_path) == []
