@@ -1,11 +1,11 @@
 """A series on disk -> the DICOM SR to store with it, in this process, through the serving code.
 
 The loop runs the model itself rather than posting each series to a running `cthub serve`: `SeriesReporter`
-is the REST API's `/report` without HTTP. It uses the same `serving.api.Analyzer` (decoding, the one
+is the REST API's `/report` without HTTP. It uses the same `serving.analysis.Analyzer` (decoding, the one
 preprocessing path, anatomical ordering, the series rule), the same verified ONNX model
 (`serving.inference.InferenceEngine`: checksum, exported from these weights and this preprocessing) and the
-same SR writer (`serving.report.write_sr` fed by `serving.api.report_content`), so a series gets the same SR
-from the PACS loop as from `POST /report`. What doing it here adds: no second server to start and keep
+same SR writer (`serving.report.write_sr` fed by `serving.analysis.report_content`), so a series gets the
+same SR from the PACS loop as from `POST /report`. What doing it here adds: no second server to start and keep
 running, no series of hundreds of megabytes sent once more over HTTP, and the per-instance outcome (which
 instances were refused and why), which the failure records need and the SR cannot carry.
 """
@@ -57,14 +57,12 @@ class SeriesReporter:
     can be analysed (messages describe the files, never the patient)."""
 
     def __init__(self, model: str | Path, settings: ServeSettings | None = None, cam: bool = False) -> None:
-        from serving.api import ServedModel
-        from serving.inference import InferenceEngine
-        from serving.predictor import resolve_model_dir
+        from serving.inference import InferenceEngine, resolve_model_dir
 
         base = settings or ServeSettings.from_env()
         self.settings = dataclasses.replace(base, model=str(resolve_model_dir(model)))
         self.engine = InferenceEngine.open(self.settings)
-        self.model = ServedModel.from_description(self.engine.describe())
+        self.model = self.engine.served()
         self.cam = cam
 
     @property
@@ -82,7 +80,7 @@ class SeriesReporter:
     def report(self, files: list[Path]) -> SeriesReport:
         """Analyse the files of one series as `POST /report` does and write its SR (not stored yet), and
         with `cam` the overlay series (`pacs.overlay`)."""
-        from serving.api import Analyzer, report_content
+        from serving.analysis import Analyzer, report_content
         from serving.report import write_sr
 
         outputs: list[dict[str, Any]] = []  # the model's outputs, in the order of the answer's slices
@@ -93,7 +91,8 @@ class SeriesReporter:
             return out
 
         try:
-            answer, request = Analyzer(self.settings, self.model, infer).analyse_series(files, {})
+            model = dataclasses.replace(self.model, run=infer)
+            answer, request = Analyzer(self.settings, model).analyse_series(files, {})
         except CTHubError as e:
             raise SeriesRefused(e, *self._explain(files)) from None
         content = report_content(answer, request, self.model)

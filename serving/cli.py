@@ -15,7 +15,7 @@ from typing import Any
 from cthub.errors import ConfigError
 from serving.settings import BACKENDS, MODEL_ENV, VARIANT_ENV, VARIANTS, ServeSettings
 
-SERVICE = "serving.service:CTHubService"
+SERVICE = "serving.entry:CTHubService"
 QUIET_ENV = {
     "BENTOML_DO_NOT_TRACK": "True",
     "GRADIO_ANALYTICS_ENABLED": "False",
@@ -107,8 +107,7 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> bool:
 
 def serve(args: argparse.Namespace) -> int:
     from hub.config import ModelConfig
-    from serving.inference import verify_export
-    from serving.predictor import resolve_model_dir
+    from serving.inference import resolve_model_dir, verify_export
 
     model_dir = resolve_model_dir(args.model)
     config = ModelConfig.load(model_dir)  # a broken config.json fails here, before any server starts
@@ -175,7 +174,7 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def demo(args: argparse.Namespace) -> int:
     from export.session import quiet_onnxruntime_process
-    from serving.predictor import resolve_model_dir
+    from serving.inference import resolve_model_dir
     from serving.viewer import private_upload_dir
 
     os.environ.update({k: v for k, v in QUIET_ENV.items() if k not in os.environ})

@@ -29,14 +29,16 @@ from typing import Any, TypeVar
 
 import gradio as gr
 import numpy as np
+from fastapi import FastAPI
 
+from ctdata import heatmap
 from cthub.errors import CTHubError, InputError, ModelNotFoundError
+from export.integrity import ONNX_NAME
 from hub.config import CONFIG_NAME, WEIGHTS_NAME, ModelConfig
 from hub.io import hub_dir
 from serving import viewer
-from serving.inference import InferenceEngine, SliceModel
+from serving.inference import InferenceEngine, ServedModel, open_classifier, resolve_model_dir
 from serving.inputs import http_status
-from serving.predictor import get_predictor
 from serving.results import SERIES_RULE
 from serving.settings import ServeSettings
 from serving.viewer import CUSTOM, MODEL_DEFAULT, Study, private_upload_dir
@@ -66,11 +68,11 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 @dataclass(frozen=True)
 class DemoModel:
-    """A model the demo analyses with: its folder (the picker's value) and the `SliceModel` that runs it.
-    Mounted under the API, the served model is the inference service itself (`CTHubService.demo_model`)."""
+    """A model the demo analyses with: its folder (the picker's value) and the `ServedModel` that runs it.
+    Mounted under the API, the served model is the inference service itself (`ApiWorker.demo_model`)."""
 
     model_dir: Path
-    model: SliceModel
+    model: ServedModel
 
     @property
     def config(self) -> ModelConfig:
@@ -79,8 +81,14 @@ class DemoModel:
     @classmethod
     def local(cls, model_dir: str | Path, backend: str = "auto") -> DemoModel:
         """A model folder or local hub name, run in this process (one cached classifier per folder)."""
-        pred = get_predictor(str(model_dir), backend)
-        return cls(pred.model_dir, InferenceEngine(pred.classifier))
+        return _local_model(str(model_dir), backend)
+
+
+@functools.lru_cache(maxsize=4)
+def _local_model(name_or_path: str, backend: str) -> DemoModel:
+    """One in-process model per (folder, backend) and process: the picker's folders are opened once."""
+    model_dir = resolve_model_dir(name_or_path)
+    return DemoModel(model_dir, InferenceEngine(open_classifier(model_dir, backend)).served())
 
 
 ModelSource = str | Path | Callable[[], DemoModel]
@@ -88,8 +96,6 @@ ModelSource = str | Path | Callable[[], DemoModel]
 
 def local_classifiers(root: Path | None = None) -> list[Path]:
     """Exported classifiers of the local hub: folders with weights, model.onnx and a config with a head."""
-    from export.integrity import ONNX_NAME
-
     hub = root or hub_dir()
     if not hub.is_dir():
         return []
@@ -391,7 +397,7 @@ class Handlers:
         cfg = viewer.display_config(a.preprocessing, view.preset, view.center, view.width)
         heat = None
         if view.cam and view.cam_class in a.labels:
-            heat = viewer.cam_heat(a.slices[i].cam[a.labels.index(str(view.cam_class))])
+            heat = heatmap.heat(a.slices[i].cam[a.labels.index(str(view.cam_class))])
         return viewer.render(study.slices[i], cfg, heat, view.opacity)
 
     def blank(self, card: Any = None) -> tuple[Any, ...]:
@@ -662,8 +668,6 @@ def asgi_app(demo: gr.Blocks) -> Any:
     js, head) and runs the demo's start-up events (its queue) in the returned app's lifespan, which the
     mounting server enters.
     """
-    from fastapi import FastAPI
-
     return gr.mount_gradio_app(
         FastAPI(openapi_url=None, docs_url=None, redoc_url=None),
         demo,

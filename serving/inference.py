@@ -1,55 +1,63 @@
-"""The inference side of the API: the exported ONNX classifier behind a batchable BentoML service.
+"""The inference side of the API: the exported ONNX classifier behind a batchable BentoML service, and the
+served model as every analysis sees it.
 
 `InferenceEngine` runs batches of preprocessed slices [B, C, S, S] and answers one plain dict per slice
 (probabilities, logits, class activation maps, out-of-distribution score, batch size, the forward pass's
 wall and CPU time), so the answer travels between processes as built-in types. `InferenceService` wraps it
 with BentoML's adaptive batching: concurrent requests of the API service are merged into one forward pass.
 
-`SliceModel` is what an analysis needs of a model (its config, labels, identity, OOD threshold and `run`):
-an `InferenceEngine` in this process, or the API worker's view of the inference service
-(`serving.api.RemoteModel`), so the mounted demo and the REST API share one batched ONNX session.
+`ServedModel` is what an analysis needs of a model: its description (`InferenceEngine.describe`: identity,
+labels, config, OOD threshold) and `run`, the batched inference. In the API worker `run` is the inference
+service, in-process (the PACS loop, `cthub demo`) an engine's own `run`, so the mounted demo and the REST
+API share one batched ONNX session.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
-from cthub.errors import ConfigError, ModelNotFoundError
-from export.classifier import Classifier
-from export.session import OnnxClassifier
-from hub.config import ModelConfig
-from serving.settings import ServeSettings
+from cthub.errors import ConfigError, CTHubError, ModelNotFoundError
+from export.classifier import Classifier, TorchClassifier
+from export.exporter import matches_source
+from export.integrity import ONNX_NAME, check_fresh, onnx_file, verify_onnx_file
+from export.session import OnnxClassifier, read_metadata, weights_sha256
+from hub.config import WEIGHTS_NAME, ModelConfig
+from hub.io import hub_dir, local_model_dir, sha256_file
+from serving.report import ModelIdentity
+from serving.settings import BACKENDS, MODEL_ENV, ServeSettings
 
 log = logging.getLogger(__name__)
 
+Infer = Callable[[np.ndarray], list[dict[str, Any]]]
 
-def onnx_path(model_dir: Path, variant: str) -> Path:
-    """The ONNX file of a variant; ModelNotFoundError with the command that makes it when missing (a cheap
-    check for start-up; `OnnxClassifier.from_model_dir` verifies the file itself)."""
-    from export.integrity import ONNX_FILES
 
-    if variant not in ONNX_FILES:
-        raise ConfigError(f"unknown ONNX variant {variant!r}; choose one of {', '.join(ONNX_FILES)}")
-    path = model_dir / ONNX_FILES[variant]
-    if not path.is_file():
-        how = "cthub export" + (" --int8" if variant == "int8" else "")
-        raise ModelNotFoundError(f"no {path.name} in {model_dir}: run `{how} {model_dir}` first")
-    return path
+def resolve_model_dir(name_or_path: str | Path | None) -> Path:
+    """The model folder to serve: a path, or a local hub name or registry alias resolved as
+    `hub.from_pretrained` resolves it (`hub.io.local_model_dir`); ModelNotFoundError with what was tried."""
+    if not name_or_path:
+        raise ModelNotFoundError(f"no model given: pass --model DIR (or set {MODEL_ENV})")
+    found = local_model_dir(name_or_path)
+    if found is None:
+        raise ModelNotFoundError(
+            f"model {str(name_or_path)!r} not found: no {WEIGHTS_NAME} + config.json at "
+            f"{Path(name_or_path).expanduser()} or in the hub directory {hub_dir()}"
+        )
+    return found.resolve()
 
 
 def verify_export(model_dir: Path, variant: str) -> Path:
     """The ONNX file of a variant after the checks `OnnxClassifier.from_model_dir` makes before loading
     (recorded checksum, exported from the folder's current weights and preprocessing), without creating a
     session: the CLI and the API service run it at start-up so a bad file stops the server at once."""
-    from export.integrity import check_fresh, verify_onnx_file
-    from export.session import read_metadata, weights_sha256
-
-    path = onnx_path(model_dir, variant)
+    path = onnx_file(model_dir, variant)
     verify_onnx_file(path)
     check_fresh(
         read_metadata(path), path, config=ModelConfig.load(model_dir), source_sha256=weights_sha256(model_dir)
@@ -57,22 +65,104 @@ def verify_export(model_dir: Path, variant: str) -> Path:
     return path
 
 
-class SliceModel(Protocol):
-    """A model as analyses use it: preprocessed slices [B, C, S, S] -> one `InferenceEngine.run` dict each."""
+def open_classifier(model_dir: Path, backend: str = "auto", threads: int | None = None) -> Classifier:
+    """The classifier of a model folder for `cthub demo`. auto: ONNX Runtime when model.onnx matches the
+    weights and the preprocessing, else torch. The weights are hashed once (twice only when a stale
+    model.onnx exists)."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    config = ModelConfig.load(model_dir)
+    if config.num_classes <= 0:
+        raise ConfigError(f"{model_dir} is an encoder without a classification head")
+    onnx_path = model_dir / ONNX_NAME
+    sha256: str | None = None
+    if backend != "torch" and onnx_path.is_file():
+        try:
+            onnx = OnnxClassifier(onnx_path, threads=threads, config=config)
+        except CTHubError as e:
+            log.warning("%s cannot be used (%s)", ONNX_NAME, e)
+        else:
+            sha256 = sha256_file(model_dir / WEIGHTS_NAME)
+            if matches_source(onnx.metadata, config, sha256):
+                return onnx
+    if backend == "onnx":
+        raise ModelNotFoundError(f"no up-to-date {ONNX_NAME} in {model_dir}: run `cthub export` first")
+    if onnx_path.is_file():
+        log.warning(
+            "%s is older than the weights or the preprocessing: serving with torch "
+            "(run `cthub export` to use ONNX Runtime)",
+            ONNX_NAME,
+        )
+    return TorchClassifier.from_dir(model_dir, sha256=sha256)
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """A model as analyses use it: what `InferenceEngine.describe` says of it, and `run`, preprocessed
+    slices [B, C, S, S] -> one `InferenceEngine.run` dict each."""
+
+    identity: dict[str, Any]
+    labels: list[str]
+    config: ModelConfig
+    ood_threshold: float | None
+    has_cam: bool
+    run: Infer
+    ood_reference: dict[str, Any] | None = None
+
+    @classmethod
+    def from_description(cls, d: dict[str, Any], run: Infer) -> ServedModel:
+        return cls(
+            identity=dict(d["identity"]),
+            labels=list(d["labels"]),
+            config=ModelConfig.from_dict(d["config"]),
+            ood_threshold=d.get("ood_threshold"),
+            has_cam=bool(d.get("has_cam")),
+            run=run,
+            ood_reference=d.get("ood"),
+        )
 
     @property
-    def config(self) -> ModelConfig: ...
+    def sha256(self) -> str:
+        return str(self.identity.get("sha256", ""))
 
     @property
-    def labels(self) -> list[str]: ...
+    def info(self) -> dict[str, Any]:
+        """The `model` field of every answer: name, version, sha256, backend, variant, providers, labels."""
+        return self.identity | {"labels": self.labels, "task": self.config.task}
 
-    @property
-    def identity(self) -> dict[str, Any]: ...
+    def card(self) -> dict[str, Any]:
+        """GET /model: identity, labels, preprocessing, operating point, OOD threshold, card metrics."""
+        return self.info | {
+            "preprocessing": self.config.preprocessing.to_dict(),
+            "threshold": self.config.threshold,
+            "ood_threshold": self.ood_threshold,
+            "ood_reference": self.ood_reference,
+            "metrics": self.config.metrics,
+            "method": self.config.method,
+            "pretraining_data": self.config.pretraining_data,
+            "outputs": ["probabilities", "decision", "ood"] + (["cam"] if self.has_cam else []),
+        }
 
-    @property
-    def ood_threshold(self) -> float | None: ...
+    def report_identity(self) -> ModelIdentity:
+        try:
+            software = f"ct-ssl-hub {version('ct-ssl-hub')}"
+        except PackageNotFoundError:
+            software = "ct-ssl-hub"
+        return ModelIdentity(
+            name=str(self.identity.get("name", "model")),
+            version=str(self.identity.get("version", "")),
+            sha256=self.sha256,
+            variant=str(self.identity.get("variant", "fp32")),
+            software_version=software,
+        )
 
-    def run(self, batch: np.ndarray) -> list[dict[str, Any]]: ...
+    def require(self, requested: str | None) -> None:
+        """404 unless `requested` is empty or names the served model (name, version or sha256)."""
+        ident = self.identity
+        if requested and requested not in (ident.get("name"), ident.get("version"), ident.get("sha256")):
+            raise ModelNotFoundError(
+                f"model {requested!r} is not served here; this server serves {ident.get('name')!r}"
+            )
 
 
 class InferenceEngine:
@@ -86,10 +176,7 @@ class InferenceEngine:
         """The engine named by the settings: the model folder's ONNX file of the chosen variant, verified
         (checksum, exported from the folder's weights and preprocessing); ModelNotFoundError /
         IntegrityError / StaleModelError / ConfigError otherwise."""
-        from serving.predictor import resolve_model_dir
-
         model_dir = resolve_model_dir(settings.model)
-        onnx_path(model_dir, settings.variant)
         clf = OnnxClassifier.from_model_dir(model_dir, settings.variant, threads=settings.ort_threads)
         missing = [n for n in ("cam", "embedding") if n not in clf.output_names]
         if missing:
@@ -99,38 +186,26 @@ class InferenceEngine:
             )
         return cls(clf)
 
-    @property
-    def config(self) -> ModelConfig:
-        return self.classifier.config
-
-    @property
-    def labels(self) -> list[str]:
-        return self.classifier.labels
-
-    @property
-    def identity(self) -> dict[str, Any]:
-        """The classifier's identity; an ONNX one adds its variant and the file's sha256."""
-        clf = self.classifier
-        if isinstance(clf, OnnxClassifier):
-            return clf.identity | {"variant": clf.variant, "onnx_sha256": clf.file_sha256}
-        return clf.identity
-
-    @property
-    def ood_threshold(self) -> float | None:
-        return self.classifier.ood_threshold
-
     def describe(self) -> dict[str, Any]:
-        """What the API needs to know about the model: identity, config, labels, OOD threshold, outputs."""
+        """What the API needs to know about the model: identity (an ONNX classifier adds its variant and
+        the file's sha256), config, labels, OOD threshold, outputs."""
         clf = self.classifier
+        identity = clf.identity
+        if isinstance(clf, OnnxClassifier):
+            identity = identity | {"variant": clf.variant, "onnx_sha256": clf.file_sha256}
         return {
-            "identity": self.identity,
+            "identity": identity,
             "labels": clf.labels,
-            "config": self.config.to_dict(),
+            "config": clf.config.to_dict(),
             "input_shape": list(clf.input_shape),
             "ood_threshold": clf.ood_threshold,
             "ood": clf.ood.summary() if clf.ood is not None else None,
             "has_cam": True,
         }
+
+    def served(self) -> ServedModel:
+        """This engine as analyses in this process use it (its description, `run` as inference)."""
+        return ServedModel.from_description(self.describe(), self.run)
 
     def run(self, batch: np.ndarray) -> list[dict[str, Any]]:
         """One forward pass over `batch` [B, C, S, S]; one dict of built-in types per slice, in order."""

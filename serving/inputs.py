@@ -22,10 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from ctdata.dicom import CTImage, DicomError, DicomPolicy, dataset_to_image, is_dicom, parse_dicom
 from ctdata.io import load_image
+from ctdata.preprocess import PreprocessConfig
 from cthub.errors import (
+    ConfigError,
     CTHubError,
     InputError,
     PayloadTooLargeError,
@@ -75,6 +78,22 @@ def policy(settings: ServeSettings) -> DicomPolicy:
         modality="reject",
         allowed_modalities=settings.allowed_modalities,
     )
+
+
+def effective_preprocessing(
+    base: PreprocessConfig, window: str | None = None, center: float | None = None, width: float | None = None
+) -> PreprocessConfig:
+    """The model's preprocessing, or the same with a window preset / explicit center+width the request
+    chose instead (answers report it as a warning: the model was trained with its own mapping)."""
+    if center is not None and width is not None:
+        return base.replace(
+            mapping="window", window=None, window_center=float(center), window_width=float(width)
+        )
+    if center is not None or width is not None:
+        raise ConfigError("give both window_center and window_width, or neither")
+    if window:
+        return base.replace(mapping="window", window=window, window_center=None, window_width=None)
+    return base
 
 
 def read_upload(path: Path | str, limit: int) -> bytes:
@@ -152,8 +171,6 @@ def load_picture(data: bytes, settings: ServeSettings) -> CTImage:
 
 def _check_picture_size(data: bytes, max_pixels: int) -> None:
     """413 before decoding when the picture's header declares more pixels than allowed."""
-    from PIL import Image
-
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

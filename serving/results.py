@@ -15,6 +15,7 @@ import io
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from ctdata.heatmap import heat, overlay
 
@@ -96,8 +97,6 @@ def aggregate_series(
 def cam_overlay_png(unit: np.ndarray, cam: np.ndarray) -> str:
     """Base64 PNG: the slice in [0, 1] [H, W] with a class activation map [h, w] (ReLU'd, scaled to its
     maximum, upsampled) blended in (`ctdata.heatmap`: jet, as the demo and `finetune.cam` draw it)."""
-    from PIL import Image
-
     rgb = overlay(np.asarray(unit, dtype=np.float32), heat(cam))
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, format="PNG", optimize=False)

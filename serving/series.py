@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydicom.uid import UID
+
 from ctdata.dicom import is_dicom, parse_dicom
 from ctdata.series import is_zip, iter_zip_members, slice_position, slice_sort_key
 from cthub.errors import CTHubError, InputError, PayloadTooLargeError, UnprocessableInputError
@@ -141,8 +143,6 @@ def parse_members(members: Iterator[Member], request: SeriesRequest) -> list[Par
 
 def _non_image_kind(ds: Any) -> str | None:
     """The SOP class name of a known non-image object (SR, presentation state...), else None."""
-    from pydicom.uid import UID
-
     sop = UID(str(ds.get("SOPClassUID", "") or ""))
     return sop.name if sop and sop.name != sop and "Image Storage" not in sop.name else None
 

@@ -1,5 +1,5 @@
-"""The BentoML services: `CTHubService` (the HTTP API and the demo at /ui) and `InferenceService` (the ONNX
-model behind adaptive batching), which `bentoml serve serving.service:CTHubService` starts together.
+"""The BentoML services: `cthub` (the HTTP API and the demo at /ui) and `cthub-inference` (the ONNX model
+behind adaptive batching), which `bentoml serve serving.entry:CTHubService` starts together.
 
     POST /predict          one DICOM -> label, probabilities, decision, OOD verdict, model, timing (cam=true:
                            the class activation map as a PNG overlay)
@@ -10,61 +10,44 @@ model behind adaptive batching), which `bentoml serve serving.service:CTHubServi
     GET|POST /model        the served model: identity, labels, preprocessing, thresholds, card metrics
     GET /readyz /livez /healthz /metrics /docs.json   (BentoML)
 
-The API service decodes and preprocesses (`serving.api.Analyzer`); model inputs go to the inference service,
-where concurrent requests are merged into one forward pass (max batch / max latency configurable). Settings
-come from the environment (`serving.settings`), read when this module is imported (BentoML's decorators need
-them) and again when each service starts. User errors are 4xx JSON `{error, type, detail}`; the gateway
-middleware (`serving.gateway`) adds auth, body limits and the audit log.
+The API service decodes and preprocesses (`serving.analysis.Analyzer`); model inputs go to the inference
+service, where concurrent requests are merged into one forward pass (max batch / max latency
+configurable). Settings come from the environment (`serving.settings`): `build_services` declares the two
+services from them (BentoML reads batching, workers, timeouts and CORS when a service is declared; its
+entry point `serving.entry` calls it at start-up) and each service reads them again when it starts.
+Importing this module changes no environment variable, creates no directory and reads no setting. User
+errors are 4xx JSON `{error, type, detail}`; the gateway middleware (`serving.gateway`) adds auth, body
+limits and the audit log.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
+import threading
+import traceback
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, cast
 
-# Telemetry off unless the operator says otherwise: before BentoML reads it (its serve event, Gradio, ORT).
-# MALLOC_ARENA_MAX: BentoML imports this module in its arbiter before it spawns the workers, which inherit
-# the environment; with one glibc arena per thread the API worker's 32 request threads fragment memory and
-# its RSS kept growing under load (~60 kB per request, measured), with 2 arenas it levels off.
-for _name, _value in (
-    ("BENTOML_DO_NOT_TRACK", "True"),
-    ("GRADIO_ANALYTICS_ENABLED", "False"),
-    ("ORT_DISABLE_TELEMETRY", "1"),
-    ("HF_HUB_DISABLE_TELEMETRY", "1"),
-    ("MALLOC_ARENA_MAX", "2"),
-):
-    os.environ.setdefault(_name, _value)
+import aiohttp
+import bentoml
+import numpy as np
+from starlette.responses import JSONResponse, Response
 
-from serving.viewer import private_upload_dir  # noqa: E402
-
-# Gradio's upload/cache directory, before Gradio is imported (some of its modules create files on import):
-# private to this user, removed on exit; the workers inherit it through the environment.
-private_upload_dir()
-
-import logging  # noqa: E402 -- after the telemetry switches above
-import signal  # noqa: E402
-import threading  # noqa: E402
-import traceback  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Annotated, Any, cast  # noqa: E402
-
-import aiohttp  # noqa: E402
-import bentoml  # noqa: E402
-import numpy as np  # noqa: E402
-from starlette.responses import JSONResponse, Response  # noqa: E402
-
-from cthub.errors import CTHubError, ServiceBusyError, UnprocessableInputError  # noqa: E402
-from serving.api import Analyzer, Options, RemoteModel, ServedModel  # noqa: E402
-from serving.audit import AUDIT_KEY, AuditLog  # noqa: E402
-from serving.demo import DemoModel, asgi_app, build_demo  # noqa: E402
-from serving.gateway import Gateway  # noqa: E402
-from serving.inference import InferenceEngine, verify_export  # noqa: E402
-from serving.inputs import error_body, http_status, read_upload  # noqa: E402
-from serving.predictor import resolve_model_dir  # noqa: E402
-from serving.settings import ServeSettings  # noqa: E402
+from cthub.errors import CTHubError, ServiceBusyError, UnprocessableInputError
+from export.session import quiet_onnxruntime_process
+from serving.analysis import Analyzer, Options
+from serving.audit import AUDIT_KEY, AuditLog
+from serving.demo import DemoModel, asgi_app, build_demo
+from serving.gateway import Gateway
+from serving.inference import InferenceEngine, ServedModel, resolve_model_dir, verify_export
+from serving.inputs import error_body, http_status, read_upload
+from serving.settings import ServeSettings
 
 log = logging.getLogger(__name__)
-SETTINGS = ServeSettings.from_env()  # frozen: what the decorators below are built from
 # BentoML's server logging config shows only its own logger at INFO; these packages log at INFO in a worker.
 WORKER_LOGGERS = ("serving", "export", "hub", "ctdata")
 QUIET_LOGGERS = ("highdicom",)  # may quote header values (patient data) in warnings
@@ -80,17 +63,13 @@ def served_demo_model() -> DemoModel:
     """The mounted demo's default model: this API worker's own service (`bentoml.get_current_service`, set
     when the worker starts), so the demo's analyses go through the inference service's batched ONNX
     session like every REST request, instead of a second session in the API worker."""
-    service = cast(CTHubService, bentoml.get_current_service())
+    service = cast(ApiWorker, bentoml.get_current_service())
     return service.demo_model()
 
 
 def configure_worker() -> None:
     """Process-wide settings of a serving worker (this module is its entry point): log levels of the
     project's loggers, quiet third-party loggers, ONNX Runtime's process logger and telemetry."""
-    import warnings
-
-    from export.session import quiet_onnxruntime_process
-
     for name in WORKER_LOGGERS:
         logging.getLogger(name).setLevel(logging.INFO)
     for name in QUIET_LOGGERS:
@@ -111,9 +90,9 @@ def fail_start(what: str, err: CTHubError) -> None:
     stop_server_after_startup_failure()
 
 
-@bentoml.service(name="cthub-inference", workers=1, traffic={"timeout": SETTINGS.request_timeout_s})
-class InferenceService:
-    """The exported ONNX classifier; concurrent requests are batched into one forward pass."""
+class InferenceWorker:
+    """The exported ONNX classifier; concurrent requests are batched into one forward pass (`build_services`
+    adds the batchable `infer` endpoint, whose batch size and latency budget are settings)."""
 
     def __init__(self) -> None:
         configure_worker()
@@ -128,20 +107,15 @@ class InferenceService:
             "cthub: serving %s (onnx %s, %s)", ident["name"], settings.variant, ", ".join(ident["providers"])
         )
 
-    @bentoml.api(batchable=True, max_batch_size=SETTINGS.max_batch, max_latency_ms=SETTINGS.max_latency_ms)
-    def infer(self, inputs: np.ndarray) -> list[dict[str, Any]]:
-        """Model inputs [B, C, S, S] float32 -> per-slice outputs (probabilities, cam, ood score...)."""
-        return self.engine.run(inputs)
-
     @bentoml.api
     def describe(self) -> dict[str, Any]:
         """Identity, config, labels, OOD threshold and outputs of the loaded model."""
         return self.engine.describe()
 
 
-def _with_demo(cls: type) -> type:
+def _with_demo(cls: type, settings: ServeSettings) -> type:
     """Mount the Gradio demo at /ui unless the operator turned it off (CTHUB_DEMO=0)."""
-    if not SETTINGS.demo:
+    if not settings.demo:
         return cls
     return bentoml.asgi_app(asgi_app(build_demo(served_demo_model)), path="/ui", name="demo")(cls)
 
@@ -154,18 +128,10 @@ def _json_error(ctx: bentoml.Context, err: CTHubError, audit: dict[str, Any]) ->
     return JSONResponse(body, status_code=ctx.response.status_code)
 
 
-@bentoml.service(
-    name="cthub",
-    workers=SETTINGS.api_workers,
-    threads=SETTINGS.api_threads,  # sync endpoints: several requests decode while others wait for the model
-    traffic={"timeout": SETTINGS.request_timeout_s},
-    http=SETTINGS.http_config(),
-)
-@_with_demo
-class CTHubService:
+class ApiWorker:
     """CT slice and series classification with one exported model (see the module docstring)."""
 
-    inference = bentoml.depends(InferenceService)
+    inference: Any  # `bentoml.depends` on the inference service, set by `build_services`
 
     def __init__(self) -> None:
         configure_worker()
@@ -181,15 +147,15 @@ class CTHubService:
         self._lock = threading.Lock()
 
     def served(self) -> ServedModel:
-        """The inference service's description of its model (asked once, on first use)."""
+        """The inference service's model: its description (asked once, on first use) and `_infer`."""
         with self._lock:
             if self._served is None:
-                self._served = ServedModel.from_description(self.inference.describe())
+                self._served = ServedModel.from_description(self.inference.describe(), self._infer)
             return self._served
 
     def demo_model(self) -> DemoModel:
         """The served model as the mounted demo analyses with it: through `_infer`, like the REST API."""
-        return DemoModel(resolve_model_dir(self.settings.model), RemoteModel(self.served(), self._infer))
+        return DemoModel(resolve_model_dir(self.settings.model), self.served())
 
     def _infer(self, batch: np.ndarray) -> list[dict[str, Any]]:
         """The inference service's outputs for a batch. A pooled connection the inference server closed
@@ -218,7 +184,7 @@ class CTHubService:
         try:
             served = self.served()
             audit["model_sha256"] = served.sha256
-            return work(Analyzer(self.settings, served, self._infer), audit)
+            return work(Analyzer(self.settings, served), audit)
         except CTHubError as e:
             return _json_error(ctx, e, audit)
         except Exception as e:  # noqa: BLE001 -- a bug must not leak the upload through BentoML's log line
@@ -328,12 +294,43 @@ class CTHubService:
         return self._call(ctx, lambda a, audit: a.model.card())
 
 
-cast(bentoml.Service[Any], CTHubService).add_asgi_middleware(
-    Gateway,
-    token=SETTINGS.api_token,
-    audit=AuditLog(SETTINGS.audit_salt),
-    limits={r: SETTINGS.max_upload_bytes for r in SINGLE_IMAGE_ROUTES}
-    | {r: SETTINGS.max_series_bytes for r in SERIES_ROUTES},
-    default_limit=SETTINGS.max_upload_bytes,
-    api_paths=frozenset(SINGLE_IMAGE_ROUTES + SERIES_ROUTES),
-)
+def build_services(settings: ServeSettings) -> bentoml.Service[Any]:
+    """The API service `cthub` and the inference service it depends on, configured by `settings` (BentoML
+    reads workers, threads, timeouts, batching and CORS when a service is declared), with the demo at /ui
+    and the gateway middleware (auth, body limits, audit log)."""
+
+    max_batch, max_latency = settings.max_batch, settings.max_latency_ms
+
+    class InferenceService(InferenceWorker):
+        __doc__ = InferenceWorker.__doc__
+
+        @bentoml.api(batchable=True, max_batch_size=max_batch, max_latency_ms=max_latency)
+        def infer(self, inputs: np.ndarray) -> list[dict[str, Any]]:
+            """Model inputs [B, C, S, S] float32 -> per-slice outputs (probabilities, cam, ood score...)."""
+            return self.engine.run(inputs)
+
+    inference_service = bentoml.service(
+        name="cthub-inference", workers=1, traffic={"timeout": settings.request_timeout_s}
+    )(InferenceService)
+
+    class CTHubService(ApiWorker):
+        __doc__ = ApiWorker.__doc__
+        inference = bentoml.depends(inference_service)
+
+    api = bentoml.service(
+        name="cthub",
+        workers=settings.api_workers,
+        threads=settings.api_threads,  # sync endpoints: requests decode while others wait for the model
+        traffic={"timeout": settings.request_timeout_s},
+        http=settings.http_config(),
+    )(_with_demo(CTHubService, settings))
+    api.add_asgi_middleware(
+        Gateway,
+        token=settings.api_token,
+        audit=AuditLog(settings.audit_salt),
+        limits={r: settings.max_upload_bytes for r in SINGLE_IMAGE_ROUTES}
+        | {r: settings.max_series_bytes for r in SERIES_ROUTES},
+        default_limit=settings.max_upload_bytes,
+        api_paths=frozenset(SINGLE_IMAGE_ROUTES + SERIES_ROUTES),
+    )
+    return api

@@ -1,8 +1,8 @@
 """Serving settings: every operator choice, read once from the environment into a frozen dataclass.
 
-BentoML reads batching, timeout, CORS and worker settings when the service class is decorated (at import),
-so `serving.service` builds its decorators from `ServeSettings.from_env()`; everything else is read by the
-services when they start. Nothing here loads a model.
+BentoML reads batching, timeout, CORS and worker settings when a service is declared, so the BentoML entry
+point (`serving.entry`) declares the services from `ServeSettings.from_env()` at start-up; everything else
+is read by the services when they start. Nothing here loads a model.
 
 | variable | default | meaning |
 |---|---|---|
@@ -38,8 +38,17 @@ from cthub.errors import ConfigError
 MODEL_ENV = "CTHUB_SERVE_MODEL"
 VARIANT_ENV = "CTHUB_SERVE_VARIANT"
 VARIANTS = ("fp32", "int8")
-BACKENDS = ("auto", "onnx", "torch")  # serving.predictor.open_classifier's backends
+BACKENDS = ("auto", "onnx", "torch")  # serving.inference.open_classifier's backends (`cthub demo`)
 MB = 2**20
+# Environment every serving process starts with unless the operator set it (`serving.entry`): telemetry off,
+# two glibc malloc arenas (bounded RSS of the API worker's request threads).
+PROCESS_ENV_DEFAULTS: dict[str, str] = {
+    "BENTOML_DO_NOT_TRACK": "True",
+    "GRADIO_ANALYTICS_ENABLED": "False",
+    "ORT_DISABLE_TELEMETRY": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "MALLOC_ARENA_MAX": "2",
+}
 
 
 def _number(env: Mapping[str, str], name: str, default: float, minimum: float = 0.0) -> float:

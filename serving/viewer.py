@@ -4,12 +4,12 @@
   API's own series reader (`serving.series`: grouping, limits, per-file errors, `slice_sort_key`); the pixels
   stay in HU (grey 0..255 for images that are not CT) at their own resolution.
 - `analyse`: every frame through the one preprocessing path (`ctdata.preprocess`, the model's own config) and
-  a `SliceModel` (mounted under the API: the inference service's batched ONNX session, the one the REST
+  a `ServedModel` (mounted under the API: the inference service's batched ONNX session, the one the REST
   endpoints use): probabilities, the thresholded decision, the out-of-distribution verdict and the class
   activation maps of every class from the model's `cam` output (computed inside the ONNX graph: no torch
   model is loaded for them). Series results follow the API's rule (`serving.results.aggregate_series`).
 - rendering: `display_config` (the model's own mapping, or a window) -> `render` (window at the slice's own
-  resolution, map blended in with `finetune.cam.overlay`), `pixel_value` for the HU readout.
+  resolution, map blended in with `ctdata.heatmap.overlay`), `pixel_value` for the HU readout.
 - `safe_metadata`: an allow-list of technical header fields; patient and study attributes are never read.
 - `private_upload_dir`: where Gradio may put uploads (patient data): a directory private to the server.
 """
@@ -28,11 +28,12 @@ from typing import Any
 
 import numpy as np
 
+from ctdata.heatmap import overlay
 from ctdata.preprocess import WINDOW_PRESETS, PreprocessConfig, intensities_to_unit, unit_to_input
 from cthub.errors import CTHubError, InputError, PayloadTooLargeError
 from serving import results
-from serving.inference import SliceModel
-from serving.predictor import effective_preprocessing
+from serving.inference import ServedModel
+from serving.inputs import effective_preprocessing
 from serving.series import (
     SeriesRequest,
     choose_series,
@@ -230,7 +231,7 @@ def model_inputs(slices: list[ViewSlice], cfg: PreprocessConfig) -> np.ndarray:
     )
 
 
-def analyse(study: Study, model: SliceModel, model_dir: str, batch: int = 16, top_k: int = 3) -> Analysis:
+def analyse(study: Study, model: ServedModel, model_dir: str, batch: int = 16, top_k: int = 3) -> Analysis:
     """Every frame through the model in batches of `batch`; the series result when there are several."""
     cfg, labels = model.config.preprocessing, model.labels
     threshold, ood_threshold = model.config.threshold, model.ood_threshold
@@ -279,13 +280,6 @@ def display_config(base: PreprocessConfig, preset: str, center: float, width: fl
     return effective_preprocessing(base, center=float(center), width=float(width))
 
 
-def cam_heat(cam: np.ndarray) -> np.ndarray:
-    """A class activation map -> heat in [0, 1]: ReLU, scaled by its maximum (all-zero stays zero)."""
-    heat = np.maximum(np.asarray(cam, dtype=np.float32), 0.0)
-    top = float(heat.max()) if heat.size else 0.0
-    return heat / top if top > 0 else heat
-
-
 def render(
     sl: ViewSlice, cfg: PreprocessConfig, heat: np.ndarray | None = None, opacity: float = 0.4
 ) -> np.ndarray:
@@ -295,8 +289,6 @@ def render(
     if heat is None or opacity <= 0:
         grey = np.rint(np.clip(unit, 0.0, 1.0) * 255.0).astype(np.uint8)
         return np.repeat(grey[..., None], 3, axis=-1)
-    from finetune.cam import overlay
-
     return overlay(unit, heat, alpha=float(np.clip(opacity, 0.0, 1.0)))
 
 

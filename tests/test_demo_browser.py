@@ -7,7 +7,6 @@ API's answer for the same file and with HU computed here."""
 
 from __future__ import annotations
 
-import io
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,11 +16,12 @@ from urllib.parse import urlparse
 import httpx
 import numpy as np
 import pytest
+from helpers import need, png_pixels
 from test_serving_api import metric
-from test_serving_demo import ANALYSIS, LABELS, binary_classifier, dicom_file, view_args, windowed
+from test_serving_demo import ANALYSIS, LABELS, binary_classifier, view_args, windowed
 
 from ctdata import read_dicom
-from serving.launch import Server, start_server
+from serving.launch import Server, running_server
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = [
@@ -53,18 +53,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, P
     tmp = root / "tmp"
     tmp.mkdir()
     env = {"BENTOML_HOME": str(root / "bentoml"), "TMPDIR": str(tmp), "CTHUB_BATCH_MAX_SIZE": "4"}
-    server = start_server(model_dir, root / "server.log", env={**env, "GRADIO_TEMP_DIR": ""})
-    try:
+    with running_server(model_dir, root / "server.log", env={**env, "GRADIO_TEMP_DIR": ""}) as server:
         yield server, model_dir, tmp
-    finally:
-        server.stop()
-
-
-def decoded(png_bytes: bytes) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(io.BytesIO(png_bytes)) as im:
-        return np.asarray(im.convert("RGB")).astype(np.int16)
 
 
 class Page:
@@ -83,11 +73,11 @@ class Page:
 
     def image(self) -> np.ndarray:
         """The slice as served to the page (the PNG behind the <img>), at its own resolution."""
-        return decoded(httpx.get(self.image_src(), timeout=30).content)
+        return png_pixels(httpx.get(self.image_src(), timeout=30).content).astype(np.int16)
 
     def on_screen(self) -> np.ndarray:
         """The slice as the browser draws it."""
-        return decoded(self.page.locator("#windowed-image img").screenshot())
+        return png_pixels(self.page.locator("#windowed-image img").screenshot()).astype(np.int16)
 
     def wait_new_image(self, old_src: str) -> None:
         self.page.wait_for_function(
@@ -154,7 +144,7 @@ def test_demo_in_headless_chromium(
         f"{server.base}/predict", files={"file": ("x.dcm", ct_small_dcm.read_bytes())}, timeout=120
     ).json()
     hu = read_dicom(ct_small_dcm).pixels[0]
-    mr_small = dicom_file("MR_small.dcm")
+    mr_small = need("MR_small.dcm")
     shots = tmp_path / "screenshots"
     shots.mkdir()
     blocked: list[str] = []

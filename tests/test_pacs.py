@@ -33,12 +33,12 @@ import httpx
 import numpy as np
 import pydicom
 import pytest
-import torch
+from helpers import calibrated_resnet
 
 from ctdata.preprocess import PreprocessConfig, prepare
 from export import export_onnx
 from export.session import OnnxClassifier
-from hub import ModelConfig, ResNet50, save_pretrained
+from hub import ModelConfig, save_pretrained
 from pacs.orthanc import missing_parts
 from pacs.records import read_records
 from serving.audit import AuditLog
@@ -107,22 +107,6 @@ def make_series(names: tuple[str, ...], bad: frozenset[int] = frozenset(), modal
         sops.append(str(sop))
         blobs.append(buf.getvalue())
     return Series(study, series, sops, blobs, set(bad))
-
-
-def calibrated_resnet(cfg: ModelConfig, sources: list[Path]) -> ResNet50:
-    """A random-init ResNet50 with BatchNorm statistics from real CT slices, so that probabilities differ
-    between slices (with mean 0 / var 1 statistics one class saturates on every input)."""
-    torch.manual_seed(0)
-    model = ResNet50(num_classes=cfg.num_classes)
-    x = torch.stack([prepare(p, cfg.preprocessing) for p in sources])
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None
-    model.train()
-    with torch.no_grad():
-        model(torch.cat([x, x.flip(-1)]))
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

@@ -24,16 +24,16 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import torch
+from helpers import calibrated_resnet, colour_ct, edited, need, post, pydicom_file, to_bytes, zip_of
 
 from ctdata.preprocess import PreprocessConfig, prepare
 from cthub.cli import main as cthub_main
 from export import export_onnx
 from export.session import OnnxClassifier
-from hub import ModelConfig, ResNet50, save_pretrained
-from hub.io import sha256_file
+from hub import ModelConfig, save_pretrained
+from hub.io import hub_dir, sha256_file
 from serving.demo import MODEL_DEFAULT
-from serving.launch import free_port, start_server
+from serving.launch import free_port, running_server
 
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = ["liver", "kidney", "lung"]
@@ -52,46 +52,12 @@ MAX_SERIES_MB = 8
 MAX_PIXELS = 1_000_000  # 512x512 slices pass, a header declaring 2048x2048 does not
 
 
-def pydicom_file(name: str) -> Path | None:
-    from pydicom.data import get_testdata_file
-
-    p = get_testdata_file(name, download=False)
-    return Path(p) if p else None
-
-
-def need(name: str) -> Path:
-    p = pydicom_file(name)
-    if p is None:
-        pytest.skip(f"needs {name} (pydicom-data)")
-    return p
-
-
 @pytest.fixture(scope="module")
 def distinct_ct() -> list[Path]:
     files = [p for name in DISTINCT_CT if (p := pydicom_file(name)) is not None]
     if len(files) < 3:
         pytest.skip("needs at least three distinct real CT DICOM files (install pydicom-data)")
     return files
-
-
-def calibrated_resnet(cfg: ModelConfig, sources: list[Path]) -> ResNet50:
-    """A random-init 3-class ResNet50 whose BatchNorm statistics are estimated on real CT slices.
-
-    With the default statistics (mean 0, var 1) a random ResNet50's softmax saturates at ~1.0 for one class
-    on every input, so every answer looks alike and a swapped answer would pass unnoticed; with real
-    statistics the probabilities differ between slices by several hundredths.
-    """
-    torch.manual_seed(0)
-    model = ResNet50(num_classes=cfg.num_classes)
-    x = torch.stack([prepare(p, cfg.preprocessing) for p in sources])
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average over the calibration passes
-    model.train()
-    with torch.no_grad():
-        model(torch.cat([x, x.flip(-1)]))
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -116,11 +82,8 @@ def server(tmp_path_factory: pytest.TempPathFactory, distinct_ct: list[Path]):
         "CTHUB_AUDIT_SALT": "test-salt",
         "CTHUB_BATCH_MAX_SIZE": "8",
     }
-    srv = start_server(model_dir, root / "server.log", env=env)
-    try:
+    with running_server(model_dir, root / "server.log", env=env) as srv:
         yield srv, model_dir, tmp
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")
@@ -138,13 +101,6 @@ def onnx_direct(server) -> Callable[[Path | bytes], np.ndarray]:
         return cache[key]
 
     return ref
-
-
-def post(base: str, data: Path | bytes, route: str = "/predict", name: str = "upload.dcm", **fields: str):
-    """One upload as curl sends it (application/octet-stream part)."""
-    body = data.read_bytes() if isinstance(data, Path) else data
-    files = {"file": (name, body, "application/octet-stream")}
-    return httpx.post(base + route, files=files, data=fields, timeout=120)
 
 
 def post_many(base: str, route: str, blobs: list[bytes], **fields: str) -> httpx.Response:
@@ -182,12 +138,6 @@ def dataset(src: Path):
     import pydicom
 
     return pydicom.dcmread(src)
-
-
-def to_bytes(ds) -> bytes:
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
 
 
 def make_series(src: Path, n: int, seed: int = 0) -> list[tuple[float, bytes]]:
@@ -229,16 +179,6 @@ def compressed_as(src: Path, ts_uid: str) -> bytes:
     return to_bytes(ds)
 
 
-def edited(src: Path, drop: tuple[str, ...] = (), **values) -> bytes:
-    ds = dataset(src)
-    for keyword in drop:
-        if keyword in ds:
-            delattr(ds, keyword)
-    for k, v in values.items():
-        setattr(ds, k, v)
-    return to_bytes(ds)
-
-
 def one_bit(src: Path) -> bytes:
     ds = dataset(src)
     rows, cols = int(ds.Rows), int(ds.Columns)
@@ -251,34 +191,6 @@ def one_bit(src: Path) -> bytes:
         PixelRepresentation=0,
         PixelData=np.packbits(bits.ravel(), bitorder="little").tobytes()[: rows * cols // 8],
     )
-
-
-def colour_ct(src: Path) -> bytes:
-    ds = dataset(src)
-    grey = (ds.pixel_array.astype(np.float32) / max(float(ds.pixel_array.max()), 1.0) * 255).astype(np.uint8)
-    rgb = np.stack([grey, grey // 2, 255 - grey], axis=-1)
-    return edited(
-        src,
-        drop=("RescaleSlope", "RescaleIntercept"),
-        SamplesPerPixel=3,
-        PhotometricInterpretation="RGB",
-        PlanarConfiguration=0,
-        BitsAllocated=8,
-        BitsStored=8,
-        HighBit=7,
-        PixelRepresentation=0,
-        PixelData=rgb.tobytes(),
-    )
-
-
-def zip_of(blobs: list[bytes], extra: dict[str, bytes] | None = None) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
-        for i, b in enumerate(blobs):
-            z.writestr(f"series/IM{i:04d}", b)
-        for name, b in (extra or {}).items():
-            z.writestr(name, b)
-    return buf.getvalue()
 
 
 # ---- health, docs, model ----------------------------------------------------------------------------------
@@ -797,10 +709,13 @@ def test_serve_with_a_missing_model_or_onnx_file_is_a_clear_error(
     for name in ("model.safetensors", "config.json"):
         shutil.copy(model_dir / name, bare / name)
     assert cthub_main(["serve", "--model", str(bare), "--port", str(free_port())]) == 2
-    assert (
-        "no model.onnx" in capsys.readouterr().err
-        and "cthub export" in capsys.readouterr().err + "cthub export"
-    )
+    err = capsys.readouterr().err
+    assert f"no model.onnx in {bare.resolve()}: run `cthub export {bare.resolve()}` first" in err
+    # a registry alias names the hub folder `hub.from_pretrained` would load ("spark" -> spark-lidc)
+    aliased = hub_dir() / "spark-lidc"
+    shutil.copytree(bare, aliased)
+    assert cthub_main(["serve", "--model", "spark", "--port", str(free_port())]) == 2
+    assert f"no model.onnx in {aliased.resolve()}" in capsys.readouterr().err
     assert (
         cthub_main(["serve", "--model", str(model_dir), "--variant", "int8", "--port", str(free_port())]) == 2
     )

@@ -16,13 +16,14 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from helpers import calibrated, need, png_bytes, post
 
 from ctdata.datasets import ORGANAMNIST_LABELS
 from ctdata.preprocess import PreprocessConfig, prepare, prepare_batch
 from export import export_onnx
 from export.session import OnnxClassifier
 from hub import ModelConfig, ResNet50, save_pretrained
-from serving.launch import ROOT, free_port, start_server
+from serving.launch import ROOT, free_port, running_server
 
 TOKEN = "s3cr3t-token-for-tests"
 ORIGIN = "https://viewer.hospital.example"
@@ -32,15 +33,6 @@ ORGANS = ORGANAMNIST_LABELS
 
 def auth(token: str = TOKEN) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
-
-
-def pydicom_file(name: str) -> Path:
-    from pydicom.data import get_testdata_file
-
-    p = get_testdata_file(name, download=False)
-    if p is None:
-        pytest.skip(f"needs {name}")
-    return Path(p)
 
 
 def organ_model(root: Path, npz: Path) -> Path:
@@ -56,16 +48,11 @@ def organ_model(root: Path, npz: Path) -> Path:
         provenance={"data": str(npz)},
     )
     torch.manual_seed(0)
-    model = ResNet50(num_classes=len(ORGANS))
     images = np.load(npz)["train_images"][:256]
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None
-    model.train()
-    with torch.no_grad():
-        model(prepare_batch(images, cfg.preprocessing))
-    model_dir = save_pretrained(model.eval(), root / "organ", cfg)
+    model = calibrated(
+        ResNet50(num_classes=len(ORGANS)), prepare_batch(images, cfg.preprocessing), flip=False
+    )
+    model_dir = save_pretrained(model, root / "organ", cfg)
     export_onnx(model_dir, data=npz, tolerance=1e-3, parity_images=32, ood_images=300)
     quantize_int8(
         model_dir,
@@ -91,21 +78,13 @@ def server(tmp_path_factory: pytest.TempPathFactory, organamnist_npz: Path):
         "CTHUB_ALLOW_MODALITIES": "CT,MR",
         "CTHUB_DEMO": "0",
     }
-    srv = start_server(model_dir, root / "server.log", env=env, args=("--variant", "int8"))
-    try:
+    with running_server(model_dir, root / "server.log", env=env, args=("--variant", "int8")) as srv:
         yield srv, model_dir
-    finally:
-        srv.stop()
-
-
-def post(base: str, data: bytes, route: str = "/predict", headers: dict[str, str] | None = None):
-    files = {"file": ("x", data, "application/octet-stream")}
-    return httpx.post(base + route, files=files, headers=headers, timeout=120)
 
 
 def test_bearer_token_required_everywhere_but_health(server) -> None:
     srv, _ = server
-    ct = pydicom_file("CT_small.dcm").read_bytes()
+    ct = need("CT_small.dcm").read_bytes()
     for headers in (None, auth("wrong-token"), {"Authorization": TOKEN}, {"Authorization": f"Basic {TOKEN}"}):
         r = post(srv.base, ct, headers=headers)
         assert r.status_code == 401, headers
@@ -133,7 +112,7 @@ def test_cors_allows_the_configured_origin_only(server) -> None:
     assert "authorization" in ok.headers["access-control-allow-headers"].lower()
     other = httpx.options(srv.base + "/predict", headers={"Origin": "https://evil.example"} | preflight)
     assert other.headers.get("access-control-allow-origin") != "https://evil.example"
-    r = post(srv.base, pydicom_file("CT_small.dcm").read_bytes(), headers=auth() | {"Origin": ORIGIN})
+    r = post(srv.base, need("CT_small.dcm").read_bytes(), headers=auth() | {"Origin": ORIGIN})
     assert r.status_code == 200 and r.headers["access-control-allow-origin"] == ORIGIN
 
 
@@ -145,7 +124,7 @@ def test_int8_variant_is_served_and_matches_its_file(server) -> None:
     assert card["onnx_sha256"] == sidecar and card["ood_threshold"] is not None
     clf = OnnxClassifier.from_model_dir(model_dir, "int8", threads=1)
     for name in ("CT_small.dcm", "693_UNCI.dcm"):
-        path = pydicom_file(name)
+        path = need(name)
         body = post(srv.base, path.read_bytes(), headers=auth()).json()
         ref = clf.predict_proba(prepare(path, clf.config.preprocessing)[None])[0]
         assert np.allclose([body["probabilities"][k] for k in ORGANS], ref, atol=ATOL), name
@@ -154,31 +133,24 @@ def test_int8_variant_is_served_and_matches_its_file(server) -> None:
 
 def test_operator_allowed_modality_is_analysed_with_a_warning(server) -> None:
     srv, _ = server
-    r = post(srv.base, pydicom_file("MR_small.dcm").read_bytes(), headers=auth())
+    r = post(srv.base, need("MR_small.dcm").read_bytes(), headers=auth())
     assert r.status_code == 200, r.text
     assert r.json()["image"]["hounsfield"] is False
     assert any("not a CT image in HU" in w for w in r.json()["warnings"])
-    rgb = post(srv.base, pydicom_file("SC_rgb.dcm").read_bytes(), headers=auth())
+    rgb = post(srv.base, need("SC_rgb.dcm").read_bytes(), headers=auth())
     assert rgb.status_code == 422  # OT is still not allowed
-
-
-def png(image: np.ndarray) -> bytes:
-    import io
-
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def test_ood_signal_in_every_answer(server, organamnist_npz: Path, head_ct_dir: Path) -> None:
     """Its own test images (OrganAMNIST, as PNG) are rarely flagged; head CT slices mostly are."""
     srv, _ = server
     test = np.load(organamnist_npz)["test_images"]
-    own = [post(srv.base, png(img), "/predict_image", auth()).json() for img in test[:: len(test) // 30][:30]]
+    own = [
+        post(srv.base, png_bytes(img), "/predict_image", headers=auth()).json()
+        for img in test[:: len(test) // 30][:30]
+    ]
     heads = sorted(head_ct_dir.glob("*.png"))[::20]
-    foreign = [post(srv.base, p.read_bytes(), "/predict_image", auth()).json() for p in heads]
+    foreign = [post(srv.base, p.read_bytes(), "/predict_image", headers=auth()).json() for p in heads]
     for body in own + foreign:
         assert set(body["ood"]) >= {"score", "threshold", "warning"} and body["ood"]["available"] is True
     threshold = own[0]["ood"]["threshold"]
@@ -212,7 +184,7 @@ def test_start_up_fails_fast_when_the_onnx_file_fails_verification(server, tmp_p
         "-m",
         "bentoml",
         "serve",
-        "serving.service:CTHubService",
+        "serving.entry:CTHubService",
         "--port",
         str(free_port()),
     ]

@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,8 +21,9 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from helpers import calibrated, colour_ct, edited, need, png_pixels, to_bytes, zip_of
 
-from ctdata import read_dicom
+from ctdata import heatmap, read_dicom
 from ctdata.datasets import ORGANAMNIST_LABELS
 from ctdata.preprocess import WINDOW_PRESETS, PreprocessConfig, prepare, prepare_batch
 from cthub.errors import InputError
@@ -32,9 +32,8 @@ from export.session import OnnxClassifier
 from hub import ModelConfig, ResNet50, save_pretrained
 from serving import viewer
 from serving.demo import DemoModel, Handlers, build_demo, launch_options, local_classifiers
-from serving.inference import InferenceEngine
+from serving.inference import InferenceEngine, open_classifier, resolve_model_dir
 from serving.launch import QUIET, ROOT, free_port
-from serving.predictor import Predictor
 from serving.settings import ServeSettings
 from serving.viewer import CUSTOM, MODEL_DEFAULT, private_upload_dir
 
@@ -84,38 +83,11 @@ PHI_NEEDLES = (
 # ---- real DICOM files and small real models (also used by test_demo_browser.py) ---------------------------
 
 
-def dicom_file(name: str) -> Path:
-    from pydicom.data import get_testdata_file
-
-    p = get_testdata_file(name, download=False)
-    if p is None:
-        pytest.skip(f"needs {name} (pydicom-data)")
-    return Path(p)
-
-
-def to_bytes(ds: Any) -> bytes:
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
-
-
-def edited(src: Path, drop: tuple[str, ...] = (), **values: Any) -> bytes:
-    import pydicom
-
-    ds = pydicom.dcmread(src)
-    for keyword in drop:
-        if keyword in ds:
-            delattr(ds, keyword)
-    for k, v in values.items():
-        setattr(ds, k, v)
-    return to_bytes(ds)
-
-
 def hu_dicom(hu: np.ndarray) -> bytes:
     """A real CT header (CT_small.dcm) carrying `hu` (int16, slope 1, intercept 0) as its pixels."""
     rows, cols = hu.shape
     return edited(
-        dicom_file("CT_small.dcm"),
+        need("CT_small.dcm"),
         Rows=rows,
         Columns=cols,
         BitsAllocated=16,
@@ -149,33 +121,12 @@ def make_series(src: Path, n: int, seed: int = 0) -> list[tuple[float, bytes]]:
     return out
 
 
-def zip_of(blobs: list[bytes]) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
-        for i, b in enumerate(blobs):
-            z.writestr(f"series/IM{i:04d}", b)
-    return buf.getvalue()
-
-
-def calibrated(model: ResNet50, batch: torch.Tensor) -> ResNet50:
-    """BatchNorm statistics estimated on real images: a random ResNet50 with the default statistics puts
-    ~all probability on one class for every input, and comparisons of answers would prove nothing."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None  # a cumulative average over the calibration batch
-    model.train()
-    with torch.no_grad():
-        model(torch.cat([batch, batch.flip(-1)]))
-    return model.eval()
-
-
 def binary_classifier(folder: Path) -> Path:
     """An exported 2-class ResNet50 (brain window, 64 px) whose operating point makes its decision on
     CT_small.dcm differ from the most probable class, so that a view showing the argmax is caught."""
     pp = PreprocessConfig.for_window("brain", input_size=64)
     torch.manual_seed(3)
-    ct = [dicom_file(n) for n in ("CT_small.dcm", "J2K_pixelrep_mismatch.dcm")]
+    ct = [need(n) for n in ("CT_small.dcm", "J2K_pixelrep_mismatch.dcm")]
     x = torch.stack(
         [prepare(p, pp.replace(window=w)) for p in ct for w in ("brain", "abdomen", "bone", "lung")]
     )
@@ -224,16 +175,16 @@ def organ_dir(tmp_path_factory: pytest.TempPathFactory, organamnist_npz: Path) -
 
 
 @pytest.fixture(scope="module")
-def brain(brain_dir: Path) -> Predictor:
-    predictor = Predictor(brain_dir, threads=1)
-    assert predictor.backend == "onnx"
-    return predictor
+def brain(brain_dir: Path) -> OnnxClassifier:
+    clf = open_classifier(resolve_model_dir(brain_dir), threads=1)
+    assert isinstance(clf, OnnxClassifier) and clf.backend == "onnx"
+    return clf
 
 
-def in_process(p: Predictor) -> DemoModel:
-    """The demo's model run in this process by the Predictor's classifier (the mounted demo's goes through
-    the inference service instead: tests/test_demo_browser.py)."""
-    return DemoModel(p.model_dir, InferenceEngine(p.classifier))
+def in_process(clf: OnnxClassifier) -> DemoModel:
+    """The demo's model run in this process by the classifier (the mounted demo's goes through the
+    inference service instead: tests/test_demo_browser.py)."""
+    return DemoModel(clf.path.parent, InferenceEngine(clf).served())
 
 
 class Demo:
@@ -271,7 +222,9 @@ def view_args(
 
 
 @pytest.fixture(scope="module")
-def demo_server(brain: Predictor, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+def demo_server(
+    brain: OnnxClassifier, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, Path]]:
     """The demo launched in this process, its upload directory set for the module."""
     upload_dir = tmp_path_factory.mktemp("gradio-uploads")
     mp = pytest.MonkeyPatch()
@@ -294,13 +247,6 @@ def demo(demo_server: tuple[str, Path], gradio_client_temp_dir: Path) -> Demo:
     return Demo(*demo_server, gradio_client_temp_dir / "downloads")
 
 
-def png(path: str) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
-
-
 def confidences(label: dict[str, Any]) -> dict[str, float]:
     return {c["label"]: c["confidence"] for c in label["confidences"]}
 
@@ -313,7 +259,9 @@ def windowed(hu: np.ndarray, center: float, width: float) -> np.ndarray:
 # ---- the viewer, without Gradio ---------------------------------------------------------------------------
 
 
-def test_study_keeps_hu_at_full_resolution_and_renders_windows(brain: Predictor, ct_small_dcm: Path) -> None:
+def test_study_keeps_hu_at_full_resolution_and_renders_windows(
+    brain: OnnxClassifier, ct_small_dcm: Path
+) -> None:
     study = viewer.read_study([ct_small_dcm], SETTINGS)
     hu = read_dicom(ct_small_dcm).pixels[0]
     (sl,) = study.slices
@@ -336,14 +284,14 @@ def test_study_keeps_hu_at_full_resolution_and_renders_windows(brain: Predictor,
 
 
 def test_analysis_equals_the_onnx_model_on_the_api_preprocessing(
-    brain: Predictor, brain_dir: Path, ct_small_dcm: Path
+    brain: OnnxClassifier, brain_dir: Path, ct_small_dcm: Path
 ) -> None:
-    other = dicom_file("693_UNCI.dcm")  # another series: reported, never mixed in
+    other = need("693_UNCI.dcm")  # another series: reported, never mixed in
     study = viewer.read_study([ct_small_dcm, other], SETTINGS)
     assert len(study.slices) == 1 and study.slices[0].pixels.shape == (128, 128)
     assert study.left_out["other_series"][0]["files"] == [1]
     assert "file" in viewer.left_out_text(study.left_out)[0]
-    a = viewer.analyse(study, InferenceEngine(brain.classifier), str(brain_dir), batch=1)
+    a = viewer.analyse(study, InferenceEngine(brain).served(), str(brain_dir), batch=1)
     clf = OnnxClassifier(brain_dir / "model.onnx", threads=1)
     ref = clf.outputs(prepare(ct_small_dcm, clf.config.preprocessing)[None])
     r = a.slices[0]
@@ -353,7 +301,7 @@ def test_analysis_equals_the_onnx_model_on_the_api_preprocessing(
     assert r.label != argmax and r.decision["rule"] == "threshold"  # the operating point, not the argmax
     assert a.series is None and r.ood["available"] is False
     # a multi-frame enhanced CT: every frame is a slice, in anatomical order
-    ect = viewer.read_study([dicom_file("eCT_Supplemental.dcm")], SETTINGS)
+    ect = viewer.read_study([need("eCT_Supplemental.dcm")], SETTINGS)
     assert len(ect.slices) == 2 and [s.frame for s in ect.slices] in ([0, 1], [1, 0])
     assert ect.metadata[0]["pixel_spacing_mm"] and ect.metadata[0]["modality"] == "CT"  # functional groups
 
@@ -400,7 +348,7 @@ def test_private_upload_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
     assert private_upload_dir() == (tmp_path / "operator").resolve() and (tmp_path / "operator").is_dir()
 
 
-def test_only_gradio_uploads_are_deleted(brain: Predictor, tmp_path: Path, ct_small_dcm: Path) -> None:
+def test_only_gradio_uploads_are_deleted(brain: OnnxClassifier, tmp_path: Path, ct_small_dcm: Path) -> None:
     uploads = tmp_path / "uploads"
     (uploads / "abc123").mkdir(parents=True)
     uploaded = uploads / "abc123" / "slice.dcm"
@@ -417,7 +365,7 @@ def test_only_gradio_uploads_are_deleted(brain: Predictor, tmp_path: Path, ct_sm
 
 
 def test_upload_one_dicom_shows_the_decision_the_probabilities_and_the_card(
-    demo: Demo, brain: Predictor, brain_dir: Path, ct_small_dcm: Path
+    demo: Demo, brain: OnnxClassifier, brain_dir: Path, ct_small_dcm: Path
 ) -> None:
     models, center, width = demo.client.predict(api_name="/models")
     assert [c[1] for c in models["choices"]] == [str(brain_dir.resolve())] and (center, width) == (35, 80)
@@ -429,12 +377,12 @@ def test_upload_one_dicom_shows_the_decision_the_probabilities_and_the_card(
     assert out["prediction"] == expected != LABELS[int(np.argmax(p))]  # the operating point decides
     assert f"≥ {brain.config.threshold:.2f}" in out["rule"]
     hu = read_dicom(ct_small_dcm).pixels[0]
-    image = png(out["image"])
+    image = png_pixels(out["image"])
     assert image.shape == (128, 128, 3) and np.abs(image[..., 0] - windowed(hu, 35, 80)).max() <= 1
     card = out["card"]
     for needle in (
         "tiny-brain",
-        brain.classifier.identity["version"],
+        brain.identity["version"],
         "random",
         "test_auc 0.512",
         "window brain",
@@ -454,8 +402,8 @@ def test_upload_one_dicom_shows_the_decision_the_probabilities_and_the_card(
     assert cleared["prediction"] == "" and cleared["image"] is None and not cleared["probabilities"]
 
 
-def test_series_in_anatomical_order_slice_by_slice(demo: Demo, brain: Predictor, tmp_path: Path) -> None:
-    series = make_series(dicom_file("CT_small.dcm"), 5)
+def test_series_in_anatomical_order_slice_by_slice(demo: Demo, brain: OnnxClassifier, tmp_path: Path) -> None:
+    series = make_series(need("CT_small.dcm"), 5)
     zipped = tmp_path / "series.zip"
     zipped.write_bytes(zip_of([b for _, b in series[:3]]))
     loose = []
@@ -469,7 +417,7 @@ def test_series_in_anatomical_order_slice_by_slice(demo: Demo, brain: Predictor,
         out["slice"]["value"] == peak + 1 and out["details"]["slice"]["index"] == peak
     )  # starts at the peak
     assert out["series"]["visible"] is True and "series scores" in out["rule"]
-    clf = brain.classifier
+    clf = brain
     positions, probs = [], []
     for k in range(1, 6):
         s = demo.call("/show_slice", *view_args(slice=k), names=SLICE_OUTPUTS)
@@ -486,40 +434,40 @@ def test_series_in_anatomical_order_slice_by_slice(demo: Demo, brain: Predictor,
 
 
 def test_window_preset_sliders_and_class_activation_map(
-    demo: Demo, brain: Predictor, ct_small_dcm: Path
+    demo: Demo, brain: OnnxClassifier, ct_small_dcm: Path
 ) -> None:
     out = demo.load([ct_small_dcm])
     hu = read_dicom(ct_small_dcm).pixels[0]
-    plain = png(out["image"])
+    plain = png_pixels(out["image"])
     c, w, img = demo.client.predict(*view_args(preset="bone"), api_name="/set_preset")
     assert (c, w) == WINDOW_PRESETS["bone"]
-    bone = png(img)
+    bone = png_pixels(img)
     assert np.abs(bone[..., 0] - windowed(hu, 400, 1800)).max() <= 1 and not np.array_equal(bone, plain)
     preset, img = demo.client.predict(*view_args(preset="bone", center=60, width=120), api_name="/set_window")
-    assert preset == CUSTOM and np.abs(png(img)[..., 0] - windowed(hu, 60, 120)).max() <= 1
+    assert preset == CUSTOM and np.abs(png_pixels(img)[..., 0] - windowed(hu, 60, 120)).max() <= 1
     # the map of each class from the ONNX model's cam output, blended over the windowed slice
-    clf = brain.classifier
+    clf = brain
     cams = clf.outputs(prepare(ct_small_dcm, clf.config.preprocessing)[None]).cam[0]
     study = viewer.read_study([ct_small_dcm], SETTINGS)
     cfg = viewer.display_config(clf.config.preprocessing, "bone", 400, 1800)
     maps = {}
     for k, label in enumerate(LABELS):
-        got = png(
+        got = png_pixels(
             demo.client.predict(
                 *view_args(preset="bone", center=400, width=1800, cam=True, cam_class=label), api_name="/cam"
             )
         )
-        expected = viewer.render(study.slices[0], cfg, viewer.cam_heat(cams[k]), 0.4)
+        expected = viewer.render(study.slices[0], cfg, heatmap.heat(cams[k]), 0.4)
         assert np.abs(got.astype(int) - expected).max() <= 1, label
         assert not np.array_equal(got, bone) and not np.array_equal(got[..., 0], got[..., 2])  # colour
         maps[label] = got
     assert not np.array_equal(maps["normal"], maps["hemorrhage"])
-    off = png(
+    off = png_pixels(
         demo.client.predict(
             *view_args(preset="bone", center=400, width=1800, cam=False, cam_class="normal"), api_name="/cam"
         )
     )
-    clear = png(
+    clear = png_pixels(
         demo.client.predict(
             *view_args(preset="bone", center=400, width=1800, cam=True, cam_class="normal", opacity=0.0),
             api_name="/cam",
@@ -595,12 +543,11 @@ def test_out_of_distribution_warning_fires_only_outside_the_training_data(
 
 def bad_uploads(tmp_path: Path) -> dict[str, tuple[list[bytes], str]]:
     """Every class of unusable upload, built from real files, with the message the page must show."""
-    ct = dicom_file("CT_small.dcm")
+    ct = need("CT_small.dcm")
     data = ct.read_bytes()
     import pydicom
 
     ts = pydicom.dcmread(ct).file_meta.TransferSyntaxUID.encode()
-    rgb = pydicom.dcmread(ct)
     return {
         "not_dicom": ([os.urandom(4096)], "file 0 was skipped: not a DICOM Part 10 file"),
         "empty": ([b""], "empty upload"),
@@ -609,27 +556,14 @@ def bad_uploads(tmp_path: Path) -> dict[str, tuple[list[bytes], str]]:
         "no_pixel_data": ([edited(ct, drop=("PixelData",))], "ends before its pixel data"),
         "too_many_pixels": ([edited(ct, Rows=2048, Columns=2048)], "above the limit of 1,000,000"),
         "unknown_transfer_syntax": ([data.replace(ts, b"1.2.840.99999.1.2.1", 1)], "no decoder can read it"),
-        "report": ([dicom_file("test-SR.dcm").read_bytes()], "Comprehensive SR Storage object, not an image"),
-        "mr": ([dicom_file("MR_small.dcm").read_bytes()], "modality MR is not among the accepted (CT)"),
+        "report": ([need("test-SR.dcm").read_bytes()], "Comprehensive SR Storage object, not an image"),
+        "mr": ([need("MR_small.dcm").read_bytes()], "modality MR is not among the accepted (CT)"),
         "secondary_capture": (
-            [dicom_file("SC_rgb.dcm").read_bytes()],
+            [need("SC_rgb.dcm").read_bytes()],
             "modality OT is not among the accepted",
         ),
         "colour_ct": (
-            [
-                edited(
-                    ct,
-                    drop=("RescaleSlope", "RescaleIntercept"),
-                    SamplesPerPixel=3,
-                    PhotometricInterpretation="RGB",
-                    PlanarConfiguration=0,
-                    BitsAllocated=8,
-                    BitsStored=8,
-                    HighBit=7,
-                    PixelRepresentation=0,
-                    PixelData=np.zeros((*rgb.pixel_array.shape, 3), np.uint8).tobytes(),
-                )
-            ],
+            [colour_ct(ct)],
             "colour image is not a grey-level CT slice",
         ),
         "broken_zip": ([b"PK\x03\x04" + os.urandom(500)], "the zip file cannot be read"),
@@ -651,7 +585,7 @@ def test_every_bad_upload_gets_a_clear_message(demo: Demo, tmp_path: Path) -> No
         text = str(err.value)
         assert message in text, (name, text)
         assert "Traceback" not in text and 'File "' not in text, name
-    assert demo.load([dicom_file("CT_small.dcm")])["prediction"] in LABELS  # the demo is still fine
+    assert demo.load([need("CT_small.dcm")])["prediction"] in LABELS  # the demo is still fine
 
 
 def test_patient_data_never_shown_and_uploads_not_kept(

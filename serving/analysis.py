@@ -1,7 +1,7 @@
 """The API's work without BentoML: uploads -> JSON answers and SR reports, with inference injected.
 
 `Analyzer` decodes and preprocesses through `ctdata` (the one preprocessing path, with the served model's
-config), sends model inputs to `infer` (the batchable inference service in production, an
+config), sends model inputs to the `ServedModel`'s `run` (the batchable inference service in production, an
 `InferenceEngine.run` in-process) and builds the answers. Every refusal is a `CTHubError`
 (`serving.inputs.http_status` gives its status); `audit` dicts passed in receive the request's audit details
 (model sha256, slice count, Study/Series Instance UIDs, which `serving.audit` turns into pseudonyms).
@@ -10,7 +10,6 @@ config), sends model inputs to `infer` (the batchable inference service in produ
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,12 +19,11 @@ import torch
 
 from ctdata.dicom import CTImage
 from ctdata.preprocess import PreprocessConfig, intensities_to_unit, unit_to_input
-from cthub.errors import CTHubError, ModelNotFoundError, PayloadTooLargeError
-from hub.config import ModelConfig
+from cthub.errors import CTHubError, PayloadTooLargeError
 from serving import results
-from serving.inputs import error_body, http_status, load_dicom, load_picture
-from serving.predictor import effective_preprocessing
-from serving.report import ModelIdentity, ReportContent, SliceFinding, to_bytes, write_sr
+from serving.inference import ServedModel
+from serving.inputs import effective_preprocessing, error_body, http_status, load_dicom, load_picture
+from serving.report import ReportContent, SliceFinding, to_bytes, write_sr
 from serving.series import (
     Parsed,
     SeriesRequest,
@@ -38,104 +36,6 @@ from serving.series import (
     slice_inputs,
 )
 from serving.settings import ServeSettings
-
-Infer = Callable[[np.ndarray], list[dict[str, Any]]]
-
-
-@dataclass(frozen=True)
-class ServedModel:
-    """The model the inference service loaded, as it describes itself (`InferenceEngine.describe`)."""
-
-    identity: dict[str, Any]
-    labels: list[str]
-    config: ModelConfig
-    ood_threshold: float | None
-    has_cam: bool
-    ood_reference: dict[str, Any] | None = None
-
-    @classmethod
-    def from_description(cls, d: dict[str, Any]) -> ServedModel:
-        return cls(
-            identity=dict(d["identity"]),
-            labels=list(d["labels"]),
-            config=ModelConfig.from_dict(d["config"]),
-            ood_threshold=d.get("ood_threshold"),
-            has_cam=bool(d.get("has_cam")),
-            ood_reference=d.get("ood"),
-        )
-
-    @property
-    def sha256(self) -> str:
-        return str(self.identity.get("sha256", ""))
-
-    @property
-    def info(self) -> dict[str, Any]:
-        """The `model` field of every answer: name, version, sha256, backend, variant, providers, labels."""
-        return self.identity | {"labels": self.labels, "task": self.config.task}
-
-    def card(self) -> dict[str, Any]:
-        """GET /model: identity, labels, preprocessing, operating point, OOD threshold, card metrics."""
-        return self.info | {
-            "preprocessing": self.config.preprocessing.to_dict(),
-            "threshold": self.config.threshold,
-            "ood_threshold": self.ood_threshold,
-            "ood_reference": self.ood_reference,
-            "metrics": self.config.metrics,
-            "method": self.config.method,
-            "pretraining_data": self.config.pretraining_data,
-            "outputs": ["probabilities", "decision", "ood"] + (["cam"] if self.has_cam else []),
-        }
-
-    def report_identity(self) -> ModelIdentity:
-        from importlib.metadata import PackageNotFoundError, version
-
-        try:
-            software = f"ct-ssl-hub {version('ct-ssl-hub')}"
-        except PackageNotFoundError:
-            software = "ct-ssl-hub"
-        return ModelIdentity(
-            name=str(self.identity.get("name", "model")),
-            version=str(self.identity.get("version", "")),
-            sha256=self.sha256,
-            variant=str(self.identity.get("variant", "fp32")),
-            software_version=software,
-        )
-
-    def require(self, requested: str | None) -> None:
-        """404 unless `requested` is empty or names the served model (name, version or sha256)."""
-        ident = self.identity
-        if requested and requested not in (ident.get("name"), ident.get("version"), ident.get("sha256")):
-            raise ModelNotFoundError(
-                f"model {requested!r} is not served here; this server serves {ident.get('name')!r}"
-            )
-
-
-@dataclass(frozen=True)
-class RemoteModel:
-    """The served model as a `serving.inference.SliceModel` in the API worker: its description and the
-    inference service's batched `infer` (the mounted demo analyses through it)."""
-
-    served: ServedModel
-    infer: Infer
-
-    @property
-    def config(self) -> ModelConfig:
-        return self.served.config
-
-    @property
-    def labels(self) -> list[str]:
-        return self.served.labels
-
-    @property
-    def identity(self) -> dict[str, Any]:
-        return self.served.identity
-
-    @property
-    def ood_threshold(self) -> float | None:
-        return self.served.ood_threshold
-
-    def run(self, batch: np.ndarray) -> list[dict[str, Any]]:
-        return self.infer(batch)
 
 
 @dataclass(frozen=True)
@@ -167,8 +67,8 @@ def _ms(t0: float) -> float:
 class Analyzer:
     """Answers of every inference endpoint for one served model."""
 
-    def __init__(self, settings: ServeSettings, model: ServedModel, infer: Infer) -> None:
-        self.settings, self.model, self._infer = settings, model, infer
+    def __init__(self, settings: ServeSettings, model: ServedModel) -> None:
+        self.settings, self.model = settings, model
 
     # -- single images ---------------------------------------------------------------------------------
 
@@ -304,7 +204,7 @@ class Analyzer:
         step = self.settings.max_batch
         for i in range(0, len(inputs), step):
             batch = torch.stack(inputs[i : i + step]).numpy()
-            out.extend(self._infer(batch))
+            out.extend(self.model.run(batch))
         return out
 
     # -- series ----------------------------------------------------------------------------------------
