@@ -24,6 +24,9 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach out to the Hub
+# ... nor to Google Drive (the paper encoders' second source): a test that lets a pull go past the Hub meets a
+# closed local port (refused at once) unless it starts its own stand-in (tests/test_hub_download.py)
+os.environ.setdefault("CTHUB_GDRIVE_ENDPOINT", "http://127.0.0.1:9")
 # under pytest-xdist (`make test`: one worker per core) each worker gets its share of the cores
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // _WORKERS))
