@@ -13,6 +13,7 @@ import os
 import random
 import shutil
 import subprocess
+import sys
 import threading
 import time
 import zipfile
@@ -34,6 +35,7 @@ from hub import ModelConfig, save_pretrained
 from hub.io import hub_dir, sha256_file
 from serving.demo import MODEL_DEFAULT
 from serving.launch import free_port, running_server
+from serving.settings import PROCESS_ENV_DEFAULTS
 
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = ["liver", "kidney", "lung"]
@@ -696,6 +698,35 @@ def test_audit_log_has_one_pseudonymous_line_per_request(server) -> None:
 
 
 # ---- start-up ---------------------------------------------------------------------------------------------
+
+
+def test_importing_the_service_module_changes_nothing(tmp_path: Path) -> None:
+    """`serving.service` only declares: no environment variable set, no directory made, no setting read (an
+    invalid one must not fail the import); the BentoML entry `serving.entry` does all three at start-up."""
+    names = [*sorted(PROCESS_ENV_DEFAULTS), "GRADIO_TEMP_DIR"]
+    env = {k: v for k, v in os.environ.items() if k not in names}
+    env |= {"TMPDIR": str(tmp_path), "PYTHONPATH": str(ROOT), "CTHUB_BATCH_MAX_SIZE": "16"}
+
+    def imported(module: str, **extra: str) -> subprocess.CompletedProcess:
+        """Import `module` in a fresh Python; its stdout's last line: the variables of `names` it changed."""
+        probe = (
+            f"import json, os\nbefore = dict(os.environ)\nimport {module}\n"
+            f"print(json.dumps({{k: os.environ[k] for k in {names} if before.get(k) != os.environ.get(k)}}))"
+        )
+        cmd = [sys.executable, "-c", probe]
+        return subprocess.run(cmd, cwd=ROOT, env=env | extra, capture_output=True, text=True, timeout=300)
+
+    quiet = imported("serving.service", CTHUB_BATCH_MAX_SIZE="1")  # invalid: read, it would raise
+    assert quiet.returncode == 0, quiet.stderr[-2000:]
+    assert json.loads(quiet.stdout.strip().splitlines()[-1]) == {} and list(tmp_path.iterdir()) == []
+    entry = imported("serving.entry")
+    assert entry.returncode == 0, entry.stderr[-2000:]
+    started = json.loads(entry.stdout.strip().splitlines()[-1])
+    assert set(PROCESS_ENV_DEFAULTS) <= set(started) and started["MALLOC_ARENA_MAX"] == "2"  # telemetry: off
+    assert Path(started["GRADIO_TEMP_DIR"]).parent == tmp_path  # private, made at start-up, removed at exit
+    assert not Path(started["GRADIO_TEMP_DIR"]).exists()
+    bad = imported("serving.entry", CTHUB_BATCH_MAX_SIZE="1")
+    assert bad.returncode != 0 and "CTHUB_BATCH_MAX_SIZE" in bad.stderr
 
 
 def test_serve_with_a_missing_model_or_onnx_file_is_a_clear_error(
