@@ -81,7 +81,7 @@ class SeriesReporter:
         """Analyse the files of one series as `POST /report` does and write its SR (not stored yet), and
         with `cam` the overlay series (`pacs.overlay`)."""
         from serving.analysis import Analyzer, report_content
-        from serving.report import write_sr
+        from serving.report import quiet_header_warnings, write_sr
 
         outputs: list[dict[str, Any]] = []  # the model's outputs, in the order of the answer's slices
 
@@ -101,7 +101,8 @@ class SeriesReporter:
         maps: list[Any] = []
         if self.cam:
             try:
-                overlays = self._overlays(files, answer, request, outputs)
+                with quiet_header_warnings():  # highdicom warns quoting unusual patient names
+                    overlays = self._overlays(files, answer, request, outputs)
             except Exception as e:  # noqa: BLE001 -- optional: the SR goes to the PACS without them
                 log.warning("no overlay series (%s): the SR is stored without it", type(e).__name__)
             try:

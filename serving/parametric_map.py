@@ -129,7 +129,7 @@ def _parametric_map(
     from pydicom.sr.codedict import codes
     from pydicom.uid import generate_uid
 
-    from serving.report import _quiet
+    from serving.report import quiet_header_warnings
 
     (series_number, instance_number), rows, columns = numbers, int(sources[0].Rows), int(sources[0].Columns)
     if any((int(ds.Rows), int(ds.Columns)) != (rows, columns) for ds in sources):
@@ -148,7 +148,7 @@ def _parametric_map(
     )
     versions = [v for v in (model.software_version, model.version[:LO_MAX], model.sha256[:LO_MAX]) if v]
     try:
-        with _quiet():
+        with quiet_header_warnings():
             pm = ParametricMap(
                 source_images=[copyable_header(ds) for ds in sources],
                 pixel_array=pixels,

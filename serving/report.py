@@ -315,7 +315,7 @@ def write_sr(
     check_type1(sources)
     sources = [copyable_header(ds) for ds in sources]
     try:
-        with _quiet():
+        with quiet_header_warnings():
             sr = ComprehensiveSR(
                 evidence=list(sources),
                 content=_measurement_report(content.model, _groups(sources, content), sources),
@@ -385,7 +385,7 @@ def _groups(sources: Sequence[Any], content: ReportContent) -> list[Any]:
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
+def quiet_header_warnings() -> Iterator[None]:
     """No warnings out of highdicom/pydicom while writing: they quote header values (patient names)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
