@@ -13,8 +13,11 @@ returns a new SR instance that can be stored with the study:
   says "not for diagnostic use", a new Series and SOP Instance UID per report.
 
 Patient and study attributes are copied from the sources by highdicom (the SR belongs to that study).
-Concept names and class values use the private coding scheme `99CTHUB`, declared in the Coding Scheme
-Identification Sequence. Kept free of HTTP so a PACS integration can call it directly.
+Standard codes where DICOM has them: the decided class is a "Finding" (DCM 121071), the out-of-distribution
+warning SCT Yes/No, units UCUM, the observer and equipment DCM. The private coding scheme `99CTHUB`,
+declared in the Coding Scheme Identification Sequence, holds only what is the model's own: its classes,
+the per-class probabilities and series scores, and its out-of-distribution score and warning concepts.
+Kept free of HTTP so a PACS integration can call it directly.
 """
 
 from __future__ import annotations
@@ -125,7 +128,7 @@ def _group(
     from pydicom.sr.codedict import codes
     from pydicom.uid import generate_uid
 
-    evaluations = [QualitativeEvaluation(_concept("CTHUB001", "Predicted class"), _class_code(labels, label))]
+    evaluations = [QualitativeEvaluation(codes.DCM.Finding, _class_code(labels, label))]  # DCM 121071
     if ood_warning is not None:
         flag = codes.SCT.Yes if ood_warning else codes.SCT.No
         evaluations.append(QualitativeEvaluation(_concept("CTHUB004", "Out-of-distribution warning"), flag))

@@ -121,13 +121,20 @@ def test_sr_of_a_series_references_every_source(tmp_path: Path) -> None:
         and "not for diagnostic use" in ours[0].ContributionDescription
     )
     assert [s.CodingSchemeDesignator for s in back.CodingSchemeIdentificationSequence] == ["99CTHUB"]
+    (finding,) = [  # the decided class under the standard concept, its value a class of the model's own
+        item
+        for item in groups(back)[0].ContentSequence
+        if item.ValueType == "CODE" and item.ConceptNameCodeSequence[0].CodeValue == "121071"
+    ]
+    assert finding.ConceptNameCodeSequence[0].CodingSchemeDesignator == "DCM"
+    assert finding.ConceptCodeSequence[0].CodingSchemeDesignator == "99CTHUB"
     series, *per_slice = (values(g) for g in groups(back))
-    assert series["Predicted class"] == "hemorrhage" and series["Series score: normal"] == 0.7
+    assert series["Finding"] == "hemorrhage" and series["Series score: normal"] == 0.7
     assert series["Out-of-distribution warning"] == "No" and series["Out-of-distribution score"] == 1.5
     assert len(series["images"]) == 3  # type: ignore[arg-type]
     assert len(per_slice) == 3
     for i, g in enumerate(per_slice):
-        assert g["Predicted class"] == LABELS[i % 2]
+        assert g["Finding"] == LABELS[i % 2]
         assert g["Probability: hemorrhage"] == pytest.approx(0.2 + 0.1 * i)
         assert g["images"] == [(sources[i].SOPInstanceUID, [])]
     again = write_sr(sources, content(3))
