@@ -2,7 +2,8 @@
 
 Handles RescaleSlope/Intercept (per frame for enhanced multi-frame CT; defaults recorded as warnings),
 signed/unsigned pixels, PixelPaddingValue, MONOCHROME1, classic and enhanced multi-frame, compressed
-transfer syntaxes through pydicom's permissive decoders (pylibjpeg-openjpeg/-rle, python-gdcm, Pillow),
+transfer syntaxes through pydicom's permissive decoders (pylibjpeg-openjpeg/-rle, pyjpegls, python-gdcm,
+Pillow, and imagecodecs for the JPEG family incl. 12-bit JPEG Extended: `ctdata.codestream`),
 RGB / palette secondary captures (converted to grey, flagged not HU). Every failure is a `DicomError`
 (an `InputError`) whose `reason` names the case; messages describe the file, never the patient.
 
