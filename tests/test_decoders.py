@@ -232,3 +232,22 @@ def test_unsupported_syntax_is_415_in_the_api(native: Dataset, tmp_path: Path) -
         read_dicom(buf.getvalue())
     assert http_status(e.value) == 415
     assert error_body(e.value)["error"] == "unsupported_media_type"
+
+
+@pytest.mark.parametrize("bits", [16, 12])
+def test_signed_jpeg_lossless_gives_identical_hu(bits: int) -> None:
+    """A signed slice (GE, PixelRepresentation 1, -1500..1712) as JPEG lossless SV1 at 16 and at 12 bits
+    stored (two's complement in the codestream): the sign survives the imagecodecs plugin."""
+    src = shared_file("real_ct", "ge_head_tilt", "05.dcm")
+    ds = pydicom.dcmread(src)
+    pixels = ds.pixel_array
+    assert pixels.dtype == np.int16 and pixels.min() < 0
+    stored = (pixels.astype(np.int32) & ((1 << bits) - 1)).astype(np.uint16)
+    stream = imagecodecs.jpeg8_encode(stored, lossless=True, predictor=1, bitspersample=bits)
+    out = _copy(ds, uid.JPEGLosslessSV1)
+    out.BitsStored, out.HighBit = bits, bits - 1
+    out.PixelData = encapsulate([stream])
+    out["PixelData"].VR = "OB"
+    buf = io.BytesIO()
+    out.save_as(buf, enforce_file_format=True)
+    np.testing.assert_array_equal(read_dicom(buf.getvalue()).pixels, read_dicom(src).pixels)
