@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import os
 
-from serving.settings import PROCESS_ENV_DEFAULTS, ServeSettings
-from serving.viewer import private_upload_dir
+from serving.settings import PROCESS_ENV_DEFAULTS, ServeSettings  # light: os and dataclasses only
 
 for _name, _value in PROCESS_ENV_DEFAULTS.items():
     os.environ.setdefault(_name, _value)
+
+from serving.viewer import private_upload_dir  # noqa: E402 -- the libraries below read the environment
+
 private_upload_dir()
 
-from serving.service import build_services  # noqa: E402 -- Gradio and BentoML after the environment above
+from serving.service import build_services  # noqa: E402 -- Gradio and BentoML after the upload directory
 
 CTHubService = build_services(ServeSettings.from_env())

@@ -16,6 +16,31 @@ import torch
 from ctdata.preprocess import prepare
 from hub import ModelConfig, ResNet50
 
+# Distinctive stand-ins for patient data, planted into real DICOM files; none may come back, be shown or be
+# logged. The needles: each value and the parts and date forms it could be echoed in.
+PHI = {
+    "PatientName": "Zyxwvutsky^Quorabelle",
+    "PatientID": "PHI-ID-83417729",
+    "PatientBirthDate": "19070214",
+    "StudyDate": "19990531",
+    "InstitutionName": "Xanthoria Memorial Clinic",
+    "ReferringPhysicianName": "Oxbridgeworth^Ambrosine",
+    "AccessionNumber": "ACC-55190277",
+}
+PHI_NEEDLES = (
+    "Zyxwvutsky",
+    "Quorabelle",
+    "PHI-ID-83417729",
+    "83417729",
+    "19070214",
+    "1907-02-14",
+    "19990531",
+    "1999-05-31",
+    "Xanthoria",
+    "Oxbridgeworth",
+    "55190277",
+)
+
 
 def pydicom_file(name: str) -> Path | None:
     """A DICOM file of pydicom's test data (its wheel, then pydicom-data), None when not installed."""

@@ -25,7 +25,18 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from helpers import calibrated_resnet, colour_ct, edited, need, post, pydicom_file, to_bytes, zip_of
+from helpers import (
+    PHI,
+    PHI_NEEDLES,
+    calibrated_resnet,
+    colour_ct,
+    edited,
+    need,
+    post,
+    pydicom_file,
+    to_bytes,
+    zip_of,
+)
 
 from ctdata.preprocess import PreprocessConfig, prepare
 from cthub.cli import main as cthub_main
@@ -578,28 +589,6 @@ def test_demo_at_ui_through_gradio_client(server, ct_small_dcm: Path, gradio_cli
 
 
 # ---- patient data, audit, disk ----------------------------------------------------------------------------
-
-# Distinctive stand-ins for patient data, planted into real DICOM files; none may come back or be logged.
-PHI = {
-    "PatientName": "Zyxwvutsky^Quorabelle",
-    "PatientID": "PHI-ID-83417729",
-    "PatientBirthDate": "19070214",
-    "StudyDate": "19990531",
-    "InstitutionName": "Xanthoria Memorial Clinic",
-    "AccessionNumber": "ACC-55190277",
-}
-PHI_NEEDLES = (
-    "Zyxwvutsky",
-    "Quorabelle",
-    "PHI-ID-83417729",
-    "83417729",
-    "19070214",
-    "1907-02-14",
-    "19990531",
-    "1999-05-31",
-    "Xanthoria",
-    "55190277",
-)
 
 
 def plant_phi(src: Path, dst: Path, **changes: str) -> Path:

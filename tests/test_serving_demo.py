@@ -21,7 +21,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from helpers import calibrated, colour_ct, edited, need, png_pixels, to_bytes, zip_of
+from helpers import PHI, PHI_NEEDLES, calibrated, colour_ct, edited, need, png_pixels, to_bytes, zip_of
 
 from ctdata import heatmap, read_dicom
 from ctdata.datasets import ORGANAMNIST_LABELS
@@ -58,26 +58,6 @@ ANALYSIS = (
 )
 SLICE_OUTPUTS = ANALYSIS[7:]
 SETTINGS = ServeSettings(max_pixels=1_000_000, max_series_bytes=8 * 2**20, max_slices=6, max_batch=4)
-# Distinctive stand-ins for patient data, planted into real files; none may appear in any output.
-PHI = {
-    "PatientName": "Zyxwvutsky^Quorabelle",
-    "PatientID": "PHI-ID-83417729",
-    "PatientBirthDate": "19070214",
-    "StudyDate": "19990531",
-    "InstitutionName": "Xanthoria Memorial Clinic",
-    "ReferringPhysicianName": "Oxbridgeworth^Ambrosine",
-    "AccessionNumber": "ACC-55190277",
-}
-PHI_NEEDLES = (
-    "Zyxwvutsky",
-    "Quorabelle",
-    "83417729",
-    "19070214",
-    "19990531",
-    "Xanthoria",
-    "Oxbridgeworth",
-    "55190277",
-)
 
 
 # ---- real DICOM files and small real models (also used by test_demo_browser.py) ---------------------------
