@@ -171,7 +171,9 @@ def pack_head_ct(source: Path, dest: Path, side: int = HEAD_CT_SIDE) -> Path:
             grey = im.convert("L")
             scale = side / max(grey.size)
             if scale < 1:
-                grey = grey.resize((round(grey.width * scale), round(grey.height * scale)), Image.BILINEAR)
+                grey = grey.resize(
+                    (round(grey.width * scale), round(grey.height * scale)), Image.Resampling.BILINEAR
+                )
             grey.save(dest / png.name, optimize=True)
     shutil.copyfile(source / "labels.csv", dest / "labels.csv")
     return dest
