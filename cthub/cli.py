@@ -12,9 +12,15 @@ import argparse
 import importlib
 import logging
 import sys
+from typing import TYPE_CHECKING, TypeAlias
 
 from cthub import __version__
 from cthub.errors import CTHubError
+
+if TYPE_CHECKING:
+    # What `add_subparsers()` returns has no public name in argparse: each stage's `register(sub: SubParsers)`
+    # uses this alias, the project's one reference to the private class.
+    SubParsers: TypeAlias = argparse._SubParsersAction[argparse.ArgumentParser]
 
 STAGES: tuple[str, ...] = ("ctdata", "hub", "pretrain", "finetune", "export", "serving", "pacs", "quickstart")
 

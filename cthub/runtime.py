@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import random
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 # The CPU flags that decide which kernels oneDNN, MKL and ATen pick, hence both speed and the exact bits of a
@@ -45,6 +47,8 @@ def select_device(device: str | None = None) -> torch.device:
 def cpu_has_native_bf16() -> bool:
     """True when oneDNN reports hardware bf16 (AVX512-BF16 or AMX). Without it (AVX2-only CPUs such as this
     project's 2-core machines) torch emulates bf16 and autocast makes ResNet50 training ~10x slower."""
+    # torch has no public query for this (torch.cpu's own checks are private too, and CPU flags would be a
+    # second copy of oneDNN's rule): this function is the project's one adapter around the private op.
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
@@ -134,9 +138,6 @@ def isolated_seed(seed: int) -> Iterator[None]:
 
 def seed_everything(seed: int) -> torch.Generator:
     """Seed python, numpy and torch; return a torch Generator seeded the same for samplers."""
-    import random
-
-    import numpy as np
 
     random.seed(seed)
     np.random.seed(seed % (2**32))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from typing import TYPE_CHECKING
 
 from export.defaults import (
     CALIBRATION_METHODS,
@@ -19,8 +20,11 @@ from export.defaults import (
     PARITY_TOLERANCE,
 )
 
+if TYPE_CHECKING:
+    from cthub.cli import SubParsers
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+
+def register(subparsers: SubParsers) -> None:
     p = subparsers.add_parser(
         "export",
         help="export a classifier to ONNX (fp32, optionally int8) and check it against torch",

@@ -5,17 +5,21 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from typing import TYPE_CHECKING
 
 from cthub.provenance import command_line
 from finetune.cli_recipe import add_recipe_args, recipe_from_args
 from finetune.cli_robustness import register_robustness
 from finetune.cli_study import register_study
 
+if TYPE_CHECKING:
+    from cthub.cli import SubParsers
+
 __all__ = ["add_recipe_args", "recipe_from_args", "register"]
 log = logging.getLogger(__name__)
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: SubParsers) -> None:
     p = sub.add_parser(
         "finetune",
         help="fine-tune an encoder + linear head on labeled CT slices",

@@ -5,13 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cthub.provenance import command_line
+
+if TYPE_CHECKING:
+    from cthub.cli import SubParsers
 
 DEFAULT_OUT = "docs/results/robustness"
 
 
-def register_robustness(sub: argparse._SubParsersAction) -> None:
+def register_robustness(sub: SubParsers) -> None:
     """`cthub robustness MODEL [MODEL ...]`."""
     p = sub.add_parser(
         "robustness",

@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cthub.errors import ConfigError, MissingSplitError
 from cthub.provenance import command_line
 from finetune.cli_recipe import add_recipe_args, recipe_from_args
+
+if TYPE_CHECKING:
+    from cthub.cli import SubParsers
 
 DEFAULT_ENCODERS = "scratch,spark,mocov2,byol,swav"
 
@@ -24,7 +27,7 @@ def _floats(s: str) -> list[float]:
     return vals
 
 
-def register_study(sub: argparse._SubParsersAction) -> None:
+def register_study(sub: SubParsers) -> None:
     """`cthub study` and `cthub cam`."""
     p = sub.add_parser("study", help="label-reduction study across encoders (the paper's Table 2 / Fig. 5)")
     p.add_argument("--data", required=True)

@@ -23,6 +23,8 @@ from hub.resnet import ResNet50
 
 log = logging.getLogger(__name__)
 BN_MODES = ("stored", "recalibrated")
+# torch's public BatchNorm classes (their common base, `_BatchNorm`, is private)
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 @torch.no_grad()
@@ -61,7 +63,7 @@ def recalibrate_bn(
     """A copy of `model` whose BatchNorm running statistics are the exact averages over `n_images` clean
     images (cumulative average, no augmentation); weights untouched. Returns the copy in eval mode."""
     model = copy.deepcopy(model)
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    bns = [m for m in model.modules() if isinstance(m, BATCH_NORMS)]
     momenta = [m.momentum for m in bns]
     for m in bns:
         m.reset_running_stats()

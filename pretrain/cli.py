@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cthub.errors import ConfigError, ModelNotFoundError
 from cthub.provenance import command_line
 from pretrain.names import METHOD_NAMES
 
+if TYPE_CHECKING:
+    from cthub.cli import SubParsers
 
-def register(sub: argparse._SubParsersAction) -> None:
+
+def register(sub: SubParsers) -> None:
     p = sub.add_parser(
         "pretrain",
         help="self-supervised pretraining of a ResNet50 CT encoder",

@@ -13,9 +13,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
-from pretrain.norms import replace_batchnorm
+from pretrain.norms import BatchNormBase, replace_batchnorm
 
 
 def is_dist() -> bool:
@@ -78,7 +77,7 @@ def all_reduce_sum(x: torch.Tensor, grad: bool = False) -> torch.Tensor:
     return x
 
 
-class _GlobalBN(_BatchNorm):
+class _GlobalBN(BatchNormBase):
     """Batch statistics over every rank's batch and, given `mask`, over visible positions only.
 
     The common base of `GlobalBatchNorm1d/2d`, which also derive from `nn.BatchNorm1d/2d` (next in their
@@ -137,7 +136,7 @@ class GlobalBatchNorm1d(_GlobalBN, nn.BatchNorm1d):
 def convert_batchnorm(module: nn.Module, sync: bool) -> nn.Module:
     """Swap every plain `nn.BatchNorm1d/2d` for its `GlobalBatchNorm` twin sharing its tensors (in place)."""
 
-    def make(bn: _BatchNorm) -> _BatchNorm | None:
+    def make(bn: BatchNormBase) -> BatchNormBase | None:
         cls = {nn.BatchNorm2d: GlobalBatchNorm2d, nn.BatchNorm1d: GlobalBatchNorm1d}.get(type(bn))
         if cls is None:
             return None

@@ -18,16 +18,20 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.batchnorm import _BatchNorm as BatchNormBase
+
+# torch exports no public common base of its BatchNorm layers (BatchNorm1d/2d/3d, SyncBatchNorm and the lazy
+# ones all derive from the private `_BatchNorm`); the pretraining BN variants subclass and swap exactly those,
+# so this alias is the project's one reference to it (pretrain.dist and pretrain.sparse use the alias).
 
 BN_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
-def replace_batchnorm(module: nn.Module, make: Callable[[_BatchNorm], _BatchNorm | None]) -> nn.Module:
+def replace_batchnorm(module: nn.Module, make: Callable[[BatchNormBase], BatchNormBase | None]) -> nn.Module:
     """In place: every BN child for which `make(child)` returns a module is replaced by it, sharing the
     child's weight, bias and running statistics. Returns `module`."""
     for name, child in list(module.named_children()):
-        if isinstance(child, _BatchNorm):
+        if isinstance(child, BatchNormBase):
             new = make(child)
             if new is not None:
                 new.weight, new.bias = child.weight, child.bias
@@ -69,7 +73,7 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
 def split_batchnorm(module: nn.Module, splits: int) -> nn.Module:
     """Every plain `nn.BatchNorm2d` of `module` becomes a `SplitBatchNorm2d` with `splits` groups."""
 
-    def make(bn: _BatchNorm) -> _BatchNorm | None:
+    def make(bn: BatchNormBase) -> BatchNormBase | None:
         if type(bn) is not nn.BatchNorm2d:
             return None
         new = SplitBatchNorm2d(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
@@ -82,7 +86,7 @@ def split_batchnorm(module: nn.Module, splits: int) -> nn.Module:
 @contextmanager
 def frozen_running_stats(module: nn.Module) -> Iterator[None]:
     """Inside: BN layers normalize with batch statistics but leave their running averages unchanged."""
-    saved = [(m, m.momentum) for m in module.modules() if isinstance(m, _BatchNorm)]
+    saved = [(m, m.momentum) for m in module.modules() if isinstance(m, BatchNormBase)]
     try:
         for m, _ in saved:
             m.momentum = 0.0

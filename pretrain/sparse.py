@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from pretrain.dist import GlobalBatchNorm2d
-from pretrain.norms import replace_batchnorm
+from pretrain.norms import BatchNormBase, replace_batchnorm
 
 
 class MaskContext:
@@ -82,7 +81,7 @@ class SparseBatchNorm2d(GlobalBatchNorm2d):
 def sparsify(module: nn.Module, ctx: MaskContext) -> nn.Module:
     """Swap Conv2d / BatchNorm2d / MaxPool2d for their sparse twins, in place, sharing parameters."""
 
-    def make_bn(bn: _BatchNorm) -> _BatchNorm | None:
+    def make_bn(bn: BatchNormBase) -> BatchNormBase | None:
         if not isinstance(bn, nn.BatchNorm2d) or isinstance(bn, SparseBatchNorm2d):
             return None
         new = SparseBatchNorm2d(bn.num_features, bn.eps, bn.momentum)

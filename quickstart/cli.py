@@ -7,11 +7,15 @@ import argparse
 import json
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from quickstart.budgets import BUDGETS
 
+if TYPE_CHECKING:
+    from cthub.cli import SubParsers
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+
+def register(subparsers: SubParsers) -> None:
     p = subparsers.add_parser(
         "quickstart",
         help="the main job: SSL encoder -> few-label classifier -> ONNX -> API + demo",
