@@ -21,7 +21,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
+from ctdata.io import load_image
 from ctdata.preprocess import PreprocessConfig, resize_unit, to_unit, unit_to_uint8
 from ctdata.shards import is_shard_dir, open_shards
 from cthub.errors import CTHubError, DataError
@@ -116,7 +118,6 @@ def resize_uint8(images: np.ndarray, size: int | None, batch: int = 256) -> np.n
 
 def image_to_storage(source: Any, cfg: PreprocessConfig, size: int) -> np.ndarray:
     """One file (path/bytes) -> uint8 [size,size] through load_image -> to_unit -> resize_unit."""
-    from ctdata.io import load_image
 
     unit = to_unit(load_image(source), cfg)
     x = torch.from_numpy(np.ascontiguousarray(unit, dtype=np.float32))[None, None]
@@ -126,7 +127,6 @@ def image_to_storage(source: Any, cfg: PreprocessConfig, size: int) -> np.ndarra
 def _progress(items: list, desc: str, progress: bool) -> Iterable:
     if not progress or len(items) < 20:
         return items
-    from tqdm import tqdm
 
     return tqdm(items, desc=desc, unit="img", leave=False)
 

@@ -7,6 +7,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from ctdata.dicom import DEFAULT_MAX_PIXELS, CTImage, DicomPolicy, is_dicom, read_dicom
 from cthub.errors import InputError
@@ -35,7 +36,6 @@ def load_image(source: bytes | str | Path, *, policy: DicomPolicy | None = None)
 
 def read_picture(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> CTImage:
     """An ordinary picture as grey 0..255 float32 [1,H,W]; alpha is dropped, colour averaged (luma)."""
-    from PIL import Image
 
     try:
         with warnings.catch_warnings():

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from cthub.errors import ConfigError, ToleranceError
+from export.classifier import softmax
 from export.data import ModelData, batches, load_model_data
 from export.defaults import (
     CALIBRATION_METHODS,
@@ -244,7 +245,6 @@ def quantize_file(
 
 
 def _metrics(y: np.ndarray, logits: np.ndarray, threshold: float | None) -> dict[str, float]:
-    from export.classifier import softmax
     from finetune import classification_metrics
 
     m = classification_metrics(y, softmax(logits.astype(np.float64)), threshold)

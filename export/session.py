@@ -23,7 +23,7 @@ from export.integrity import check_fresh, onnx_file, verify_onnx_file
 from export.metadata import META_PREFIX, decode_metadata, ood_reference_of, read_metadata
 from export.ood import OodReference
 from hub.config import WEIGHTS_NAME, ModelConfig
-from hub.manifest import read_sidecar, sha256_file
+from hub.manifest import read_sidecar, sha256_file, verify
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +196,6 @@ def weights_sha256(model_dir: Path) -> str:
     weights = model_dir / WEIGHTS_NAME
     if not weights.is_file():
         raise ModelNotFoundError(f"no {WEIGHTS_NAME} in {model_dir}")
-    from hub.manifest import verify
 
     expected = {f"the sidecar {weights.name}.sha256": read_sidecar(weights)}
     return verify(weights, expected, sha256_file(weights))

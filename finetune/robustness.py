@@ -30,7 +30,11 @@ import torch.nn.functional as F
 from ctdata.datasets import ArraySplit
 from ctdata.preprocess import PreprocessConfig
 from cthub.errors import ConfigError, DataError
+from finetune.data import limit, recorded_splits
+from finetune.metrics import classification_metrics
+from finetune.train import predict_proba
 from hub.config import ModelConfig, data_source
+from hub.io import from_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -179,14 +183,12 @@ def model_test_split(
 ) -> ArraySplit:
     """The classifier's own test images (the partition `cthub finetune` recorded in its provenance: seed,
     max_test, saved k-fold fold), reduced to a stratified `n_test` (seed `seed`) when given."""
-    from finetune.data import limit, recorded_splits
 
     test = recorded_splits(config, source)[2]
     return limit(test, n_test or None, seed)
 
 
 def _metrics(labels: np.ndarray, probs: np.ndarray, threshold: float | None) -> dict[str, float]:
-    from finetune.metrics import classification_metrics
 
     m = classification_metrics(labels, probs, threshold)
     return {"auc": float(m["auc"]), "accuracy": float(m["accuracy"])}
@@ -200,8 +202,6 @@ def evaluate_model(
     shifts: Sequence[Shift] = SHIFTS,
 ) -> RobustnessRow:
     """Clean and shifted test metrics of one classifier (folder or hub name) with its own preprocessing."""
-    from finetune.train import predict_proba
-    from hub import from_pretrained
 
     model = from_pretrained(str(model_dir))
     cfg = model.config

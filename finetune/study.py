@@ -45,6 +45,8 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from cthub.errors import ConfigError, CTHubError
 from cthub.runtime import hardware, precision_label, select_device
 from finetune.config import FinetuneConfig
@@ -53,7 +55,7 @@ from finetune.report import aggregate, pct, write_csv, write_reports
 from finetune.resume import FitCheckpoint
 from finetune.train import SCRATCH_NAMES, fit, has_converged
 from hub.config import WEIGHTS_NAME, ModelConfig
-from hub.io import hub_dir, local_model_dir, record_metrics
+from hub.io import from_pretrained, hub_dir, local_model_dir, record_metrics
 from hub.manifest import sha256_any_metadata_order, sha256_file, weights_digest
 
 __all__ = [
@@ -314,7 +316,6 @@ def _threads(recipe: FinetuneConfig) -> int:
     count reports the count of the process that finished it)."""
     if recipe.threads:
         return recipe.threads
-    import torch
 
     return torch.get_num_threads()
 
@@ -446,7 +447,6 @@ def _stop_with_parent(parent: int) -> None:
 
 
 def _worker(spec: StudySpec, cell: Cell, threads: int) -> dict[str, Any]:
-    import torch
 
     torch.set_num_threads(threads)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -456,7 +456,6 @@ def _worker(spec: StudySpec, cell: Cell, threads: int) -> dict[str, Any]:
 
 def available_encoders(names: list[str]) -> tuple[list[str], dict[str, str]]:
     """(usable encoders, {skipped name: reason}); 'scratch' is always usable."""
-    from hub import from_pretrained
 
     ok, skipped = [], {}
     for n in names:

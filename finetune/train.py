@@ -32,6 +32,7 @@ from finetune.config import FinetuneConfig
 from finetune.metrics import choose_threshold, classification_metrics, log_loss, selection_score
 from finetune.resume import EpochSaver, FitCheckpoint, run_fingerprint
 from hub.config import ModelConfig
+from hub.io import from_pretrained
 from hub.resnet import ResNet50
 
 log = logging.getLogger(__name__)
@@ -107,7 +108,6 @@ def _encoder_and_preprocessing(
         if cfg is None:
             return model, PreprocessConfig(), "module", {}
         return model, cfg.preprocessing, cfg.name, cfg.to_dict()
-    from hub import from_pretrained
 
     model = from_pretrained(str(encoder), num_classes=num_classes)  # raises ModelNotFoundError
     cfg = hub_config(model)

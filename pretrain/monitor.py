@@ -23,6 +23,11 @@ from torch import nn
 
 from ctdata.datasets import ArraySplit
 from ctdata.preprocess import PreprocessConfig
+from cthub.errors import DataError
+from finetune.data import labels_of, load_splits
+from finetune.evaluate import collapse_std, knn_eval
+from finetune.probe import extract_features
+from finetune.splits import stratified_subset
 from hub.resnet import ResNet50
 
 log = logging.getLogger(__name__)
@@ -76,14 +81,10 @@ class KnnMonitor:
         """`n` bank + `n` query images, stratified, from the validation split of a labeled source (MedMNIST
         npz), or from all its images when it defines no splits (a labeled folder such as head CT: its labels
         are used only by this monitor, never by the training)."""
-        from finetune.data import load_splits
-        from finetune.splits import stratified_subset
 
         splits = load_splits(source, pp)
         held = splits.get("val", splits.get("all"))
         if held is None or held.labels is None:
-            from cthub.errors import DataError
-
             raise DataError(f"the kNN monitor needs labeled images; {Path(source).name} has none")
         idx = stratified_subset(held.labels, min(2 * n, len(held)), seed)
         rng = np.random.default_rng(seed)
@@ -94,9 +95,6 @@ class KnnMonitor:
 
     @torch.no_grad()
     def measure(self, encoder: ResNet50) -> dict[str, Any]:
-        from finetune.data import labels_of
-        from finetune.evaluate import collapse_std, knn_eval
-        from finetune.probe import extract_features
 
         y_bank, y_query = labels_of(self.bank), labels_of(self.query)
         was_training = encoder.training

@@ -10,7 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from cthub.runtime import hardware, isolated_seed
-from hub.config import ModelConfig
+from finetune.data import limit, load_splits
+from finetune.evaluate import evaluate_encoder
+from hub.config import WEIGHTS_NAME, ModelConfig
+from hub.io import hub_dir, publish_local, save_pretrained
+from hub.manifest import weights_digest
 from hub.resnet import ResNet50
 from pretrain.config import TrainConfig
 from pretrain.trainer import RunResult
@@ -82,8 +86,6 @@ def frozen_feature_scores(
     """kNN, linear probe and collapse statistic of the encoder and of a random-init ResNet50 beside it, each
     with BN as stored and recalibrated on clean training images (`finetune.evaluate_encoder`); None when
     `source` has no train/val/test splits."""
-    from finetune.data import limit, load_splits
-    from finetune.evaluate import evaluate_encoder
 
     splits = load_splits(source, config.preprocessing)
     if not {"train", "val", "test"} <= set(splits):
@@ -136,7 +138,6 @@ def publish(
     mc = model_config(result, cfg, name=name, data_desc=data_desc, command=command, probe=probe)
     if probe is None:
         mc.metrics["frozen_features"] = "not measured (no labeled train/val/test splits given)"
-    from hub import publish_local
 
     return publish_local(result.encoder, name, mc, source="pretrain", hub_dir_override=hub_dir_override)
 
@@ -146,9 +147,6 @@ def same_weights_published(
 ) -> Path | None:
     """The hub folder of `name` when it holds exactly `encoder`'s tensors (`hub.manifest.weights_digest`),
     else None."""
-    from hub.config import WEIGHTS_NAME
-    from hub.io import hub_dir, save_pretrained
-    from hub.manifest import weights_digest
 
     folder = hub_dir(hub_dir_override) / name
     if not (folder / WEIGHTS_NAME).is_file():

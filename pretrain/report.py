@@ -14,6 +14,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
 from pretrain.monitor import read_monitor
 
 log = logging.getLogger(__name__)
@@ -22,7 +27,6 @@ log = logging.getLogger(__name__)
 def summarize_run(run_dir: str | Path) -> dict[str, Any]:
     """One run's facts: method, recipe settings, steps done/planned, minutes, epochs, images/s, losses,
     first/best/last kNN monitor rows and the final weight change."""
-    import torch
 
     d = Path(run_dir)
     metrics = _read_csv(d / "metrics.csv")
@@ -138,9 +142,6 @@ def _plot(runs: list[dict[str, Any]], path: Path) -> None:
     """kNN monitor and weight change against epochs of pretraining (images seen / training images: the
     budget, unlike wall minutes, does not depend on what else ran); a run continued from another encoder
     (--init) is dashed and starts at 0, with its parent's own pretraining not drawn."""
-    from matplotlib import colormaps
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
 
     fig = Figure(figsize=(11, 5.2))
     FigureCanvasAgg(fig)

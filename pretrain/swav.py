@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cthub.errors import ConfigError
 from hub.resnet import DOWNSAMPLE, FEATURE_DIM, ResNet50
 from pretrain import dist as pdist
 from pretrain.augment import ViewSpec
@@ -98,8 +99,6 @@ class SwAV(SSLMethod):
             self.prototypes.weight.copy_(F.normalize(self.prototypes.weight, dim=1))
         bs = views[0].shape[0]
         if 0 < self.queue.shape[1] < bs:
-            from cthub.errors import ConfigError
-
             raise ConfigError(f"SwAV queue_length {self.queue.shape[1]} is shorter than the batch ({bs})")
         emb = [self.head(self.encoder(torch.cat(views[: self.n_large])))]  # one encoder pass per resolution
         if len(views) > self.n_large:

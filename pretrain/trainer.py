@@ -28,6 +28,7 @@ from cthub.runtime import (
     torch_save_atomic,
 )
 from hub.config import WEIGHTS_NAME
+from hub.io import from_pretrained
 from hub.manifest import weights_digest
 from hub.resnet import ResNet50
 from pretrain import dist as pdist
@@ -176,7 +177,6 @@ def _initial_encoder(cfg: TrainConfig) -> tuple[ResNet50 | None, dict[str, Any] 
     """The parent encoder of a continued (hierarchical) run, and its identity for the card."""
     if not cfg.init:
         return None, None
-    from hub import from_pretrained
 
     enc = from_pretrained(cfg.init, num_classes=0)
     if enc.in_chans != cfg.in_chans:
