@@ -47,9 +47,18 @@ def test_overlays_and_cross_method_correlation(batch, tmp_path: Path) -> None:
     images, x = batch
     a = class_activation_map(_model(0), x, target=0)[0].numpy()
     b = class_activation_map(_model(1), x, target=0)[0].numpy()
-    agree = cross_method_correlation({"a": a, "a-again": a.copy(), "b": b})
-    assert agree["pairs"]["a vs a-again"] == pytest.approx(1.0)
-    assert -1.0 <= agree["pairs"]["a vs b"] < 0.99
+    gc = grad_cam(_model(0), x, target=0)[0].numpy()  # another method, same model and class
+    agree = cross_method_correlation({"a": a, "a-again": a.copy(), "b": b, "inverted": 1.0 - a, "gc": gc})
+    pairs = agree["pairs"]
+    # the mean over images of each image's Pearson correlation, computed here independently
+    expected = np.mean([np.corrcoef(a[i].ravel(), b[i].ravel())[0, 1] for i in range(len(a))])
+    assert pairs["a vs b"] == pytest.approx(expected, abs=1e-9) and abs(expected) < 0.99
+    assert pairs["a vs a-again"] == pytest.approx(1.0) and pairs["a vs inverted"] == pytest.approx(-1.0)
+    assert pairs["a vs gc"] > 0.9999  # CAM and Grad-CAM agree for GAP + linear (the paper's check)
+    mat = np.array(agree["matrix"])
+    assert agree["methods"] == ["a", "a-again", "b", "inverted", "gc"] and np.allclose(mat, mat.T)
+    assert np.allclose(np.diag(mat), 1.0) and mat[0, 2] == pairs["a vs b"]
+    assert agree["mean"] == pytest.approx(np.mean(list(pairs.values())))
     rgb = overlay(images[0] / 255.0, a[0])
     assert rgb.shape == (28, 28, 3) and rgb.dtype == np.uint8
     png = save_overlays(images / 255.0, {"a": a, "b": b}, tmp_path / "cams.png")

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from sklearn.metrics import f1_score
 
 from ctdata.datasets import load_medmnist
 from cthub.errors import ConfigError, ModelNotFoundError
@@ -139,9 +140,24 @@ def test_binary_task_stores_validation_threshold(organ, tmp_path: Path) -> None:
         sub.class_names = ["liver", "spleen"]
         return sub
 
-    cfg = FinetuneConfig(**{**TINY, "epochs": 2}, balance="sampler")
-    res = fit(None, two(train), two(val), two(test), cfg)
-    assert res.threshold is not None and 0.0 <= res.threshold <= 1.0
+    cfg = FinetuneConfig(**{**TINY, "epochs": 2}, balance="sampler", amp=False)
+    val2 = two(val)
+    res = fit(None, two(train), val2, two(test), cfg)
+    assert res.threshold is not None
+    # the stated rule: of the validation scores, the threshold with the best validation F1 (ties: Youden's J).
+    # Scores recomputed here may differ from fit's in the last float bits: compare at t - 1e-6.
+    scores = predict_proba(res.model, val2.images, res.preprocessing, amp=False)[:, 1]
+    y = val2.labels
+
+    def f1_and_j(t: float) -> tuple[float, float]:
+        pred = scores >= t - 1e-6
+        return f1_score(y, pred, zero_division=0), pred[y == 1].mean() - pred[y == 0].mean()
+
+    chosen = f1_and_j(res.threshold)
+    best = max(f1_and_j(t) for t in np.unique(scores))
+    assert chosen == pytest.approx(best, abs=1e-9)
+    assert np.abs(scores - res.threshold).min() < 1e-4  # one of the validation scores, not a default
+    assert chosen[0] >= f1_and_j(0.5)[0]  # at least as good as the default threshold
     out = save_classifier(res, tmp_path / "bin", command="pytest", data="liver vs spleen", note="test")
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["threshold"] == pytest.approx(res.threshold) and cfg["labels"] == ["liver", "spleen"]

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cthub.cli import main as cthub_main
-from cthub.errors import ConfigError
+from cthub.errors import ConfigError, ModelNotFoundError
 from hub.resnet import ResNet50
 from pretrain.config import METHODS, TrainConfig, build_method, config_for
 from pretrain.monitor import conv_weights, relative_change
@@ -238,7 +238,7 @@ def test_init_continues_from_a_hub_encoder_and_records_the_parent(organamnist_np
     assert child.config.provenance["parent"]["name"] == "parent-enc"
     card = (folder / "README.md").read_text()
     assert f"continued from: `parent-enc`, BYOL (weights digest `{cut.parent['digest']}`" in card
-    with pytest.raises(Exception, match="not-a-model"):
+    with pytest.raises(ModelNotFoundError, match="not-a-model"):
         train(
             config_for(
                 "byol",

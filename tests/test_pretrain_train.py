@@ -81,10 +81,18 @@ def test_loss_goes_down_on_real_ct_slices(
     from pretrain.trainer import train
 
     fixed = organ_images[:8]  # one fixed batch of real slices, labels unused
-    res = train(_cfg(method, tmp_path, **kw), images=fixed)
-    first, last = np.mean(res.losses[:4]), np.mean(res.losses[-4:])
-    assert np.isfinite(res.losses).all()
-    assert last < first * 0.96, f"{method}: loss {first:.4f} -> {last:.4f}"
+    res = train(_cfg(method, tmp_path / "learns", **kw), images=fixed)
+    # the control: the same run (same seed: same views and masks) with learning broken (lr 0) must fail the
+    # check, so that it tells learning from the noise of random views
+    broken = train(_cfg(method, tmp_path / "broken", **{**kw, "base_lr": 0.0}), images=fixed)
+
+    def went_down(losses: list[float]) -> bool:
+        return bool(np.mean(losses[-4:]) < np.mean(losses[:4]) * 0.96)
+
+    assert np.isfinite(res.losses).all() and np.isfinite(broken.losses).all()
+    assert went_down(res.losses), f"{method}: loss {res.losses[:4]} -> {res.losses[-4:]}"
+    assert not went_down(broken.losses), f"{method} without learning: {broken.losses}"
+    assert np.mean(res.losses[-4:]) < np.mean(broken.losses[-4:]) * 0.96  # step for step, on the same views
 
 
 def test_swav_step_freezes_and_normalizes_prototypes(organ_images: np.ndarray, tmp_path: Path) -> None:
