@@ -244,6 +244,17 @@ def test_report_on_deidentified_slices(server: str, how: str, tmp_path: Path) ->
         assert dciodvfy_errors(r.content, tmp_path) == []
 
 
+@pytest.mark.parametrize("keyword", ["SOPInstanceUID", "StudyInstanceUID"])
+def test_report_without_a_type1_reference_is_422_naming_it(server: str, keyword: str) -> None:
+    ds = pydicom.dcmread(real("siim_contrast")[0])
+    setattr(ds, keyword, "")  # emptied by a broken anonymiser: the SR cannot reference the image
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    r = post_files(server, "/report", [buf.getvalue()])
+    assert r.status_code == 422, r.text[:500]
+    assert keyword in r.json()["detail"]
+
+
 def _as_jpeg(src: Path, syntax: str, stream: bytes) -> bytes:
     from pydicom.encaps import encapsulate
 
