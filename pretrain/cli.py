@@ -15,6 +15,12 @@ if TYPE_CHECKING:
 
 
 def register(sub: SubParsers) -> None:
+    _register_pretrain(sub)
+    _register_evaluate(sub)
+    _register_report(sub)
+
+
+def _register_pretrain(sub: SubParsers) -> None:
     p = sub.add_parser(
         "pretrain",
         help="self-supervised pretraining of a ResNet50 CT encoder",
@@ -83,6 +89,8 @@ def register(sub: SubParsers) -> None:
     p.add_argument("--device", default=None)
     p.set_defaults(func=_pretrain)
 
+
+def _register_evaluate(sub: SubParsers) -> None:
     e = sub.add_parser(
         "evaluate",
         help="frozen-feature quality of any encoder: kNN, linear probe, collapse",
@@ -104,6 +112,8 @@ def register(sub: SubParsers) -> None:
     e.add_argument("--json", default=None, help="write the results here")
     e.set_defaults(func=_evaluate)
 
+
+def _register_report(sub: SubParsers) -> None:
     r = sub.add_parser(
         "pretrain-report",
         help="table + kNN-monitor curves of pretraining runs (docs/results)",
