@@ -104,7 +104,7 @@ def int8(trained: Path, exported: ExportReport) -> Int8Report:
 
 
 @pytest.fixture(scope="module")
-def test_inputs(trained: Path, exported: ExportReport) -> tuple[np.ndarray, np.ndarray]:
+def organ_test_batch(trained: Path, exported: ExportReport) -> tuple[np.ndarray, np.ndarray]:
     """96 preprocessed OrganAMNIST test images (other patients than training) and their labels."""
     cfg = ModelConfig.load(trained)
     data = load_model_data(cfg, Path(cfg.provenance["data"]))
@@ -151,8 +151,8 @@ def test_parity_of_every_output_on_the_models_own_test_images(exported: ExportRe
     assert metrics["parity"]["max_abs_diff_cam"] == r.max_abs_diff_cam
 
 
-def test_outputs_match_torch_and_the_cam_definition(trained: Path, test_inputs) -> None:
-    x, _ = test_inputs
+def test_outputs_match_torch_and_the_cam_definition(trained: Path, organ_test_batch) -> None:
+    x, _ = organ_test_batch
     onnx_clf = OnnxClassifier.from_model_dir(trained, threads=1)
     native = TorchClassifier.from_dir(trained)
     got, ref = onnx_clf.outputs(x), native.outputs(x)
@@ -265,7 +265,7 @@ def test_hub_manifest_catches_a_replaced_file_with_a_rewritten_sidecar(
 
 
 def test_int8_stays_within_tolerance_and_agrees_with_fp32(
-    int8: Int8Report, trained: Path, test_inputs
+    int8: Int8Report, trained: Path, organ_test_batch
 ) -> None:
     r = int8
     assert r.passed and r.path == str(trained / INT8_NAME) and r.eval_images == 300
@@ -276,7 +276,7 @@ def test_int8_stays_within_tolerance_and_agrees_with_fp32(
     fp32 = OnnxClassifier.from_model_dir(trained, threads=1)
     assert q.variant == "int8" and q.file_sha256 == r.onnx_sha256 and q.sha256 == fp32.sha256
     assert (trained / INT8_NAME).stat().st_size < 0.35 * (trained / ONNX_NAME).stat().st_size
-    x, _ = test_inputs
+    x, _ = organ_test_batch
     a, b = fp32.outputs(x), q.outputs(x)
     top = a.logits.argmax(1)
     constant_model = np.bincount(top).max() / len(
@@ -317,11 +317,11 @@ def test_int8_is_refused_beyond_tolerance_and_a_broken_one_fails_the_bound(
 
 
 def test_ood_reference_flags_head_ct_slices_for_an_abdominal_model(
-    exported: ExportReport, trained: Path, test_inputs, head_ct_dir: Path
+    exported: ExportReport, trained: Path, organ_test_batch, head_ct_dir: Path
 ) -> None:
     clf = OnnxClassifier.from_model_dir(trained, threads=1)
     assert exported.ood is not None and clf.ood_threshold == exported.ood["threshold"]
-    x, _ = test_inputs
+    x, _ = organ_test_batch
     pp = clf.config.preprocessing
     heads = np.stack([prepare(p, pp).numpy() for p in sorted(head_ct_dir.glob("*.png"))])
     s_in = clf.ood_score(clf.outputs(x).embedding)
@@ -345,14 +345,14 @@ def test_wrong_input_shape_is_a_shape_error(exported: ExportReport, trained: Pat
 
 
 def test_parity_check_rejects_a_model_that_differs(
-    exported: ExportReport, trained: Path, test_inputs
+    exported: ExportReport, trained: Path, organ_test_batch
 ) -> None:
     clf = OnnxClassifier.from_model_dir(trained)
     model = load_dir(trained)
     with torch.no_grad():
         model.fc.bias.add_(0.01)  # a small drift the check must see
     with pytest.raises(ToleranceError, match="parity check failed"):
-        check_parity(model, clf, torch.from_numpy(test_inputs[0][:4]))
+        check_parity(model, clf, torch.from_numpy(organ_test_batch[0][:4]))
 
 
 def test_cli_export_without_data_to_another_path(tmp_path: Path, ct_small_dcm: Path) -> None:
