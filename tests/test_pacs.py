@@ -340,13 +340,13 @@ def check_sr(
     for g, p in zip(slice_groups, probs, strict=True):
         got = np.array([g[f"Probability: {lab}"] for lab in LABELS])
         np.testing.assert_allclose(got, p, atol=ATOL)
-        assert g["Predicted class"] == LABELS[int(np.argmax(p))]
+        assert g["Finding"] == LABELS[int(np.argmax(p))]
     # the series rule: mean of each class's k highest slice probabilities, argmax (no operating point)
     k = min(top_k, len(good))
     scores = np.sort(probs, axis=0)[-k:].mean(axis=0)
     got = np.array([series_group[f"Series score: {lab}"] for lab in LABELS])
     np.testing.assert_allclose(got, scores, atol=ATOL)
-    assert series_group["Predicted class"] == LABELS[int(np.argmax(scores))]
+    assert series_group["Finding"] == LABELS[int(np.argmax(scores))]
     assert sorted(series_group["images"]) == sorted(series.sops[i] for i in good)
 
 
