@@ -85,6 +85,15 @@ def _finetune(r: dict[str, Any]) -> Iterator[Row]:
             yield (f"fine-tune {k} / fp32 eager", "training images/s, 64 px", v)
 
 
+def _series(r: dict[str, Any]) -> Iterator[Row]:
+    for key, what in (("predict_series", "POST /predict_series"), ("pacs_loop", "PACS loop")):
+        yield (
+            f"{what} / raw ORT",
+            f"slices/s vs ORT batch images/s: {r.get('series')}, {r.get('size')} px",
+            _get(r, key, "ratio_to_raw_ort_batch"),
+        )
+
+
 EXTRACTORS: dict[str, Callable[[dict[str, Any]], Iterator[Row]]] = {
     "hub": _hub,
     "preprocess": _preprocess,
@@ -92,6 +101,7 @@ EXTRACTORS: dict[str, Callable[[dict[str, Any]], Iterator[Row]]] = {
     "finetune": _finetune,
     "export": _export,
     "serving": _serving,
+    "series": _series,
 }
 
 
