@@ -422,6 +422,27 @@ def _epoch_record(
     }
 
 
+def _log_epoch(
+    cfg: FinetuneConfig, rec: dict[str, Any], st: _EpochStats, vm: dict[str, Any], improved: bool
+) -> None:
+    """One progress line per epoch (`*`: a new best on validation)."""
+    log.info(
+        "epoch %d/%d [%s] loss %.4f acc %.3f | val acc %.3f auc %.3f f1 %.3f loss %.3f | %.0f img/s %.0fs%s",
+        rec["epoch"],
+        cfg.epochs,
+        rec["phase"],
+        st.loss,
+        st.accuracy,
+        vm["accuracy"],
+        vm["auc"],
+        vm["f1"],
+        vm["loss"],
+        rec["images_per_s"],
+        st.seconds,
+        " *" if improved else "",
+    )
+
+
 def _train_and_select(
     s: _Session,
     train: ArraySplit,
@@ -463,22 +484,7 @@ def _train_and_select(
         improved = sel.update(epoch, epoch >= cfg.head_epochs, vm, probs, s.model)
         rec = _epoch_record(cfg, epoch, st, vm, improved)
         history.append(rec)
-        log.info(
-            "epoch %d/%d [%s] loss %.4f acc %.3f | val acc %.3f auc %.3f f1 %.3f loss %.3f | "
-            "%.0f img/s %.0fs%s",
-            epoch + 1,
-            cfg.epochs,
-            rec["phase"],
-            st.loss,
-            st.accuracy,
-            vm["accuracy"],
-            vm["auc"],
-            vm["f1"],
-            vm["loss"],
-            rec["images_per_s"],
-            st.seconds,
-            " *" if improved else "",
-        )
+        _log_epoch(cfg, rec, st, vm, improved)
         if saver is not None and saver.due():
             saver.save(
                 {
