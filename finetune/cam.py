@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from ctdata.heatmap import overlay  # the one map drawing (figures here, serving, pacs)
 from cthub.errors import ConfigError
+from hub.gradcam import stride16_grad_cam
 from hub.resnet import ResNet50
 
 
@@ -64,6 +65,29 @@ def class_activation_map(
     t = _targets(logits, target)
     w = fc.weight.float()[t]  # [B, C]
     maps = F.relu(torch.einsum("bc,bchw->bhw", w, feats))
+    if upsample:
+        maps = _upsample(maps, _size(x))
+    return (_normalize(maps) if normalize else maps), t
+
+
+@torch.no_grad()
+def stride16_cam(
+    model: ResNet50,
+    x: torch.Tensor,
+    target: int | list[int] | torch.Tensor | None = None,
+    normalize: bool = True,
+    upsample: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(maps [B,H,W], target classes [B]): Grad-CAM at the stride-16 stage (S/16: 14x14 at 224 px), the maps
+    the exported graph serves (`hub.gradcam`); `target` None: the predicted class."""
+    fc = model.fc
+    if not isinstance(fc, torch.nn.Linear):
+        raise ConfigError("CAM needs a classifier with a linear head (num_classes > 0)")
+    model.eval()
+    a3 = model.forward_intermediates(x, indices=[2], intermediates_only=True)[0]
+    feats, cams = stride16_grad_cam(model, fc, a3.float())
+    t = _targets(model.forward_head(feats), target)
+    maps = F.relu(cams[torch.arange(len(t)), t])
     if upsample:
         maps = _upsample(maps, _size(x))
     return (_normalize(maps) if normalize else maps), t
