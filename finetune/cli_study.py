@@ -67,6 +67,13 @@ def register_study(sub: SubParsers) -> None:
     c.add_argument("--split", default="test")
     c.add_argument("--n", type=int, default=8, help="number of images")
     c.add_argument("--seed", type=int, default=0)
+    c.add_argument(
+        "--stride",
+        type=int,
+        choices=(16, 32),
+        default=16,
+        help="16: Grad-CAM at layer3, the maps the API serves (default); 32: the last stage's CAM",
+    )
     c.add_argument("--out", required=True, help="output folder: cams.png, cams.npz, agreement.json")
     c.set_defaults(func=_cam)
 
@@ -111,7 +118,7 @@ def _cam(a: argparse.Namespace) -> int:
     import torch
 
     from ctdata.preprocess import prepare_batch
-    from finetune.cam import class_activation_map, cross_method_correlation, save_overlays
+    from finetune.cam import class_activation_map, cross_method_correlation, save_overlays, stride16_cam
     from finetune.data import labels_of, load_splits
     from finetune.train import hub_config
     from hub import from_pretrained
@@ -132,7 +139,7 @@ def _cam(a: argparse.Namespace) -> int:
         cfg = hub_config(model)
         assert cfg is not None, "from_pretrained always attaches a config"
         x = prepare_batch(images, cfg.preprocessing)
-        hm, t = class_activation_map(model, x)
+        hm, t = (stride16_cam if a.stride == 16 else class_activation_map)(model, x)
         hm = torch.nn.functional.interpolate(hm[:, None], size=images.shape[-2:], mode="bilinear")[:, 0]
         name = Path(str(m)).name
         maps[name] = hm.numpy()
@@ -143,6 +150,7 @@ def _cam(a: argparse.Namespace) -> int:
     agreement = cross_method_correlation(maps) if len(maps) > 1 else {}
     result = {
         "images": len(idx),
+        "stride": a.stride,
         "models": list(maps),
         "predictions": preds,
         "truth": truth,
