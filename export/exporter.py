@@ -40,7 +40,7 @@ from export.defaults import (
 from export.integrity import ONNX_NAME, check_fresh, record_onnx
 from export.ood import OodReference
 from export.session import INPUT_NAME, META_PREFIX, OUTPUT_NAMES, OnnxClassifier, read_metadata
-from hub.config import WEIGHTS_NAME, ModelConfig
+from hub.config import WEIGHTS_NAME, ModelConfig, data_source
 from hub.io import load_dir, record_metrics, sha256_file
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,12 @@ log = logging.getLogger(__name__)
 PARITY_RTOL = 1e-5
 PARITY_GOAL = 1e-4
 CAM_TOLERANCE = 1e-3  # atol on the class activation maps
+# ... plus this share of the largest |cam|. The maps are Grad-CAM, sum_c alpha_c A3_c over 1,024 channels of
+# both signs: the sum is far smaller than its terms, so float32 differences between two engines' kernels (1e-6
+# on the logits) grow to up to ~0.9% of the map's peak (measured, ONNX Runtime vs torch: 0.83% on a short
+# 64 px OrganAMNIST fine-tune, 0.86% on a 128 px head CT one; torch's layer3 Grad-CAM and this graph's in
+# torch agree to 1e-6). Shown after ReLU and division by the peak, 2% is ~5 of 256 colour steps.
+CAM_RTOL = 2e-2
 CHUNK = 16  # images per forward pass in the checks (bounded memory at 224 px)
 OUTPUT_DOCS: dict[str, str] = {
     "logits": "[batch, K] raw class scores",
@@ -245,12 +251,12 @@ def parity(
     unexplained = int(np.sum(~same & (top2[:, 1] - top2[:, 0] > 2 * d_logits)))
     cam_atol = max(CAM_TOLERANCE, tolerance)
     close = within(got.logits, ref.logits, tolerance) and within(single, ref.logits[:1], tolerance)
-    if not (close and within(got.cam, ref.cam, cam_atol) and unexplained == 0):
+    if not (close and within(got.cam, ref.cam, cam_atol, rtol=CAM_RTOL) and unexplained == 0):
         raise ToleranceError(
             f"ONNX parity check failed: max |Δ logits| = {d_logits:.3e} (tolerance {tolerance:g} + "
             f"{PARITY_RTOL:g}·max|logit|), max |Δ cam| = {d_cam:.3e} (tolerance {cam_atol:g} + "
-            f"{PARITY_RTOL:g}·max|cam|), top-1 differs on {int((~same).sum())} of {len(same)} images; the "
-            "exported file is not trustworthy"
+            f"{CAM_RTOL:g}·max|cam|, max|cam| = {float(np.abs(ref.cam).max()):.3g}), top-1 differs on "
+            f"{int((~same).sum())} of {len(same)} images; the exported file is not trustworthy"
         )
     return {
         "max_abs_diff_logits": d_logits,
@@ -415,8 +421,6 @@ def export_onnx(
     if cfg.num_classes <= 0:
         raise ConfigError(f"{model_dir} holds an encoder without a classification head; fine-tune it first")
     source_sha = loaded_sha256(cfg)  # hashed and verified once, while loading
-    from finetune.data import data_source  # here: it loads scikit-learn, which freshness checks do not need
-
     source = data_source(cfg, data)
     own = load_model_data(cfg, source) if source is not None else None
     pp = cfg.preprocessing

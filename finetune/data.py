@@ -12,7 +12,6 @@ from ctdata.datasets import ArraySplit, load_labeled, load_medmnist, source_prep
 from ctdata.preprocess import PreprocessConfig
 from cthub.errors import ConfigError, CTHubError, DataError, MissingSplitError
 from finetune.splits import kfold_splits, stratified_subset, train_val_split
-from hub.config import data_source as data_source  # moved to hub.config; export.exporter imports it here
 
 if TYPE_CHECKING:
     from hub.config import ModelConfig

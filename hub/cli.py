@@ -11,11 +11,14 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cthub.errors import ConfigError, ModelNotFoundError
 from hub import manifest
 from hub.registry import RegistryEntry, load_registry
+
+if TYPE_CHECKING:
+    from cthub.cli import SubParsers
 
 
 def _hub(args: argparse.Namespace) -> Path:
@@ -222,7 +225,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: SubParsers) -> None:
     hub = subparsers.add_parser("hub", help="list, show, pull, push and import named encoders")
     hub.add_argument(
         "--hub-dir", dest="hub_dir", default=None, help="local hub directory (default $CTHUB_HOME)"

@@ -11,9 +11,12 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cthub.errors import ConfigError
+
+if TYPE_CHECKING:
+    from cthub.cli import SubParsers
 
 PACS_USER_ENV = "CTHUB_PACS_USER"
 PACS_PASSWORD_ENV = "CTHUB_PACS_PASSWORD"  # noqa: S105 -- the variable's name, not a password
@@ -25,7 +28,7 @@ QUIET = {
 }
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: SubParsers) -> None:
     p = subparsers.add_parser(
         "pacs",
         help="PACS in the loop: a local Orthanc + the watcher that stores an SR with each CT series",

@@ -10,10 +10,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cthub.errors import ConfigError
 from serving.settings import BACKENDS, MODEL_ENV, VARIANT_ENV, VARIANTS, ServeSettings
+
+if TYPE_CHECKING:
+    from cthub.cli import SubParsers
 
 SERVICE = "serving.entry:CTHubService"
 QUIET_ENV = {
@@ -23,7 +26,7 @@ QUIET_ENV = {
 }
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: SubParsers) -> None:
     p = subparsers.add_parser(
         "serve",
         help="serve a classifier: REST API (BentoML) + demo at /ui",
