@@ -9,10 +9,15 @@
 - ge_head_tilt: gantry tilt 18.5 degrees and uneven gaps (4, 1.1, 7 mm), uploaded shuffled: anatomical order
   along the tilted slice normal;
 - de-identified slices (Type 2 attributes stripped here) through POST /report; a 12-bit JPEG Extended copy
-  of a real slice (encoded here with imagecodecs) answered like the original; a retired syntax answered 415.
+  of a real slice (encoded here with imagecodecs) answered like the original; a retired syntax answered 415;
+- the demo mounted at /ui of the same server, driven through gradio_client as the page drives it: a series
+  uploaded as its files (ge_head_tilt) or a zip (a Lung-PET-CT-Dx study folder of two series; fnndsc_chest),
+  the series slider covering every slice and walking them in anatomical order (ImagePositionPatient along
+  the slice normal, read here from the headers), each shown slice with its own pixels and the model's answer.
 
-One server and one PACS loop per module, one small model (ResNet50 at 64 px, random weights calibrated on
-real slices). Files are read from ../shared (read-only) and edited copies made in memory or in tmp_path.
+One server (with its demo) and one PACS loop per module, one small model (ResNet50 at 64 px, random weights
+calibrated on real slices). Files are read from ../shared (read-only) and edited copies made in memory or
+in tmp_path.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -33,8 +39,10 @@ import numpy as np
 import pydicom
 import pytest
 from conftest import shared_file
-from helpers import calibrated_resnet
+from helpers import calibrated_resnet, png_pixels
+from test_serving_demo import ANALYSIS, SLICE_OUTPUTS, view_args, windowed
 
+from ctdata import read_dicom
 from ctdata.preprocess import PreprocessConfig, prepare
 from export import export_onnx
 from export.session import OnnxClassifier
@@ -43,6 +51,7 @@ from pacs.orthanc import missing_parts
 from pacs.records import read_records
 from serving.audit import AuditLog
 from serving.launch import QUIET, free_port, running_server
+from serving.viewer import MODEL_DEFAULT, preset_window
 
 pytestmark = pytest.mark.shared
 
@@ -146,9 +155,9 @@ def reference(model_dir: Path) -> Callable[[bytes], np.ndarray]:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator[str]:
-    """`cthub serve` with its default limits (the 275-slice series must fit them)."""
+    """`cthub serve` with its default limits (the 275-slice series must fit them) and its demo at /ui."""
     root = tmp_path_factory.mktemp("real_series_serve")
-    env = {"BENTOML_HOME": str(root / "bentoml"), "TMPDIR": str(root), "CTHUB_DEMO": "0"}
+    env = {"BENTOML_HOME": str(root / "bentoml"), "TMPDIR": str(root), "CTHUB_DEMO": "1"}
     with running_server(model_dir, root / "server.log", env=env) as srv:
         yield srv.base
 
@@ -286,6 +295,165 @@ def test_12bit_jpeg_extended_is_answered_and_a_retired_syntax_is_415(
     body = r.json()
     assert body["error"] == "unsupported_media_type" and body["reason"] == "unsupported_transfer_syntax"
     assert "1.2.840.10008.1.2.4.55" in body["detail"] and "retired" in body["detail"]
+
+
+# -- through the demo's series slider (the demo mounted at /ui of the same server) ------------------------
+
+
+class DemoPage:
+    """One gradio_client session on the mounted demo: `load` is the upload box, `show` the slice slider."""
+
+    def __init__(self, base: str, downloads: Path) -> None:
+        from gradio_client import Client
+
+        self.client = Client(f"{base}/ui/", verbose=False, download_files=str(downloads))
+
+    def call(self, api: str, *args: Any, names: tuple[str, ...]) -> dict[str, Any]:
+        out = self.client.predict(*args, api_name=api)
+        assert len(out) == len(names), (api, len(out))
+        return dict(zip(names, out, strict=True))
+
+    def load(self, files: list[Path]) -> dict[str, Any]:
+        from gradio_client import handle_file
+
+        return self.call("/load", [handle_file(str(f)) for f in files], None, *view_args(), names=ANALYSIS)
+
+    def show(self, number: int) -> dict[str, Any]:
+        return self.call("/show_slice", *view_args(slice=number), names=SLICE_OUTPUTS)
+
+
+def probabilities(label: dict[str, Any]) -> np.ndarray:
+    got = {c["label"]: c["confidence"] for c in label["confidences"]}
+    return np.array([got[k] for k in LABELS])
+
+
+def zipped(path: Path, members: dict[str, Path]) -> list[Path]:
+    """A zip of real files under the given member names (stored: the files are compressed already); the
+    files in the order the demo numbers the members (by name, as `ctdata.series.iter_zip_members` reads)."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        for name, src in members.items():
+            z.write(src, name)
+    return [members[name] for name in sorted(members)]
+
+
+def walk_slider(
+    page: DemoPage, loaded: dict[str, Any], n: int, step: int = 1
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """The slider as loaded (all `n` slices reachable), then moved to slice 1, 1 + step, ... and n: each
+    slice number with its view."""
+    slider = loaded["slice"]
+    assert slider["maximum"] == n and slider["interactive"] is True and slider["visible"] is True
+    assert slider["label"] == f"Slice ({n} in anatomical order)"
+    for k in sorted({*range(1, n + 1, step), n}):
+        shown = page.show(k)
+        assert shown["details"]["slice"]["index"] == k - 1 and f"Slice **{k}** of {n}" in shown["info"]
+        yield k, shown
+
+
+def shows_the_slice(shown: dict[str, Any], src: Path, window: tuple[float, float]) -> None:
+    """The displayed image is `src`'s own pixels at their resolution, in the model's own mapping."""
+    hu = read_dicom(src).pixels[0]
+    image = png_pixels(shown["image"])
+    assert image.shape == (*hu.shape, 3) and np.abs(image[..., 0] - windowed(hu, *window)).max() <= 1
+
+
+@pytest.fixture
+def page(server: str, gradio_client_temp_dir: Path) -> Iterator[DemoPage]:
+    """A new session (its own study) on the demo of the module's server; closed after the test (its open
+    heartbeat stream would otherwise hold the server's graceful shutdown)."""
+    session = DemoPage(server, gradio_client_temp_dir / "downloads")
+    try:
+        yield session
+    finally:
+        session.client.close()
+
+
+@pytest.fixture(scope="module")
+def window(model_dir: Path) -> tuple[float, float]:
+    """(center, width) of the model's own mapping: what the demo shows before a preset is picked."""
+    found = preset_window(MODEL_DEFAULT, ModelConfig.load(model_dir).preprocessing)
+    assert found is not None
+    return found
+
+
+def test_demo_slider_walks_the_gantry_tilted_series_in_anatomical_order(
+    page: DemoPage, reference: Callable[[bytes], np.ndarray], window: tuple[float, float]
+) -> None:
+    """ge_head_tilt uploaded as its 28 files in a shuffled order: the slider reaches every slice once, in
+    increasing position along the tilted slice normal (gaps of 1.1 to 7 mm), each with its own answer."""
+    files = real("ge_head_tilt")
+    assert len(files) == 28
+    sent = [files[int(i)] for i in np.random.default_rng(7).permutation(len(files))]
+    heads = [header(f) for f in sent]
+    order = []
+    for _, shown in walk_slider(page, page.load(sent), 28):
+        d = shown["details"]["slice"]
+        head = heads[d["file"]]
+        assert d["member"] is None and d["instance_number"] == int(head.InstanceNumber)
+        assert d["position_mm"] == pytest.approx(along_normal(head), abs=1e-3)
+        got = probabilities(shown["probabilities"])
+        np.testing.assert_allclose(got, reference(sent[d["file"]].read_bytes()), atol=ATOL)
+        shows_the_slice(shown, sent[d["file"]], window)
+        order.append(d["file"])
+    assert sorted(order) == list(range(28)) and order != list(range(28))  # every file once, not upload order
+    gaps = np.diff([along_normal(heads[i]) for i in order])
+    assert (gaps > 0).all() and gaps.min() < 1.5 and gaps.max() > 6.5
+
+
+def test_demo_keeps_the_series_of_a_jpegls_study_apart(
+    page: DemoPage, reference: Callable[[bytes], np.ndarray], window: tuple[float, float], tmp_path: Path
+) -> None:
+    """A Lung-PET-CT-Dx study folder zipped as downloaded (JPEG-LS): two series of 30 slices at the same
+    positions (B70f and B40f kernels). The slider shows one series, all of it, in anatomical order; the
+    other is named in the notes, never mixed in."""
+    study = shared_file("real_ct", "lung_pet_ct_dx", "Lung_Dx-A0002")
+    archive = tmp_path / "study.zip"
+    files = zipped(archive, {f.relative_to(study).as_posix(): f for f in study.glob("*/*/*.dcm")})
+    heads = [header(f) for f in files]
+    assert len(files) == 60 and len({h.SeriesInstanceUID for h in heads}) == 2
+    loaded = page.load([archive])
+    assert "files 0 (30 objects, CT) left out: another series than the analysed one" in loaded["notes"]
+    assert loaded["details"]["other_series"] == [
+        {"modality": "CT", "files": [0], "objects": 30, "reason": "another series than the analysed one"}
+    ]
+    order = []
+    for k, shown in walk_slider(page, loaded, 30):
+        d = shown["details"]["slice"]
+        assert d["file"] == 0 and d["position_mm"] == pytest.approx(
+            along_normal(heads[d["member"]]), abs=1e-3
+        )
+        if k % 6 == 1:  # a few slices against the model and the pixels read here
+            got = probabilities(shown["probabilities"])
+            np.testing.assert_allclose(got, reference(files[d["member"]].read_bytes()), atol=ATOL)
+            shows_the_slice(shown, files[d["member"]], window)
+        order.append(d["member"])
+    assert len(set(order)) == 30 and len({heads[m].SeriesInstanceUID for m in order}) == 1
+    assert (np.diff([along_normal(heads[m]) for m in order]) > 0).all()
+
+
+def test_demo_slider_covers_the_275_slice_jpeg2000_series(
+    page: DemoPage, reference: Callable[[bytes], np.ndarray], window: tuple[float, float], tmp_path: Path
+) -> None:
+    """fnndsc_chest zipped in file order (not anatomical): within the demo's limits, the slider spans all 275
+    slices; moved by 11 (26 stops, first and last included: showing each of the 275 would triple the
+    test's time) it passes slices of increasing position along the normal, from the lowest to the highest."""
+    archive = tmp_path / "chest.zip"
+    files = zipped(archive, {f.name: f for f in real("fnndsc_chest")})
+    assert len(files) == 275
+    heads = [header(f) for f in files]
+    positions = sorted(along_normal(h) for h in heads)
+    seen = []
+    for k, shown in walk_slider(page, page.load([archive]), 275, step=11):
+        d = shown["details"]["slice"]
+        head = heads[d["member"]]
+        assert d["file"] == 0 and d["position_mm"] == pytest.approx(along_normal(head), abs=1e-3)
+        assert along_normal(head) == positions[k - 1]  # the k-th slice in anatomical order
+        if k in (1, 133, 275):  # a few slices against the model and the pixels read here
+            got = probabilities(shown["probabilities"])
+            np.testing.assert_allclose(got, reference(files[d["member"]].read_bytes()), atol=ATOL)
+            shows_the_slice(shown, files[d["member"]], window)
+        seen.append(d["member"])
+    assert len(set(seen)) == len(seen) == 26 and seen != sorted(seen)  # not the file order
 
 
 # -- through the PACS loop --------------------------------------------------------------------------------
