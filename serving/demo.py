@@ -439,7 +439,8 @@ def slider_label(n: int) -> str:
 
 
 def slice_text(study: Study, i: int) -> str:
-    """One line about the displayed slice: where it is and what the model said about it."""
+    """One line about the displayed slice: where it is, what the model said about it, and whether the upload
+    held other series (the demo shows one; the notes list the others)."""
     a = study.analysis
     assert a is not None
     sl, r = study.slices[i], a.slices[i]
@@ -453,6 +454,8 @@ def slice_text(study: Study, i: int) -> str:
         parts.append("out of distribution")
     if not sl.is_hu:
         parts.append("not in HU: the window does not apply")
+    if others := len(study.left_out.get("other_series", [])):
+        parts.append(f"{others} other series of the upload not shown (see Notes)")
     return " · ".join(parts)
 
 

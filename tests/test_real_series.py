@@ -390,6 +390,7 @@ def test_demo_slider_walks_the_gantry_tilted_series_in_anatomical_order(
         d = shown["details"]["slice"]
         head = heads[d["file"]]
         assert d["member"] is None and d["instance_number"] == int(head.InstanceNumber)
+        assert "other series" not in shown["info"]
         assert d["position_mm"] == pytest.approx(along_normal(head), abs=1e-3)
         got = probabilities(shown["probabilities"])
         np.testing.assert_allclose(got, reference(sent[d["file"]].read_bytes()), atol=ATOL)
@@ -418,6 +419,7 @@ def test_demo_keeps_the_series_of_a_jpegls_study_apart(
     ]
     order = []
     for k, shown in walk_slider(page, loaded, 30):
+        assert "1 other series of the upload not shown (see Notes)" in shown["info"]
         d = shown["details"]["slice"]
         assert d["file"] == 0 and d["position_mm"] == pytest.approx(
             along_normal(heads[d["member"]]), abs=1e-3
