@@ -276,7 +276,7 @@ def test_analysis_equals_the_onnx_model_on_the_api_preprocessing(
     ref = clf.outputs(prepare(ct_small_dcm, clf.config.preprocessing)[None])
     r = a.slices[0]
     assert np.allclose([r.probabilities[k] for k in LABELS], ref.probabilities[0], atol=1e-6)
-    assert np.allclose(r.cam, ref.cam[0], atol=1e-5) and r.cam.shape == (2, 2, 2)
+    assert np.allclose(r.cam, ref.cam[0], atol=1e-5) and r.cam.shape == (2, 4, 4)
     argmax = LABELS[int(np.argmax(ref.probabilities[0]))]
     assert r.label != argmax and r.decision["rule"] == "threshold"  # the operating point, not the argmax
     assert a.series is None and r.ood["available"] is False
