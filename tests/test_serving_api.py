@@ -282,7 +282,7 @@ def test_cam_overlay_is_a_png_of_the_slice(server) -> None:
         pytest.xfail(f"the exported model has no cam output yet: {cam['detail']}")
     png = Image.open(io.BytesIO(base64.b64decode(cam["png_base64"])))
     assert png.format == "PNG" and png.size == (128, 128) and png.mode == "RGB"
-    assert cam["class"] == body["label"] and cam["map_size"] == [4, 4]  # 64 px input / 16 (Grad-CAM at stride 16)
+    assert cam["class"] == body["label"] and cam["map_size"] == [4, 4]  # 64 px / 16: stride-16 Grad-CAM
     rgb = np.asarray(png, dtype=np.int16)
     assert np.abs(rgb[..., 0] - rgb[..., 2]).max() > 30  # colour: a heat map was blended in
     assert "cam" not in post(srv.base, need("CT_small.dcm")).json()
