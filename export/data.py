@@ -2,9 +2,9 @@
 
 A fine-tuned classifier records its data source in `config.provenance["data"]` and how it was split
 (`finetune.seed`, `max_val`, `max_test`, or the saved fold of k-fold cross-validation); the same rule
-(`finetune.select_splits`) gives back its train / val / test images here. Without that data (a model from
-elsewhere, or the file is not on this machine) the checks fall back to the real CT DICOMs bundled with
-pydicom, and there is no int8 calibration and no OOD reference.
+(`hub.model_data.recorded_splits`, by `ctdata.labeled.select_splits`) gives back its train / val / test
+images here. Without that data (a model from elsewhere, or the file is not on this machine) the checks fall
+back to the real CT DICOMs bundled with pydicom, and there is no int8 calibration and no OOD reference.
 """
 
 from __future__ import annotations
@@ -18,9 +18,11 @@ import numpy as np
 import torch
 
 from ctdata.datasets import ArraySplit
+from ctdata.labeled import limit
 from ctdata.preprocess import PreprocessConfig, prepare, prepare_batch
 from cthub.errors import InputError
 from hub.config import ModelConfig
+from hub.model_data import recorded_splits
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +42,6 @@ class ModelData:
 
     def take(self, split: str, n: int, seed: int = 0) -> ArraySplit:
         """A stratified subset of at most `n` images of one split (all when it has no more)."""
-        from finetune.data import limit
-
         part: ArraySplit = getattr(self, split)
         return limit(part, n, seed) if n < len(part) else part
 
@@ -57,8 +57,6 @@ def batches(images: np.ndarray, cfg: PreprocessConfig, size: int = 64) -> Iterat
 
 def load_model_data(config: ModelConfig, source: Path) -> ModelData:
     """Train / val / test of `source` split as fine-tuning split it for this classifier."""
-    from finetune.data import recorded_splits
-
     train, val, test = recorded_splits(config, source)
     pp = config.preprocessing
     return ModelData(str(source), train, val, test, pp)

@@ -50,6 +50,7 @@ from export.exporter import (
 from export.integrity import ONNX_NAME, int8_path, record_onnx
 from export.session import INPUT_NAME, OnnxClassifier, read_metadata, weights_sha256
 from hub.config import ModelConfig, data_source
+from hub.metrics import classification_metrics
 
 log = logging.getLogger(__name__)
 
@@ -245,8 +246,6 @@ def quantize_file(
 
 
 def _metrics(y: np.ndarray, logits: np.ndarray, threshold: float | None) -> dict[str, float]:
-    from finetune import classification_metrics
-
     m = classification_metrics(y, softmax(logits.astype(np.float64)), threshold)
     return {k: round(float(m[k]), 6) for k in ("accuracy", "auc", "f1")}
 

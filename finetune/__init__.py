@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING
 from cthub.lazy import lazy_package
 
 if TYPE_CHECKING:
+    from ctdata.labeled import select_splits
     from finetune.artifact import save_classifier
     from finetune.config import FinetuneConfig
-    from finetune.data import select_splits
     from finetune.evaluate import evaluate_encoder, knn_eval
-    from finetune.metrics import choose_threshold, classification_metrics
     from finetune.probe import extract_features, linear_probe
     from finetune.train import FitResult, fit, predict_proba
+    from hub.metrics import choose_threshold, classification_metrics
 
 __getattr__, __all__ = lazy_package(__name__, __file__)

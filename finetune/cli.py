@@ -62,7 +62,7 @@ def register(sub: SubParsers) -> None:
 
 
 def _finetune(a: argparse.Namespace) -> int:
-    from finetune.data import data_preprocessing, describe, kfold_pool, load_splits, select_splits
+    from ctdata.labeled import data_preprocessing, describe, kfold_pool, load_splits, select_splits
     from finetune.protocols import run_kfold, run_split
 
     cfg = recipe_from_args(a)

@@ -117,9 +117,9 @@ def _cam(a: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
+    from ctdata.labeled import labels_of, load_splits
     from ctdata.preprocess import prepare_batch
     from finetune.cam import class_activation_map, cross_method_correlation, save_overlays, stride16_cam
-    from finetune.data import labels_of, load_splits
     from finetune.train import hub_config
     from hub import from_pretrained
 

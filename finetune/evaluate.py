@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 
 from ctdata.datasets import ArraySplit
+from ctdata.labeled import labels_of
 from cthub.runtime import num_threads
-from finetune.data import labels_of
-from finetune.metrics import classification_metrics
 from finetune.probe import BN_MODES, extract_features, linear_probe_on_features, recalibrate_bn
 from finetune.train import num_classes_of, place_model, resolve_encoder
+from hub.metrics import classification_metrics
 
 log = logging.getLogger(__name__)
 

@@ -14,11 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ctdata.datasets import ArraySplit
+from ctdata.labeled import labels_of
 from ctdata.preprocess import PreprocessConfig
 from cthub.runtime import autocast, isolated_seed, num_threads, resolve_amp, select_device
-from finetune.data import labels_of
-from finetune.metrics import choose_threshold, classification_metrics
 from finetune.train import model_inputs, place_model, resolve_encoder
+from hub.metrics import choose_threshold, classification_metrics
 from hub.resnet import ResNet50
 
 log = logging.getLogger(__name__)

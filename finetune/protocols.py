@@ -12,12 +12,12 @@ import numpy as np
 from torch import nn
 
 from ctdata.datasets import ArraySplit
+from ctdata.labeled import select_splits
 from ctdata.preprocess import PreprocessConfig
 from finetune.artifact import default_note, save_classifier
 from finetune.config import FinetuneConfig
-from finetune.data import select_splits
-from finetune.metrics import format_pm, mean_std, selection_score
 from finetune.train import FitResult, fit
+from hub.metrics import format_pm, mean_std, selection_score
 
 log = logging.getLogger(__name__)
 REPORTED = ("accuracy", "auc", "f1")

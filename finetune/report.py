@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from finetune.metrics import format_pm, mean_std
+from hub.metrics import format_pm, mean_std
 
 METRICS = ("accuracy", "auc", "f1")
 

@@ -28,13 +28,14 @@ import torch
 import torch.nn.functional as F
 
 from ctdata.datasets import ArraySplit
+from ctdata.labeled import limit
 from ctdata.preprocess import PreprocessConfig
 from cthub.errors import ConfigError, DataError
-from finetune.data import limit, recorded_splits
-from finetune.metrics import classification_metrics
 from finetune.train import predict_proba
 from hub.config import ModelConfig, data_source
 from hub.io import from_pretrained
+from hub.metrics import classification_metrics
+from hub.model_data import recorded_splits
 
 log = logging.getLogger(__name__)
 

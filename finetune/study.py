@@ -47,10 +47,10 @@ from typing import Any
 
 import torch
 
+from ctdata.labeled import data_preprocessing, load_splits, select_splits
 from cthub.errors import ConfigError, CTHubError
 from cthub.runtime import hardware, precision_label, select_device
 from finetune.config import FinetuneConfig
-from finetune.data import data_preprocessing, load_splits, select_splits
 from finetune.report import aggregate, pct, write_csv, write_reports
 from finetune.resume import FitCheckpoint
 from finetune.train import SCRATCH_NAMES, fit, has_converged

@@ -29,10 +29,10 @@ from cthub.errors import ConfigError, DataError
 from cthub.runtime import autocast, num_threads, resolve_amp, seed_everything, select_device
 from finetune.augment import AugmentConfig, augment_batch
 from finetune.config import FinetuneConfig
-from finetune.metrics import choose_threshold, classification_metrics, log_loss, selection_score
 from finetune.resume import EpochSaver, FitCheckpoint, run_fingerprint
 from hub.config import ModelConfig
 from hub.io import from_pretrained
+from hub.metrics import choose_threshold, classification_metrics, log_loss, selection_score
 from hub.resnet import ResNet50
 
 log = logging.getLogger(__name__)
@@ -555,7 +555,7 @@ def fit(
 ) -> FitResult:
     """Fine-tune `encoder` (hub name/path, a model, or "scratch") with a linear head on `train`; select the
     epoch by validation `cfg.select_metric`; measure `test` once with the selected model. `preprocessing` is
-    the labeled data's (`finetune.data.data_preprocessing`): all of it for scratch, its HU -> grey mapping
+    the labeled data's (`ctdata.labeled.data_preprocessing`): all of it for scratch, its HU -> grey mapping
     for a pretrained encoder, whose normalization stays. With `checkpoint`, the run saves its state between
     epochs and an interrupted run continues where it stopped (`finetune.resume`)."""
     cfg = cfg or FinetuneConfig()

@@ -208,7 +208,7 @@ def _pretrain(a: argparse.Namespace) -> int:
 def _evaluate(a: argparse.Namespace) -> int:
     import json
 
-    from finetune.data import limit, load_splits
+    from ctdata.labeled import limit, load_splits
     from finetune.evaluate import evaluate_encoder
 
     splits = load_splits(a.data)

@@ -22,12 +22,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ctdata.datasets import ArraySplit
+from ctdata.labeled import labels_of, load_splits
 from ctdata.preprocess import PreprocessConfig
+from ctdata.splits import stratified_subset
 from cthub.errors import DataError
-from finetune.data import labels_of, load_splits
 from finetune.evaluate import collapse_std, knn_eval
 from finetune.probe import extract_features
-from finetune.splits import stratified_subset
 from hub.resnet import ResNet50
 
 log = logging.getLogger(__name__)

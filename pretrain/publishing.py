@@ -9,8 +9,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ctdata.labeled import limit, load_splits
 from cthub.runtime import hardware, isolated_seed
-from finetune.data import limit, load_splits
 from finetune.evaluate import evaluate_encoder
 from hub.config import WEIGHTS_NAME, ModelConfig
 from hub.io import hub_dir, publish_local, save_pretrained

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
+from ctdata.labeled import limit, load_splits
 from ctdata.preprocess import PreprocessConfig
 from cthub.cli import main as cthub_main
-from finetune.data import limit, load_splits
 from finetune.evaluate import collapse_std, evaluate_encoder, knn_eval, majority_accuracy
 from finetune.probe import extract_features, linear_probe, recalibrate_bn
 from finetune.train import model_inputs

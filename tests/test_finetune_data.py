@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from ctdata.datasets import ArraySplit
+from ctdata.labeled import load_splits, predefined_splits, select_splits
 from ctdata.preprocess import PreprocessConfig
 from cthub.errors import DataError, MissingSplitError
-from finetune.data import load_splits, predefined_splits, select_splits
 
 
 def _split(labels: list[int], offset: int = 0) -> ArraySplit:

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ctdata.labeled import load_splits, select_splits
 from ctdata.preprocess import PreprocessConfig
-from finetune.data import load_splits, select_splits
-from finetune.metrics import classification_metrics
 from finetune.train import predict_proba
 from hub import from_pretrained
+from hub.metrics import classification_metrics
 
 
 def test_kfold_cli_on_head_ct(head_ct_dir: Path, tmp_path: Path, capsys) -> None:

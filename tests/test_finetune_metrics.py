@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 
-from finetune.metrics import choose_threshold, classification_metrics, format_pm, mean_std
+from hub.metrics import choose_threshold, classification_metrics, format_pm, mean_std
 
 Y_MULTI = np.array([0, 1, 2, 2, 1, 0, 2, 1, 0, 2])
 P_MULTI = np.array(

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from ctdata.labeled import load_splits, select_splits
 from finetune.config import FinetuneConfig
-from finetune.data import load_splits, select_splits
 from finetune.resume import FitCheckpoint
 from finetune.train import fit
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ctdata.datasets import load_medmnist
-from finetune.splits import group_train_test_split, kfold_splits, stratified_subset
+from ctdata.splits import group_train_test_split, kfold_splits, stratified_subset
 
 
 @pytest.fixture(scope="module")

@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ctdata.labeled import load_splits, select_splits
 from cthub.errors import ConfigError
 from cthub.runtime import hardware
 from finetune import study
 from finetune.config import FinetuneConfig
-from finetune.data import load_splits, select_splits
 from finetune.report import table2_markdown
 from finetune.study import Cell, StudySpec, available_encoders, run_path, run_study
 

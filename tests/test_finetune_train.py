@@ -14,9 +14,9 @@ import torch
 from sklearn.metrics import f1_score
 
 from ctdata.datasets import load_medmnist
+from ctdata.labeled import limit
 from cthub.errors import ConfigError, ModelNotFoundError
 from finetune import FinetuneConfig, fit, linear_probe, predict_proba, save_classifier
-from finetune.data import limit
 from finetune.evaluate import majority_accuracy
 from finetune.train import Selection, has_converged
 from hub import from_pretrained

@@ -1,4 +1,8 @@
-"""Accuracy, AUC and F1 as the paper reports them (scikit-learn), thresholds, and mean ± std over runs."""
+"""Accuracy, AUC and F1 as the paper reports them (scikit-learn), thresholds, and mean ± std over runs.
+
+In the hub, not in fine-tuning: these are the numbers a model card reports (`hub.io.record_metrics`), and
+every stage that measures a classifier (fine-tuning, the int8 check in `export.quantize`, robustness tables)
+must compute them the same way; finetune and export are peers, so the shared definition sits below both."""
 
 from __future__ import annotations
 

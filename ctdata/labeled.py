@@ -1,21 +1,20 @@
-"""Labeled data for fine-tuning: a source's splits, and the one rule that picks train/val/test from them."""
+"""Labeled data: a source's splits, and the one rule that picks train/val/test from them.
+
+Data-level (it knows images and labels, not models), so fine-tuning, export checks and pretraining monitors
+all split the same way from here."""
 
 from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 
 from ctdata.datasets import ArraySplit, load_labeled, load_medmnist, source_preprocessing
 from ctdata.preprocess import PreprocessConfig
-from cthub.errors import ConfigError, CTHubError, DataError, MissingSplitError
-from finetune.splits import kfold_splits, stratified_subset, train_val_split
-
-if TYPE_CHECKING:
-    from hub.config import ModelConfig
-
+from ctdata.splits import kfold_splits, stratified_subset, train_val_split
+from cthub.errors import DataError, MissingSplitError
 
 SPLITS = ("train", "val", "test")
 
@@ -166,37 +165,3 @@ def describe(split: ArraySplit) -> str:
         return f"{len(split)} images, unlabeled"
     counts = np.bincount(split.labels, minlength=len(split.class_names))
     return f"{len(split)} images, per class {list(map(int, counts))}"
-
-
-def recorded_splits(config: ModelConfig, source: str | Path) -> tuple[ArraySplit, ArraySplit, ArraySplit]:
-    """Train / val / test of `source` split exactly as `cthub finetune` split it for this classifier (the
-    seed, `max_val`, `max_test` and, for k-fold, the saved fold its config records): what export checks and
-    robustness tables measure on. ConfigError when the data cannot be the classifier's."""
-    source = Path(source)
-    pp = config.preprocessing
-    splits = load_splits(source, pp, storage_size=pp.input_size)
-    prov = config.provenance
-    ft = prov.get("finetune")
-    rule: dict[str, Any] = {
-        "split_seed": int(ft.get("seed", 42)) if isinstance(ft, dict) else 42,
-        "max_val": prov.get("max_val"),
-        "max_test": prov.get("max_test"),
-    }
-    folds, saved = config.metrics.get("cv_folds"), config.metrics.get("saved_fold")
-    if isinstance(folds, list) and isinstance(saved, int):
-        rule |= {"fold": saved - 1, "folds": len(folds)}
-    elif "all" in splits:
-        rule |= {"fold": 0, "folds": 5}
-    try:
-        train, val, test = select_splits(splits, **rule)
-    except CTHubError as e:
-        raise ConfigError(f"cannot split {source.name} as the classifier was trained: {e}") from None
-    if train.labels is None or test.labels is None:
-        raise ConfigError(f"{source.name} has no labels: measuring the classifier needs labeled images")
-    n_classes = int(max(train.labels.max(), test.labels.max())) + 1
-    if config.num_classes and n_classes > config.num_classes:
-        raise ConfigError(
-            f"{source.name} has {n_classes} classes but {config.name} predicts {config.num_classes}: "
-            "not the classifier's data"
-        )
-    return train, val, test

@@ -1,5 +1,6 @@
-"""Evaluation protocols: stratified label reduction, stratified (group-aware) k-fold with a validation
-share."""
+"""Index splits of a labeled set (scikit-learn): stratified label reduction, stratified (group-aware)
+train/val and k-fold with a validation share. Data-level, so every stage splits the same way
+(`ctdata.labeled.select_splits` applies them to images)."""
 
 from __future__ import annotations
 
