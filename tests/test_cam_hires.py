@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from conftest import shared_file
 
 from ctdata.heatmap import heat
+from ctdata.labeled import data_preprocessing, load_splits
 from export.classifier import CamHead
 from finetune.cam import class_activation_map
 from finetune.config import FinetuneConfig
-from finetune.data import data_preprocessing, load_splits
 from finetune.train import fit, model_inputs
 
 SIZE = 128
