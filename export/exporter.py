@@ -54,11 +54,11 @@ PARITY_RTOL = 1e-5
 PARITY_GOAL = 1e-4
 CAM_TOLERANCE = 1e-3  # atol on the class activation maps
 # ... plus this share of the largest |cam|. The maps are Grad-CAM, sum_c alpha_c A3_c over 1,024 channels of
-# both signs: the sum is far smaller than its terms, so float32 differences between two engines' kernels (1e-6
-# on the logits) grow to up to ~0.9% of the map's peak (measured, ONNX Runtime vs torch: 0.83% on a short
-# 64 px OrganAMNIST fine-tune, 0.86% on a 128 px head CT one; torch's layer3 Grad-CAM and this graph's in
-# torch agree to 1e-6). Shown after ReLU and division by the peak, 2% is ~5 of 256 colour steps.
-CAM_RTOL = 2e-2
+# both signs: the sum is far smaller than its terms, so the two engines' float32 rounding (1e-6 to 1e-5 on the
+# logits) grows to 0.8-2.4% of the map's peak on trained models (measured, ONNX Runtime vs torch: 0.83% and
+# 2.4% on short 64 px OrganAMNIST fine-tunes, 0.86% on a 128 px head CT one; in torch, this graph's maps and
+# autograd's agree to 1e-6). Shown after ReLU and division by the peak, 5% is ~13 of 256 colour steps.
+CAM_RTOL = 5e-2
 CHUNK = 16  # images per forward pass in the checks (bounded memory at 224 px)
 OUTPUT_DOCS: dict[str, str] = {
     "logits": "[batch, K] raw class scores",

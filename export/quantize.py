@@ -2,8 +2,10 @@
 images of its own data and accepted only when it stays within tolerance of fp32 on the test split.
 
 Only the backbone is quantized: the nodes downstream of the last-stage feature map (global pooling, the
-linear head, the class activation map convolution, softmax) stay fp32, so probabilities, maps and
-embeddings are computed in fp32 from int8 features. The stem (the 7x7 convolution on the input) stays fp32
+linear head, softmax) stay fp32, so probabilities and embeddings are computed in fp32 from int8 features.
+The class activation maps are Grad-CAM back through layer4 (`hub.gradcam`), so that backward pass runs on
+the int8 graph too (their correlation with the fp32 maps is reported as `cam_correlation`).
+The stem (the 7x7 convolution on the input) stays fp32
 too: on this AVX2 CPU without VNNI, ONNX Runtime's u8s8 kernels saturate their 16-bit pair sums there
 (measured on a 64 px OrganAMNIST demo model: top-1 agreement with fp32 0.67 with the stem in int8 against
 0.79 for the same QDQ graph run with optimizations off, i.e. in float; 0.79 in both once the stem is

@@ -77,5 +77,5 @@ def test_bilinear_r2_tells_a_ramp_from_a_peak() -> None:
     peak = np.zeros((64, 64))
     peak[20:26, 30:36] = 1.0
     assert (
-        bilinear_r2(ramp.numpy()) > 0.95 and bilinear_r2(peak) < 0.1 and bilinear_r2(np.zeros((8, 8))) == 1.0
+        bilinear_r2(ramp.numpy()) > 0.9 and bilinear_r2(peak) < 0.1 and bilinear_r2(np.zeros((8, 8))) == 1.0
     )
