@@ -39,6 +39,13 @@ def _size(x: torch.Tensor) -> tuple[int, int]:
     return int(x.shape[-2]), int(x.shape[-1])
 
 
+def _linear_head(model: ResNet50) -> torch.nn.Linear:
+    """The classifier's linear head; ConfigError for an encoder without one."""
+    if not isinstance(model.fc, torch.nn.Linear):
+        raise ConfigError("CAM needs a classifier with a linear head (num_classes > 0)")
+    return model.fc
+
+
 def _targets(logits: torch.Tensor, target: int | list[int] | torch.Tensor | None) -> torch.Tensor:
     if target is None:
         return logits.argmax(1)
@@ -56,9 +63,7 @@ def class_activation_map(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(maps [B,H,W] at input size in [0,1], target classes [B]) from the last stage's features.
     `target` None: the predicted class."""
-    fc = model.fc
-    if not isinstance(fc, torch.nn.Linear):
-        raise ConfigError("CAM needs a classifier with a linear head (num_classes > 0)")
+    fc = _linear_head(model)
     model.eval()
     feats = _last_features(model, x).float()
     logits = model.forward_head(feats)
@@ -80,9 +85,7 @@ def stride16_cam(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(maps [B,H,W], target classes [B]): Grad-CAM at the stride-16 stage (S/16: 14x14 at 224 px), the maps
     the exported graph serves (`hub.gradcam`); `target` None: the predicted class."""
-    fc = model.fc
-    if not isinstance(fc, torch.nn.Linear):
-        raise ConfigError("CAM needs a classifier with a linear head (num_classes > 0)")
+    fc = _linear_head(model)
     model.eval()
     a3 = model.forward_intermediates(x, indices=[2], intermediates_only=True)[0]
     feats, cams = stride16_grad_cam(model, fc, a3.float())
