@@ -188,7 +188,11 @@ def _read_csv(path: Path) -> tuple[list[str], list[list[str]]]:
 
 
 def _find_by_stem(folder: Path, ident: str, index: dict[str, Path]) -> Path:
-    """An id from labels.csv -> the file with that stem ('0' also matches '000.png')."""
+    """An id from labels.csv -> the file with that stem ('0' also matches '000.png'; an id written as a
+    file name, 'x.dcm', matches by its stem)."""
+    named = Path(ident)
+    if named.suffix.lower() in IMAGE_SUFFIXES and named.stem in index:
+        return index[named.stem]
     for key in (ident, ident.zfill(3), ident.zfill(4), ident.zfill(5)):
         if key in index:
             return index[key]

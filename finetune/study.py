@@ -47,7 +47,7 @@ from typing import Any
 
 import torch
 
-from ctdata.labeled import data_preprocessing, load_splits, select_splits
+from ctdata.labeled import TrainValTest, data_preprocessing, load_splits, select_splits
 from cthub.errors import ConfigError, CTHubError
 from cthub.runtime import hardware, precision_label, select_device
 from finetune.config import FinetuneConfig
@@ -338,10 +338,10 @@ def run_cell(
         return _train_cell(spec, cell, on_epoch)
 
 
-def _train_cell(
-    spec: StudySpec, cell: Cell, on_epoch: Callable[[dict[str, Any]], None] | None
-) -> dict[str, Any]:
-    train, val, test = select_splits(
+def cell_splits(spec: StudySpec, cell: Cell) -> TrainValTest:
+    """The train/val/test images of one cell: `ctdata.labeled.select_splits` on the study's data, so a
+    k-fold study splits by the data's groups (a CSV's `patient` column) as `cthub finetune` does."""
+    return select_splits(
         load_splits(spec.data),
         fold=cell.fold,
         folds=spec.folds,
@@ -352,6 +352,12 @@ def _train_cell(
         max_val=spec.max_val,
         max_test=spec.max_test,
     )
+
+
+def _train_cell(
+    spec: StudySpec, cell: Cell, on_epoch: Callable[[dict[str, Any]], None] | None
+) -> dict[str, Any]:
+    train, val, test = cell_splits(spec, cell)
     pp = data_preprocessing(spec.data, input_size=spec.recipe.image_size)
     res = fit(
         cell.encoder,
