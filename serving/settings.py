@@ -8,6 +8,7 @@ is read by the services when they start. Nothing here loads a model.
 |---|---|---|
 | CTHUB_SERVE_MODEL | (required to serve) | model folder or local hub name |
 | CTHUB_SERVE_VARIANT | fp32 | ONNX file: fp32 (model.onnx) or int8 (model.int8.onnx) |
+| CTHUB_SERVE_ALSO | (none) | more model folders served beside it, comma-separated (`model=` selects one) |
 | CTHUB_ORT_THREADS | CPUs this process may use | intra-op threads of the inference session |
 | CTHUB_BATCH_MAX_SIZE | 16 | adaptive batching: most slices in one forward pass |
 | CTHUB_BATCH_MAX_LATENCY_MS | 30000 | adaptive batching: latency budget (over it BentoML answers 503) |
@@ -36,6 +37,7 @@ from pathlib import Path
 from cthub.errors import ConfigError
 
 MODEL_ENV = "CTHUB_SERVE_MODEL"
+ALSO_ENV = "CTHUB_SERVE_ALSO"
 VARIANT_ENV = "CTHUB_SERVE_VARIANT"
 VARIANTS = ("fp32", "int8")
 BACKENDS = ("auto", "onnx", "torch")  # serving.inference.open_classifier's backends (`cthub demo`)
@@ -100,6 +102,7 @@ class ServeSettings:
 
     model: str = ""
     variant: str = "fp32"
+    also: tuple[str, ...] = ()  # more model folders served beside `model` (each its `variant` if exported)
     ort_threads: int | None = None
     max_batch: int = 16
     max_latency_ms: int = 30000
@@ -131,6 +134,7 @@ class ServeSettings:
         return cls(
             model=e.get(MODEL_ENV, ""),
             variant=e.get(VARIANT_ENV, "fp32").strip().lower() or "fp32",
+            also=_csv(e, ALSO_ENV, ()),
             ort_threads=threads or None,
             max_batch=int(_number(e, "CTHUB_BATCH_MAX_SIZE", 16, 2)),
             max_latency_ms=int(_number(e, "CTHUB_BATCH_MAX_LATENCY_MS", 30000, 1)),
