@@ -17,7 +17,7 @@ ORGAN_NPZ := $(if $(wildcard $(SHARED_NPZ)),$(SHARED_NPZ),data/organamnist.npz)
 HOST ?= 127.0.0.1
 PORT ?= 3000
 
-.PHONY: venv run test bench study study-organamnist study-figure5 study-headct study-headct-hires pretrain-realct pretrain pretrain-extra evaluate experiments clean lint replicate
+.PHONY: venv run test bench study study-organamnist study-figure5 study-headct study-headct-hires study-siim pretrain-realct pretrain pretrain-extra evaluate experiments clean lint replicate
 
 venv: $(STAMP)
 # One build at a time (flock, where the system has it): two `make` commands started together on a fresh clone,
@@ -230,6 +230,21 @@ study-headct-hires: $(STAMP)
 	  --seeds $(HEADCT_HIRES_SEEDS) --image-size $(HEADCT_SIZE) --epochs $(STUDY_EPOCHS) --head-epochs 2 --patience 10 \
 	  --select auc --workers $(STUDY_WORKERS) --threads $(STUDY_THREADS) --out docs/results/study-headct-$(HEADCT_SIZE) \
 	  $(STUDY_FLAGS)
+
+# Contrast vs no contrast (../shared/data/real_ct/siim_contrast: 100 JPEG-LS DICOM slices of 54 patients,
+# labels.csv id,label,patient; internal evaluation only): DICOM read in HU, mediastinal window W400/L40
+# (measured better than the -1024..3071 interval: docs/results/siim-contrast.md), 5 folds split BY PATIENT,
+# 10% of each training part for validation, 3 seeds, at SIIM_SIZE px (128; the paper's 224: SIIM_SIZE=224).
+# The real-CT encoders were pretrained (labels unused) on shards that include these 100 slices: transductive.
+SIIM ?= $(REAL_CT)/siim_contrast
+SIIM_SIZE ?= 128
+SIIM_SEEDS ?= 3
+SIIM_ENCODERS ?= scratch,spark-organamnist-cpu,spark-realct128-cpu,spark-from-organ-realct128-cpu
+study-siim: $(STAMP)
+	$(CTHUB) study --data $(SIIM) --window mediastinum --protocol kfold --folds 5 --val-fraction 0.1 \
+	  --encoders $(SIIM_ENCODERS) --fractions 1 --seeds $(SIIM_SEEDS) --image-size $(SIIM_SIZE) --epochs $(STUDY_EPOCHS) \
+	  --head-epochs 2 --patience 10 --select auc --workers $(STUDY_WORKERS) --threads $(STUDY_THREADS) \
+	  --out docs/results/study-siim-$(SIIM_SIZE) $(STUDY_FLAGS)
 
 # Robustness of the classifiers of `make run` (its served model and the random-init baseline, both in
 # $(MODELS)/organamnist-*) in the manner of Ghesu et al.: test AUC under HU offset/scale, rotation, zoom and

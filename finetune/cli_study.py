@@ -50,6 +50,7 @@ def register_study(sub: SubParsers) -> None:
     )
     p.add_argument("--max-val", type=int, default=None)
     p.add_argument("--max-test", type=int, default=None)
+    p.add_argument("--window", default=None, help="HU window preset for DICOM sources (e.g. mediastinum)")
     p.add_argument("--workers", type=int, default=1, help="parallel runs (each at --threads, default 1)")
     p.add_argument(
         "--report-only",
@@ -97,6 +98,7 @@ def _study(a: argparse.Namespace) -> int:
         val_fraction=a.val_fraction,
         max_val=a.max_val,
         max_test=a.max_test,
+        window=a.window,
     )
     command = command_line("study", a)
     summary = run_study(

@@ -112,6 +112,7 @@ class StudySpec:
     val_fraction: float = 0.1
     max_val: int | None = None
     max_test: int | None = None
+    window: str | None = None  # HU window preset for DICOM sources; None: the data's known or default mapping
 
     @property
     def split_seed(self) -> int:
@@ -342,7 +343,7 @@ def cell_splits(spec: StudySpec, cell: Cell) -> TrainValTest:
     """The train/val/test images of one cell: `ctdata.labeled.select_splits` on the study's data, so a
     k-fold study splits by the data's groups (a CSV's `patient` column) as `cthub finetune` does."""
     return select_splits(
-        load_splits(spec.data),
+        load_splits(spec.data, data_preprocessing(spec.data, spec.window)),
         fold=cell.fold,
         folds=spec.folds,
         val_fraction=spec.val_fraction,
@@ -358,7 +359,7 @@ def _train_cell(
     spec: StudySpec, cell: Cell, on_epoch: Callable[[dict[str, Any]], None] | None
 ) -> dict[str, Any]:
     train, val, test = cell_splits(spec, cell)
-    pp = data_preprocessing(spec.data, input_size=spec.recipe.image_size)
+    pp = data_preprocessing(spec.data, spec.window, input_size=spec.recipe.image_size)
     res = fit(
         cell.encoder,
         train,
@@ -670,7 +671,8 @@ def _check_same_recipe(spec: StudySpec, path: Path) -> int | None:
     old_recipe = old.get("recipe", {})
     # new["recipe"] holds no EXECUTION_SETTINGS, so older files that list them still match
     diff = sorted(k for k in new["recipe"] if k != "epochs" and old_recipe.get(k) != new["recipe"][k])
-    diff += [k for k in ("protocol", "folds", "val_fraction", "max_val", "max_test") if old.get(k) != new[k]]
+    keys = ("protocol", "folds", "val_fraction", "max_val", "max_test", "window")
+    diff += [k for k in keys if old.get(k) != new[k]]
     # the same file may sit in another folder on another machine: compare by file name
     if Path(str(old.get("data"))).name != Path(str(new["data"])).name:
         diff.append("data")
