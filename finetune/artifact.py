@@ -9,8 +9,11 @@ from typing import Any
 
 import torch
 
+from finetune.calibration import reliability_plot
 from finetune.train import FitResult
 from hub import ModelConfig, save_pretrained
+
+CALIBRATION_FIGURE = "calibration.png"
 
 
 def _round(v: Any) -> Any:
@@ -51,6 +54,12 @@ def classifier_config(
     if result.test_metrics is not None:  # flat numbers are what the model card lists
         metrics.update({f"test_{m}": round(result.test_metrics[m], 4) for m in ("accuracy", "auc", "f1")})
         metrics["test"] = _round(result.test_metrics)
+    if result.calibration is not None:
+        metrics["calibration"] = result.calibration | {
+            "fitted_on": result.calibration["fitted_on"] | {"data": data},
+            "evaluated_on": result.calibration["evaluated_on"] | {"data": data},
+            "figure": CALIBRATION_FIGURE,
+        }
     metrics.update(extra_metrics or {})
     prov: dict[str, Any] = {
         "command": command,
@@ -93,6 +102,11 @@ def classifier_config(
 
 
 def save_classifier(result: FitResult, out: str | Path, **kw: Any) -> Path:
-    """`hub.save_pretrained` of the selected model with its `classifier_config`."""
+    """`hub.save_pretrained` of the selected model with its `classifier_config`, and the reliability plot
+    of its calibration (`calibration.png`)."""
     kw.setdefault("name", Path(out).name)
-    return save_pretrained(result.model, out, classifier_config(result, **kw))
+    cfg = classifier_config(result, **kw)
+    folder = save_pretrained(result.model, out, cfg)
+    if "calibration" in cfg.metrics:
+        reliability_plot(cfg.metrics["calibration"], folder / CALIBRATION_FIGURE, title=cfg.name)
+    return folder

@@ -1,7 +1,8 @@
 """`fit`: the paper's fine-tuning recipe on uint8 image arrays, with model selection on validation.
 
 One fit = setup (model, optimizer, loss) -> epochs (train one epoch, validate, update the selection, maybe
-stop early) -> the selected model measured once on test. Selection (`Selection`) is fair to encoders that
+stop early) -> the selected model measured once on test, its temperature fitted on validation
+(`finetune.calibration`). Selection (`Selection`) is fair to encoders that
 need the full model: head-only epochs are a fallback only, and early-stopping patience starts when the
 backbone is unfrozen.
 """
@@ -28,6 +29,7 @@ from ctdata.preprocess import PreprocessConfig, finalize
 from cthub.errors import ConfigError, DataError
 from cthub.runtime import autocast, num_threads, resolve_amp, seed_everything, select_device
 from finetune.augment import AugmentConfig, augment_batch
+from finetune.calibration import training_calibration
 from finetune.config import FinetuneConfig
 from finetune.resume import EpochSaver, FitCheckpoint, run_fingerprint
 from hub.config import ModelConfig
@@ -45,7 +47,8 @@ class FitResult:
 
     `converged` is False when validation was still improving as the budget ran out: the selected epoch is
     fewer than `patience` epochs before the end (with early stopping off: the last one), so the epoch budget
-    was probably too short for this encoder and data."""
+    was probably too short for this encoder and data. `threshold` (binary) applies to the calibrated
+    probabilities softmax(logits / T), T = `calibration["temperature"]` fitted on validation."""
 
     model: ResNet50
     preprocessing: PreprocessConfig
@@ -63,6 +66,7 @@ class FitResult:
     n_train: int = 0
     n_val: int = 0
     converged: bool = True
+    calibration: dict[str, Any] | None = None  # finetune.calibration.training_calibration's record
 
 
 def num_classes_of(split: ArraySplit) -> int:
@@ -138,6 +142,37 @@ def place_model(model: ResNet50, device: torch.device | str, channels_last: bool
 
 
 @torch.no_grad()
+def predict_logits(
+    model: nn.Module,
+    images: np.ndarray,
+    pp: PreprocessConfig,
+    *,
+    batch_size: int = 256,
+    device: torch.device | None = None,
+    amp: bool | None = None,
+    channels_last: bool = True,
+) -> np.ndarray:
+    """Logits [N, K] (float32) for uint8 images [N,H,W] through the shared preprocessing."""
+    device = device or next(model.parameters()).device
+    model.eval()
+    amp = resolve_amp(amp, device)
+    mf = _memory_format(channels_last)
+    out = []
+    for s in range(0, len(images), batch_size):
+        x = model_inputs(images[s : s + batch_size], pp).to(device, memory_format=mf)
+        with autocast(device, amp):
+            logits = model(x)
+        out.append(logits.float().cpu().numpy())
+    if not out:
+        raise DataError("no images to predict")
+    return np.concatenate(out)
+
+
+def softmax_rows(logits: np.ndarray) -> np.ndarray:
+    """torch's float32 softmax of logits [N, K] (what `predict_proba` returns for them)."""
+    return torch.softmax(torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32)), dim=1).numpy()
+
+
 def predict_proba(
     model: nn.Module,
     images: np.ndarray,
@@ -148,20 +183,11 @@ def predict_proba(
     amp: bool | None = None,
     channels_last: bool = True,
 ) -> np.ndarray:
-    """Softmax probabilities [N, K] (float32) for uint8 images [N,H,W] through the shared preprocessing."""
-    device = device or next(model.parameters()).device
-    model.eval()
-    amp = resolve_amp(amp, device)
-    mf = _memory_format(channels_last)
-    out = []
-    for s in range(0, len(images), batch_size):
-        x = model_inputs(images[s : s + batch_size], pp).to(device, memory_format=mf)
-        with autocast(device, amp):
-            logits = model(x)
-        out.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
-    if not out:
-        raise DataError("no images to predict")
-    return np.concatenate(out)
+    """Softmax probabilities [N, K] (float32) of the raw logits (no temperature) for uint8 images [N,H,W]."""
+    logits = predict_logits(
+        model, images, pp, batch_size=batch_size, device=device, amp=amp, channels_last=channels_last
+    )
+    return softmax_rows(logits)
 
 
 def _loss_fn(labels: np.ndarray, k: int, balance: str, device: torch.device) -> nn.Module:
@@ -208,7 +234,10 @@ class _Session:
         return x.to(self.device, memory_format=_memory_format(self.cfg.channels_last))
 
     def predict(self, images: np.ndarray) -> np.ndarray:
-        return predict_proba(
+        return softmax_rows(self.logits(images))
+
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        return predict_logits(
             self.model,
             images,
             self.pp,
@@ -526,13 +555,41 @@ def _restore_selected(
     return threshold, validation_metrics(y_val, cand.val_probs, threshold)
 
 
-def _test_metrics(s: _Session, test: ArraySplit, threshold: float | None) -> dict[str, Any]:
-    """The selected model measured once on `test`; the model is back on the CPU afterwards."""
-    assert test.labels is not None
+def _selected_logits(s: _Session, images: np.ndarray) -> np.ndarray:
+    """Logits of the selected model on the session's device; the model is back on the CPU afterwards."""
     s.model = place_model(s.model, s.device, s.cfg.channels_last)
-    metrics = classification_metrics(test.labels, s.predict(test.images), threshold)
+    logits = s.logits(images)
     s.model = place_model(s.model, "cpu", channels_last=False)
-    return metrics
+    return logits
+
+
+def _measure_and_calibrate(
+    s: _Session, val: ArraySplit, test: ArraySplit | None, threshold: float | None
+) -> tuple[dict[str, Any] | None, dict[str, Any], float | None]:
+    """(test metrics, calibration record, threshold on the calibrated probabilities): the selected model
+    measured once on `test` (raw probabilities, the validation threshold), then temperature scaling fitted on
+    the validation logits and its ECE before/after on test (`finetune.calibration.training_calibration`).
+    The binary threshold is carried over to the calibrated probabilities so that decisions stay the same."""
+    assert val.labels is not None
+    val_logits = _selected_logits(s, val.images)
+    test_logits = _selected_logits(s, test.images) if test is not None else None
+    metrics = None
+    if test is not None:
+        assert test.labels is not None and test_logits is not None
+        metrics = classification_metrics(test.labels, softmax_rows(test_logits), threshold)
+    record, calibrated = training_calibration(
+        val_logits, val.labels, test_logits, None if test is None else test.labels, threshold=threshold
+    )
+    log.info(
+        "calibration: T = %.3f fitted on %d validation images; ECE (%d bins, %s) %.4f -> %.4f",
+        record["temperature"],
+        record["fitted_on"]["n"],
+        record["bins"],
+        record["evaluated_on"]["split"],
+        record["ece_before"],
+        record["ece_after"],
+    )
+    return metrics, record, calibrated
 
 
 def has_converged(selected_epoch: int, epochs_run: int, patience: int) -> bool:
@@ -554,7 +611,8 @@ def fit(
     checkpoint: FitCheckpoint | None = None,
 ) -> FitResult:
     """Fine-tune `encoder` (hub name/path, a model, or "scratch") with a linear head on `train`; select the
-    epoch by validation `cfg.select_metric`; measure `test` once with the selected model. `preprocessing` is
+    epoch by validation `cfg.select_metric`; measure `test` once with the selected model; fit its temperature
+    on validation (ECE before/after on test in `FitResult.calibration`). `preprocessing` is
     the labeled data's (`ctdata.labeled.data_preprocessing`): all of it for scratch, its HU -> grey mapping
     for a pretrained encoder, whose normalization stays. With `checkpoint`, the run saves its state between
     epochs and an interrupted run continues where it stopped (`finetune.resume`)."""
@@ -574,7 +632,7 @@ def fit(
         )
         cand = sel.selected()
         threshold, val_metrics = _restore_selected(s, cand, val.labels, k)
-        test_metrics = _test_metrics(s, test, threshold) if test is not None else None
+        test_metrics, calibration, threshold = _measure_and_calibrate(s, val, test, threshold)
     wall = wall_before + time.perf_counter() - t_start
     if saver is not None:
         saver.done()
@@ -615,4 +673,5 @@ def fit(
         n_train=len(train),
         n_val=len(val),
         converged=converged,
+        calibration=calibration,
     )

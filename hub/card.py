@@ -199,6 +199,83 @@ def export_lines(onnx: Any) -> list[str]:
     return lines
 
 
+def _op_text(op: Any) -> str:
+    """'threshold t (rule): sensitivity s, specificity p[, 95% CI ...]' for an operating point record."""
+    if not isinstance(op, dict):
+        return ""
+    text = (
+        f"operating threshold {_fmt(op.get('threshold'), '.4f')} ({op.get('rule')}): sensitivity "
+        f"{_fmt(op.get('sensitivity'), '.3f')}, specificity {_fmt(op.get('specificity'), '.3f')}"
+    )
+    ci = op.get("ci")
+    if isinstance(ci, dict):
+
+        def span(key: str) -> str:
+            lo, hi = [*list(ci.get(key) or []), None, None][:2]
+            return f"{key} {_fmt(lo, '.3f')}-{_fmt(hi, '.3f')}"
+
+        text += (
+            f" (95% bootstrap intervals over {ci.get('resamples')} resamples: "
+            f"{', '.join(span(k) for k in ('threshold', 'sensitivity', 'specificity'))})"
+        )
+    return text
+
+
+def calibration_lines(cal: Any) -> list[str]:
+    """The card's "Calibration" section (fitted at training time) or "Recalibrated at SITE on N images"
+    section from `metrics["calibration"]`, else nothing."""
+    if not isinstance(cal, dict) or not isinstance(cal.get("temperature"), (int, float)):
+        return []
+    fit, ev = cal.get("fitted_on") or {}, cal.get("evaluated_on") or {}
+    bins = cal.get("bins")
+    if cal.get("site"):
+        lines = ["", f"## Recalibrated at {cal['site']} on {fit.get('n')} images", ""]
+        lines.append(
+            f"- Temperature scaling refitted on all {fit.get('n')} labeled images of `{fit.get('data')}` "
+            f"({fit.get('when')}): T {_fmt(cal.get('temperature_before'), '.4g')} -> "
+            f"{_fmt(cal.get('temperature'), '.4g')}; calibration version {cal.get('version')} "
+            f"(`{cal.get('id')}`)."
+        )
+        lines.append(
+            f"- On that set, expected calibration error ({bins} equal-width bins, top label): "
+            f"{_fmt(cal.get('ece_before'), '.4f')} before, {_fmt(cal.get('ece_after'), '.4f')} after "
+            f"(the set it was fitted on), {_fmt(cal.get('ece_after_cross_validated'), '.4f')} "
+            "cross-validated "
+            f"({cal.get('cross_validation')}); NLL {_fmt(cal.get('nll_before'), '.4f')} -> "
+            f"{_fmt(cal.get('nll_after'), '.4f')}."
+        )
+        prev = cal.get("previous")
+        if isinstance(prev, dict):
+            lines.append(
+                f"- Replaces calibration version {prev.get('version')} (`{prev.get('id')}`, T "
+                f"{_fmt(prev.get('temperature'), '.4g')}); the previous version's folder is kept unchanged."
+            )
+    else:
+        lines = ["", "## Calibration", ""]
+        if cal.get("method") == "none":
+            lines.append(
+                f"- Not calibrated: {cal.get('status')}; probabilities are the softmax of the logits."
+            )
+        else:
+            lines.append(
+                f"- Temperature scaling (T = {_fmt(cal.get('temperature'), '.4g')}) fitted on the "
+                f"{fit.get('n')} {fit.get('split')} images of `{fit.get('data')}` ({fit.get('when')}); "
+                "calibration version "
+                f"{cal.get('version')} (`{cal.get('id')}`). Served probabilities are softmax(logits / T)."
+            )
+        lines.append(
+            f"- On {ev.get('n')} {ev.get('split')} images, expected calibration error ({bins} equal-width "
+            f"bins, top label): {_fmt(cal.get('ece_before'), '.4f')} before, "
+            f"{_fmt(cal.get('ece_after'), '.4f')} after; "
+            f"NLL {_fmt(cal.get('nll_before'), '.4f')} -> {_fmt(cal.get('nll_after'), '.4f')}."
+        )
+    if cal.get("operating_point"):
+        lines.append(f"- Binary {_op_text(cal['operating_point'])}.")
+    if cal.get("figure"):
+        lines.append(f"- Reliability diagrams before and after: `{cal['figure']}`.")
+    return lines
+
+
 def render_card(cfg: ModelConfig) -> str:
     front = ["---", yaml.safe_dump(front_matter(cfg), sort_keys=False).rstrip(), "---"]
     pp = cfg.preprocessing
@@ -239,6 +316,7 @@ def render_card(cfg: ModelConfig) -> str:
     else:
         lines.append("Nothing has been measured for this model yet.")
     lines += comparison_lines(cfg)
+    lines += calibration_lines(cfg.metrics.get("calibration"))
     lines += export_lines(cfg.metrics.get("onnx"))
     lines += ["", "## Provenance", ""]
     for k in (

@@ -11,7 +11,8 @@ import pytest
 
 from ctdata.labeled import load_splits, select_splits
 from ctdata.preprocess import PreprocessConfig
-from finetune.train import predict_proba
+from finetune.calibration import scaled_probs
+from finetune.train import predict_logits
 from hub import from_pretrained
 from hub.metrics import classification_metrics
 
@@ -66,7 +67,10 @@ def test_kfold_cli_on_head_ct(head_ct_dir: Path, tmp_path: Path, capsys) -> None
     splits = load_splits(head_ct_dir, PreprocessConfig(input_size=32))
     test = select_splits(splits, fold=sel, folds=5, val_fraction=0.1, split_seed=0).test
     assert np.bincount(test.labels).tolist() == [20, 20]  # stratified
-    probs = predict_proba(model, test.images, cfg.preprocessing)
+    # served probabilities: softmax(logits / T), T fitted on validation; the threshold applies to them
+    probs = scaled_probs(
+        predict_logits(model, test.images, cfg.preprocessing), cfg.metrics["calibration"]["temperature"]
+    )
     m = classification_metrics(test.labels, probs, cfg.threshold)
     assert m["auc"] == pytest.approx(folds[sel]["auc"], abs=1e-6)
     assert m["accuracy"] == pytest.approx(folds[sel]["accuracy"], abs=1e-6)

@@ -17,6 +17,7 @@ from ctdata.datasets import load_medmnist
 from ctdata.labeled import limit
 from cthub.errors import ConfigError, ModelNotFoundError
 from finetune import FinetuneConfig, fit, linear_probe, predict_proba, save_classifier
+from finetune.calibration import binary_threshold_after
 from finetune.evaluate import majority_accuracy
 from finetune.train import Selection, has_converged
 from hub import from_pretrained
@@ -144,19 +145,23 @@ def test_binary_task_stores_validation_threshold(organ, tmp_path: Path) -> None:
     val2 = two(val)
     res = fit(None, two(train), val2, two(test), cfg)
     assert res.threshold is not None
-    # the stated rule: of the validation scores, the threshold with the best validation F1 (ties: Youden's J).
-    # Scores recomputed here may differ from fit's in the last float bits: compare at t - 1e-6.
+    # the stated rule: of the validation scores, the threshold with the best validation F1 (ties: Youden's J),
+    # chosen on the raw softmax and carried over to the calibrated probabilities softmax(logits / T) (the same
+    # decisions). Scores recomputed here may differ from fit's in the last float bits: compare at t - 1e-6.
     scores = predict_proba(res.model, val2.images, res.preprocessing, amp=False)[:, 1]
     y = val2.labels
+    assert res.calibration is not None
+    raw = res.calibration["operating_point"]["threshold_uncalibrated"]
+    assert res.threshold == pytest.approx(binary_threshold_after(raw, res.calibration["temperature"]))
 
     def f1_and_j(t: float) -> tuple[float, float]:
         pred = scores >= t - 1e-6
         return f1_score(y, pred, zero_division=0), pred[y == 1].mean() - pred[y == 0].mean()
 
-    chosen = f1_and_j(res.threshold)
+    chosen = f1_and_j(raw)
     best = max(f1_and_j(t) for t in np.unique(scores))
     assert chosen == pytest.approx(best, abs=1e-9)
-    assert np.abs(scores - res.threshold).min() < 1e-4  # one of the validation scores, not a default
+    assert np.abs(scores - raw).min() < 1e-4  # one of the validation scores, not a default
     assert chosen[0] >= f1_and_j(0.5)[0]  # at least as good as the default threshold
     out = save_classifier(res, tmp_path / "bin", command="pytest", data="liver vs spleen", note="test")
     cfg = json.loads((out / "config.json").read_text())
