@@ -1,7 +1,9 @@
 """`make bench`: run every bench/bench_*.py `main()`; each prints its figures and writes
 bench/results/<topic>.json; then one table of the headline ratios (bench/results/summary.json too).
 
-`python -m bench` runs all; `python -m bench hub export` runs the named ones.
+`python -m bench` runs all at 64 and 224 px (bench/results/summary.json); `python -m bench hub export` runs
+the named ones, `BENCH_SIZES=224 python -m bench ...` only the 224 px parts (a partial run's table goes to
+bench/results/summary-partial.json).
 """
 
 from __future__ import annotations
@@ -57,9 +59,12 @@ def main(argv: list[str]) -> int:
         dict(zip(("benchmark", "ratio", "compared", "value"), r, strict=True)) for r in ratios
     ]
     (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    # a run of some benchmarks (or sizes) leaves the full run's summary.json as it was
+    partial = bool(argv) or "BENCH_SIZES" in os.environ
+    out = HERE / "results" / ("summary-partial.json" if partial else "summary.json")
+    out.write_text(json.dumps(summary, indent=2, default=str) + "\n")
     print(f"\n{note}\n{table(ratios)}")
-    print(f"\nwrote {HERE / 'results' / 'summary.json'}; failed: {failed or 'none'}")
+    print(f"\nwrote {out}; failed: {failed or 'none'}")
     return 1 if failed else 0
 
 

@@ -1,16 +1,20 @@
 """ResNet50 classifier inference at 224 px, side by side in one run: torch eager, torch channels_last, ONNX
 Runtime fp32 and ONNX Runtime int8 (static QDQ, per-channel weights), at batch 1 and 16.
 
-    .venv/bin/python -m bench.bench_export [--size 224] [--batches 1 16] [--seconds 6] [--threads 2]
+    .venv/bin/python -m bench.bench_export [--sizes 64,224] [--batches 1 16] [--seconds 6] [--threads 2]
                                            [--calibration-images 64] [--sweep] [--model DIR]
 
+Every size of --sizes (default BENCH_SIZES, else 64 and 224) is measured in turn in the one run: 224 px
+into bench/results/export.json (the file's earlier size), any other into export-<size>px.json.
+
 Exports an 11-class ResNet50 with `export_onnx` (random weights unless --model: speed does not depend on
-them; parity is checked on real CT slices), quantizes it with `export.quantize.quantize_file` calibrated on
-real OrganAMNIST training images (pydicom's CT slices without them), and times every engine through the
-same `OnnxClassifier` serving uses, on the same real preprocessed slices. Reports images/s, achieved GFLOP/s
-(ResNet50 ≈ 8.2 GFLOP per 224 px image, scaled by (size/224)²), the ratios the goals are stated in (ORT fp32
-≥ 2.5x torch eager, int8 ≥ 2x ORT fp32) and the CPU's SIMD flags. `--sweep` also times what was tried:
-ORT graph optimization levels, QOperator instead of QDQ, per-tensor weights, reduce_range, int8 activations.
+them; parity is checked on real CT slices) at each size, quantizes it with `export.quantize.quantize_file`
+calibrated on real OrganAMNIST training images (pydicom's CT slices without them), and times every engine
+through the same `OnnxClassifier` serving uses, on the same real preprocessed slices. Reports images/s,
+achieved GFLOP/s (ResNet50 ≈ 8.2 GFLOP per 224 px image, scaled by (size/224)²), the ratios the goals are
+stated in (ORT fp32 ≥ 2.5x torch eager, int8 ≥ 2x ORT fp32) and the CPU's SIMD flags. `--sweep` also
+times what was tried: ORT graph optimization levels, QOperator instead of QDQ, per-tensor weights,
+reduce_range, int8 activations.
 With `--model DIR` (a fine-tuned classifier with its data) the int8 file is made by `quantize_int8`, whose
 ΔAUC / ΔF1 / agreement are reported. Writes bench/results/export.json.
 """
@@ -32,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.common import cpu_info
+from bench.common import bench_sizes, cpu_info, result_path
 from ctdata.datasets import load_medmnist
 from ctdata.preprocess import PreprocessConfig, prepare_batch
 from export import Int8Tolerance, OnnxClassifier, QuantSettings, export_onnx, quantize_int8
@@ -45,6 +49,7 @@ from hub.io import load_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "export.json"
+DEFAULT_SIZE = 224  # export.json's size
 GFLOP_224 = 8.2  # ResNet50 forward, multiply-adds counted as 2 FLOPs
 GOALS = {"ort_fp32_vs_eager": 2.5, "ort_int8_vs_fp32": 2.0}
 ENGINES = ("torch_eager", "torch_channels_last", "ort_fp32", "ort_int8")
@@ -156,7 +161,9 @@ def sweep(
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument(
+        "--sizes", default=None, help="input sizes, comma-separated (default BENCH_SIZES or 64,224)"
+    )
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--seconds", type=float, default=6.0, help="timing per engine and batch size")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
@@ -166,6 +173,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = ap.parse_args([] if argv is None else argv)
     quiet_onnxruntime_process()
     torch.set_num_threads(args.threads)
+    sizes = [int(x) for x in args.sizes.split(",")] if args.sizes else bench_sizes()
+    if args.model:  # a fine-tuned classifier has its own size
+        sizes = [ModelConfig.load(args.model).preprocessing.input_size]
+    by_size = {}
+    for size in sizes:
+        res = measure_size(args, size)
+        print_table(res)
+        path = result_path(RESULTS.parent, "export", size, DEFAULT_SIZE)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(res, indent=2) + "\n")
+        by_size[size] = res
+    result = by_size.get(DEFAULT_SIZE) or by_size[sizes[0]]
+    result["other_sizes"] = {str(k): v for k, v in by_size.items() if v is not result}
+    return result
+
+
+def measure_size(args: argparse.Namespace, size: int) -> dict[str, Any]:
+    """Export, quantize and time every engine at `size` px (or the --model classifier at its own size)."""
     cpu_before = cpu_info()
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -176,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 for p in (model_dir / name, model_dir / f"{name}.sha256"):
                     p.unlink(missing_ok=True)
         else:
-            model_dir = random_model_dir(work, args.size)
+            model_dir = random_model_dir(work, size)
         pp = ModelConfig.load(model_dir).preprocessing
         print(f"exporting ResNet50 at {pp.input_size} px ...", file=sys.stderr, flush=True)
         report = export_onnx(model_dir, parity_images=32, ood_images=0, threads=args.threads)
@@ -246,9 +271,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "cpu": cpu_before | {"load_avg_1min_after": os.getloadavg()[0]},
         "wall_s": round(time.perf_counter() - t_start, 1),
     }
-    print_table(result)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 

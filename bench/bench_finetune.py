@@ -1,12 +1,15 @@
 """Fine-tuning benchmarks: training throughput by precision/layout, and the brain-task 5-fold protocol.
 
 1. Training images/s of the real fine-tune step (preprocessing + augmentation + ResNet50 + Adam) on
-   OrganAMNIST at 64 px: fp32 eager (contiguous) vs fp32 channels_last vs bf16 autocast + channels_last.
+   OrganAMNIST at each of BENCH_SIZES (default 64 and 224 px, side by side in one run): fp32 eager
+   (contiguous) vs fp32 channels_last vs bf16 autocast + channels_last. 64 px: bench/results/finetune.json
+   (with 2.); other sizes: finetune-<size>px.json, fewer steps (BENCH_FT_STEPS // 3, at least 2).
 2. Wall time of the paper's brain protocol (5-fold stratified CV, 10% of training for validation) on
    ../shared/data/head_ct at 224 px, with a short recipe (BENCH_FT_EPOCHS, default 2: 1 head-only + 1 full);
    the per-epoch cost is extrapolated to the paper's 70 epochs and labeled as such.
 
-Environment: BENCH_FT_THREADS (default 2), BENCH_FT_STEPS (default 6), BENCH_FT_EPOCHS, BENCH_FT_SKIP_BRAIN=1.
+Environment: BENCH_SIZES, BENCH_FT_THREADS (default 2), BENCH_FT_STEPS (default 6), BENCH_FT_EPOCHS,
+BENCH_FT_SKIP_BRAIN=1.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
-OUT = Path(__file__).resolve().parent / "results" / "finetune.json"
+RESULTS = Path(__file__).resolve().parent / "results"
+DEFAULT_SIZE = 64  # finetune.json's size; the brain protocol below runs at 224 px whatever the sizes
 
 
 def train_throughput(
@@ -99,36 +103,50 @@ def brain_protocol(epochs: int, threads: int) -> dict:
     }
 
 
+def throughputs(images: np.ndarray, labels: np.ndarray, size: int, steps: int) -> dict:
+    """Training images/s at `size` px, batch 32, by precision/layout, and their ratios to fp32 eager."""
+    tp = {}
+    for name, amp, cl, n in (
+        ("fp32_eager", False, False, steps),
+        ("fp32_channels_last", False, True, steps),
+        ("bf16_channels_last", True, True, max(2, steps // 3)),
+    ):
+        tp[name] = round(
+            train_throughput(images, labels, size=size, batch=32, steps=n, amp=amp, channels_last=cl), 2
+        )
+        print(f"train {size}px batch 32 {name:20s} {tp[name]:7.2f} img/s", flush=True)
+    ratios = {k: round(v / tp["fp32_eager"], 2) for k, v in tp.items()}
+    print(f"ratios vs fp32 eager at {size} px:", ratios, flush=True)
+    return {"image_size": size, f"train_images_per_s_{size}px": tp, "ratio_vs_fp32_eager": ratios}
+
+
 def main() -> dict:
+    from bench.common import bench_sizes, cpu_info, result_path
     from ctdata.datasets import load_medmnist
     from cthub.runtime import cpu_has_native_bf16
 
     threads = int(os.environ.get("BENCH_FT_THREADS", "2"))
     steps = int(os.environ.get("BENCH_FT_STEPS", "6"))
     torch.set_num_threads(threads)
-    result: dict = {"threads": threads, "cpu_native_bf16": cpu_has_native_bf16(), "torch": torch.__version__}
+    head: dict = {"threads": threads, "cpu_native_bf16": cpu_has_native_bf16(), "torch": torch.__version__}
     npz = SHARED / "organamnist.npz"
-    if npz.is_file():
-        tr = load_medmnist(npz, "train")
-        imgs, labels = tr.images[:4096], tr.labels[:4096]
-        tp = {}
-        for name, amp, cl, n in (
-            ("fp32_eager", False, False, steps),
-            ("fp32_channels_last", False, True, steps),
-            ("bf16_channels_last", True, True, max(2, steps // 3)),
-        ):
-            tp[name] = round(
-                train_throughput(imgs, labels, size=64, batch=32, steps=n, amp=amp, channels_last=cl), 1
-            )
-            print(f"train 64px batch 32 {name:20s} {tp[name]:7.1f} img/s", flush=True)
-        base = tp["fp32_eager"]
-        result["train_images_per_s_64px"] = tp
-        result["ratio_vs_fp32_eager"] = {k: round(v / base, 2) for k, v in tp.items()}
-        print("ratios vs fp32 eager:", result["ratio_vs_fp32_eager"], flush=True)
-        _write(result)  # the brain protocol below is long: keep these figures if it is interrupted
-    else:
-        result["train_images_per_s_64px"] = "skipped: needs ../shared/data/organamnist.npz"
-    if (SHARED / "head_ct").is_dir() and not os.environ.get("BENCH_FT_SKIP_BRAIN"):
+    by_size: dict[int, dict] = {}
+    for size in bench_sizes():
+        res = {**head, "image_size": size, "cpu": cpu_info()}
+        if npz.is_file():
+            tr = load_medmnist(npz, "train")
+            n = steps if size <= DEFAULT_SIZE else max(2, steps // 3)
+            res.update(throughputs(tr.images[:4096], tr.labels[:4096], size, n))
+        else:
+            res[f"train_images_per_s_{size}px"] = "skipped: needs ../shared/data/organamnist.npz"
+        by_size[size] = res
+        _write(res, result_path(RESULTS, "finetune", size, DEFAULT_SIZE))  # kept if the rest is interrupted
+    result = by_size.get(DEFAULT_SIZE, {**head, "image_size": None})
+    if (
+        DEFAULT_SIZE in by_size
+        and (SHARED / "head_ct").is_dir()
+        and not os.environ.get("BENCH_FT_SKIP_BRAIN")
+    ):
         epochs = int(os.environ.get("BENCH_FT_EPOCHS", "2"))
         result["brain_5fold_224px"] = b = brain_protocol(epochs, threads)
         print(
@@ -137,15 +155,14 @@ def main() -> dict:
             f"test AUC {b['cv_test']['auc']}",
             flush=True,
         )
-    else:
-        result["brain_5fold_224px"] = "skipped: needs ../shared/data/head_ct"
-    _write(result)
+        _write(result, result_path(RESULTS, "finetune", DEFAULT_SIZE, DEFAULT_SIZE))
+    result["other_sizes"] = {str(k): v for k, v in by_size.items() if k != DEFAULT_SIZE}
     return result
 
 
-def _write(result: dict) -> None:
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(result, indent=2) + "\n")
+def _write(result: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,12 @@
 - one 2-thread process vs two 1-thread processes side by side (aggregate images/s of the supervised step),
   which decides how `make pretrain` and `make study` use the two cores.
 
-    .venv/bin/python -m bench pretrain     (env: BENCH_SIZE=64 BENCH_BATCH=64 BENCH_STEPS=3)
+    .venv/bin/python -m bench pretrain     (env: BENCH_SIZES=64,224 BENCH_BATCH=64 BENCH_STEPS=3)
+
+At 64 px (bench/results/pretrain.json) all of the above. At every other size of BENCH_SIZES (default 224,
+the paper's; bench/results/pretrain-<size>px.json) the serial step of the supervised baseline and of
+BENCH_LARGE_METHODS (default spark) only, at batch BENCH_LARGE_BATCH (default 16) for BENCH_LARGE_STEPS
+(default 2) steps after a warm-up: a 224 px step costs ~12x a 64 px one.
 
 Images/s counts source slices, not views. Every step runs in fp32 (the methods' and the supervised one), so
 the ratios measure the methods' extra work, not a precision; `bench finetune` compares bf16 with fp32.
@@ -96,6 +101,13 @@ def _timed(fn: Callable[[], Any], steps: int) -> float:
     return (time.perf_counter() - t0) / steps
 
 
+def measure_serial(method: str, unit: torch.Tensor, size: int, steps: int) -> dict[str, Any]:
+    """Images/s of the serial step only (views built on the training thread), for the large sizes."""
+    s = Stepper(method, unit, size)
+    t_serial = _timed(lambda: s.compute(s.views()), steps)
+    return {"images_per_s_serial": unit.shape[0] / t_serial}
+
+
 def measure_method(method: str, unit: torch.Tensor, size: int, steps: int) -> dict[str, Any]:
     s = Stepper(method, unit, size)
     t_views = _timed(s.views, steps)
@@ -175,14 +187,30 @@ def threads_layout(size: int, batch: int, steps: int) -> dict[str, float]:
     return {"one_process_2_threads": one, "two_processes_1_thread": two, "ratio_two_by_one": two / one}
 
 
+DEFAULT_SIZE = 64
+
+
 def main() -> dict:
-    size = int(os.environ.get("BENCH_SIZE", "64"))
-    batch = int(os.environ.get("BENCH_BATCH", "64"))
-    steps = int(os.environ.get("BENCH_STEPS", "3"))
+    from bench.common import bench_sizes, result_path
+
+    sizes = bench_sizes()
+    if os.environ.get("BENCH_SIZE"):  # the older single-size setting
+        sizes = [int(os.environ["BENCH_SIZE"])]
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    unit = torch.from_numpy(grey_to_unit(_images(batch)))[:, None]
-    res: dict[str, Any] = {
+    by_size = {}
+    for size in sizes:
+        res = measure_size(size) if size == DEFAULT_SIZE else measure_large(size)
+        path = result_path(RESULTS.parent, "pretrain", size, DEFAULT_SIZE)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(res, indent=2) + "\n")
+        by_size[size] = res
+    result = by_size.get(DEFAULT_SIZE, {"image_size": None})
+    result["other_sizes"] = {str(k): v for k, v in by_size.items() if k != DEFAULT_SIZE}
+    return result
+
+
+def _header(size: int, batch: int, steps: int) -> dict[str, Any]:
+    return {
         "image_size": size,
         "batch": batch,
         "steps": steps,
@@ -192,6 +220,39 @@ def main() -> dict:
         "torch": torch.__version__,
         "methods": {},
     }
+
+
+def measure_large(size: int) -> dict[str, Any]:
+    """Serial images/s of the supervised step and of BENCH_LARGE_METHODS at `size` px, side by side."""
+    batch = int(os.environ.get("BENCH_LARGE_BATCH", "16"))
+    steps = int(os.environ.get("BENCH_LARGE_STEPS", "2"))
+    methods = [m for m in os.environ.get("BENCH_LARGE_METHODS", "spark").split(",") if m]
+    torch.manual_seed(0)
+    unit = torch.from_numpy(grey_to_unit(_images(batch)))[:, None]
+    res = _header(size, batch, steps)
+    res["supervised"] = sup = measure_serial("supervised", unit, size, steps)
+    print(
+        f"{'supervised':>10} {sup['images_per_s_serial']:8.2f} img/s serial "
+        f"(1 thread, {size} px, batch {batch})"
+    )
+    for method in methods:
+        r = measure_serial(method, unit, size, steps)
+        r["overhead_vs_supervised"] = sup["images_per_s_serial"] / r["images_per_s_serial"]
+        res["methods"][method] = r
+        print(
+            f"{method:>10} {r['images_per_s_serial']:8.2f} img/s serial, "
+            f"{r['overhead_vs_supervised']:.2f}x supervised"
+        )
+    res["cpu"]["load_avg_1min_after"] = os.getloadavg()[0]
+    return res
+
+
+def measure_size(size: int) -> dict[str, Any]:
+    batch = int(os.environ.get("BENCH_BATCH", "64"))
+    steps = int(os.environ.get("BENCH_STEPS", "3"))
+    torch.manual_seed(0)
+    unit = torch.from_numpy(grey_to_unit(_images(batch)))[:, None]
+    res = _header(size, batch, steps)
     sup = measure_method("supervised", unit, size, steps)
     res["supervised"] = sup
     print(
@@ -216,8 +277,6 @@ def main() -> dict:
         f"supervised, aggregate img/s: 1 process x 2 threads {t['one_process_2_threads']:.1f} | "
         f"2 processes x 1 thread {t['two_processes_1_thread']:.1f} (x{t['ratio_two_by_one']:.2f})"
     )
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(res, indent=2) + "\n")
     return res
 
 

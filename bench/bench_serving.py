@@ -2,7 +2,8 @@
 service) on 127.0.0.1 under a bounded load generator, beside raw ONNX Runtime batch throughput measured in
 the same run.
 
-    .venv/bin/python -m bench.bench_serving [--size 64] [--requests 1000] [--concurrency 1,8,32] [--bad 0.1]
+    .venv/bin/python -m bench.bench_serving [--sizes 64,224] [--requests 1000] [--concurrency 1,8,32]
+                                            [--bad 0.1] [--classes 11]
 
 For each concurrency: `--requests` POST /predict uploads of real DICOM slices (pydicom / pydicom-data:
 128x128 and 512x512 uncompressed CT), a fraction `--bad` of them malformed (random bytes, truncated files,
@@ -12,8 +13,15 @@ formed, RSS of the server's processes before and after (bounded growth), and the
 throughput to raw ONNX Runtime batch throughput (goal >= 0.8 at concurrency 32) with where the rest of the
 time goes per valid request: decode, preprocessing, the model's share of its batch, and the remainder (HTTP,
 multipart parsing, the hop to the inference service, JSON). The CPU and the load average are recorded:
-figures taken while other jobs share the cores say so. Writes bench/results/serving.json (64 px) or
-serving-<size>px.json.
+figures taken while other jobs share the cores say so. Every size of --sizes (default BENCH_SIZES, else 64
+and 224) runs in turn in the one run, each with its own server; a size above 64 px gets --requests and
+--ort-batches scaled by (64/size)^2 (at least 60 and 3), as its forward pass costs that much more. Writes
+bench/results/serving.json (64 px) and serving-<size>px.json.
+
+Raw ONNX Runtime is timed three ways on the same batches: every output the server asks for (logits, cam,
+embedding: what /predict runs, the ratio's reference), logits alone from the same file, and logits from a
+copy of the graph without the map outputs (`onnx.utils.extract_model`): the Grad-CAM maps are computed
+inside the graph, so the last figure says what a request that asks for no map could gain.
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ import httpx
 import numpy as np
 import torch
 
-from bench.common import cpu_info
+from bench.common import bench_sizes, cpu_info
 from ctdata.preprocess import PreprocessConfig, prepare
 from export import export_onnx
 from export.session import OnnxClassifier
@@ -70,16 +78,17 @@ def malformed(good: bytes, i: int) -> bytes:
     return b"patient notes, not an image\n" * 50
 
 
-def model_dir(tmp: Path, size: int) -> Path:
-    """A random-init 11-class ResNet50 at `size` px, exported to ONNX (speed does not depend on weights)."""
+def model_dir(tmp: Path, size: int, classes: int = 11) -> Path:
+    """A random-init ResNet50 of `classes` classes at `size` px, exported to ONNX (speed does not depend on
+    the weights; the in-graph Grad-CAM's cost grows with the classes)."""
     torch.manual_seed(0)
     cfg = ModelConfig(
         name="bench-serving",
-        num_classes=11,
-        labels=[f"organ_{i}" for i in range(11)],
+        num_classes=classes,
+        labels=[f"class_{i}" for i in range(classes)],
         preprocessing=PreprocessConfig(input_size=size),
     )
-    d = save_pretrained(ResNet50(num_classes=11), tmp / "model", cfg)
+    d = save_pretrained(ResNet50(num_classes=classes), tmp / f"model-{size}", cfg)
     print(f"exporting ResNet50 at {size} px ...", file=sys.stderr, flush=True)
     export_onnx(d)
     return d
@@ -94,20 +103,33 @@ def raw_ort(model: Path, data: list[bytes], batches: int, threads: int | None) -
     xs = [prepare(d, pp) for d in data]
     prep_ms = 1000 * (time.perf_counter() - t0) / len(xs)
     batch = torch.stack([xs[i % len(xs)] for i in range(MAX_BATCH)]).numpy()
-    clf.outputs(batch)  # warm-up
-    t0 = time.perf_counter()
-    for _ in range(batches):
-        clf.outputs(batch)
-    img_s = batches * MAX_BATCH / (time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    for _ in range(batches):
-        clf.outputs(batch[:1])
-    single = batches / (time.perf_counter() - t0)
+    no_maps = OnnxClassifier(without_maps(model), threads=threads, config=clf.config, verify=False)
     return {
-        "batch_img_s": round(img_s, 2),
-        "batch1_img_s": round(single, 2),
+        "batch_img_s": _img_s(clf.outputs, batch, batches),
+        "batch1_img_s": _img_s(clf.outputs, batch[:1], batches),
+        "logits_only_request_batch_img_s": _img_s(clf.logits, batch, batches),
+        "graph_without_maps_batch_img_s": _img_s(no_maps.logits, batch, batches),
         "decode_preprocess_ms": round(prep_ms, 2),
     }
+
+
+def _img_s(run: Any, batch: np.ndarray, repeats: int) -> float:
+    """Images/s of `run` on `batch` over `repeats` calls after one warm-up call."""
+    run(batch)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        run(batch)
+    return round(repeats * len(batch) / (time.perf_counter() - t0), 2)
+
+
+def without_maps(model: Path) -> Path:
+    """A copy of the model's ONNX graph with only the logits output (the nodes that compute the maps and
+    embedding dropped), beside it: what ONNX Runtime costs when no map is computed."""
+    import onnx.utils
+
+    out = model / "bench-logits-only.onnx"
+    onnx.utils.extract_model(str(model / "model.onnx"), str(out), ["input"], ["logits"])
+    return out
 
 
 def processes(server: Server) -> dict[str, list[Any]]:
@@ -239,21 +261,42 @@ def breakdown(row: dict[str, Any], cpu: dict[str, float]) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", type=int, default=64, help="model input size (64: the demo model; 224: paper)")
-    ap.add_argument("--requests", type=int, default=1000)
+    ap.add_argument(
+        "--sizes", default=None, help="model input sizes (default BENCH_SIZES or 64,224: demo and paper)"
+    )
+    ap.add_argument("--requests", type=int, default=1000, help="requests per level at 64 px")
+    ap.add_argument("--classes", type=int, default=11, help="the model's classes (the maps cost per class)")
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--bad", type=float, default=0.1, help="fraction of malformed uploads")
     ap.add_argument("--ort-batches", type=int, default=20)
     ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: the CPUs this may use)")
     args = ap.parse_args([] if argv is None else argv)
+    sizes = [int(x) for x in args.sizes.split(",")] if args.sizes else bench_sizes()
+    by_size = {}
+    for size in sizes:
+        n = args.requests if size <= 64 else max(60, round(args.requests * (64 / size) ** 2))
+        res = measure_size(args, size, n)
+        report(res)
+        out = RESULTS if size == 64 else RESULTS.with_name(f"serving-{size}px.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(res, indent=2) + "\n")
+        by_size[size] = res
+    result = by_size.get(64) or by_size[sizes[0]]
+    result["other_sizes"] = {str(k): v for k, v in by_size.items() if v is not result}
+    return result
+
+
+def measure_size(args: argparse.Namespace, size: int, requests: int) -> dict[str, Any]:
+    """Raw ONNX Runtime, then a real server under load at each concurrency, for a `size` px model."""
     levels = [int(c) for c in args.concurrency.split(",")]
     data = samples()
     cpu_before = cpu_info()
     threads = args.threads or usable_cpus()  # what the server's inference session uses by default
     with tempfile.TemporaryDirectory() as tmp:
-        model = model_dir(Path(tmp), args.size)
+        model = model_dir(Path(tmp), size, args.classes)
         print("raw ONNX Runtime ...", file=sys.stderr, flush=True)
-        raw = raw_ort(model, data, args.ort_batches, threads)
+        scale = min(1.0, (64 / size) ** 2)  # as for the requests: a large forward pass costs more
+        raw = raw_ort(model, data, max(3, round(args.ort_batches * scale)), threads)
         env = {
             "BENTOML_HOME": str(Path(tmp) / "bentoml"),
             "CTHUB_BATCH_MAX_SIZE": str(MAX_BATCH),
@@ -269,22 +312,24 @@ def main(argv: list[str] | None = None) -> dict:
             rss_before = rss_mb(server)
             rows = []
             for level in levels:
-                print(
-                    f"load: {args.requests} requests at concurrency {level} ...", file=sys.stderr, flush=True
-                )
+                print(f"load: {requests} requests at concurrency {level} ...", file=sys.stderr, flush=True)
                 cpu0 = cpu_seconds(server)
-                row = run_load(server.base, data, args.requests, level, args.bad)
+                row = run_load(server.base, data, requests, level, args.bad)
                 cpu1 = cpu_seconds(server)
                 row["ratio_to_raw_ort_batch"] = round(row["valid_throughput_img_s"] / raw["batch_img_s"], 3)
+                row["ratio_to_raw_ort_without_maps"] = round(
+                    row["valid_throughput_img_s"] / raw["graph_without_maps_batch_img_s"], 3
+                )
                 row["breakdown"] = breakdown(row, {k: cpu1[k] - cpu0[k] for k in cpu0})
                 row["rss_mb_after"] = rss_mb(server)
                 rows.append(row)
             rss_after = rss_mb(server)
         finally:
             server.stop()
-    result = {
-        "size": args.size,
-        "requests_per_level": args.requests,
+    return {
+        "size": size,
+        "classes": args.classes,
+        "requests_per_level": requests,
         "malformed_fraction": args.bad,
         "samples": len(data),
         "max_batch": MAX_BATCH,
@@ -295,11 +340,6 @@ def main(argv: list[str] | None = None) -> dict:
         "load_avg_1min_after": round(os.getloadavg()[0], 2),
         "affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
     }
-    report(result)
-    out = RESULTS if args.size == 64 else RESULTS.with_name(f"serving-{args.size}px.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    return result
 
 
 def report(r: dict[str, Any]) -> None:
@@ -308,13 +348,17 @@ def report(r: dict[str, Any]) -> None:
         f"\nserving ResNet50 {r['size']} px, ONNX fp32, CPUs {r['affinity']} ({r['cpu']['model']}, load "
         f"{r['cpu']['load_avg_1min']} before / {r['load_avg_1min_after']} after)\n"
         f"raw ONNX Runtime: {raw['batch_img_s']} img/s at batch {r['max_batch']}, {raw['batch1_img_s']} at "
-        f"batch 1; decode + preprocess in-process {raw['decode_preprocess_ms']} ms/slice"
+        f"batch 1; decode + preprocess in-process {raw['decode_preprocess_ms']} ms/slice\n"
+        f"  at batch {r['max_batch']}: logits alone requested {raw.get('logits_only_request_batch_img_s')} "
+        f"img/s, graph without the maps {raw.get('graph_without_maps_batch_img_s')} img/s "
+        f"({r.get('classes')} classes)"
     )
     for row in r["levels"]:
         b = row["breakdown"]
         print(
             f"  c={row['concurrency']:>2}: {row['throughput_req_s']} req/s, valid "
-            f"{row['valid_throughput_img_s']} img/s = {row['ratio_to_raw_ort_batch']} x raw; p50 "
+            f"{row['valid_throughput_img_s']} img/s = {row['ratio_to_raw_ort_batch']} x raw "
+            f"({row.get('ratio_to_raw_ort_without_maps')} x raw without maps); p50 "
             f"{row['latency_ms_p50']} ms, p99 {row['latency_ms_p99']} ms; statuses {row['status_counts']}; "
             f"mean batch {row['mean_ms']['batch_size']}\n        per valid request: wall "
             f"{b['wall_ms_per_valid_request']} ms; CPU: API worker {b['api_worker_cpu_ms']} (decode "

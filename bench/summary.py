@@ -47,11 +47,12 @@ def _pretrain(r: dict[str, Any]) -> Iterator[Row]:
             f"time per image, same encoder, {size} px, 1 thread",
             _get(res, "overhead_vs_supervised"),
         )
-    yield (
-        "2 procs x 1 thread / 1 x 2 threads",
-        f"aggregate supervised training images/s, {size} px",
-        _get(r, "threads_layout", "ratio_two_by_one"),
-    )
+    if "threads_layout" in r:  # measured at the default size only
+        yield (
+            "2 procs x 1 thread / 1 x 2 threads",
+            f"aggregate supervised training images/s, {size} px",
+            _get(r, "threads_layout", "ratio_two_by_one"),
+        )
 
 
 def _export(r: dict[str, Any]) -> Iterator[Row]:
@@ -77,12 +78,18 @@ def _serving(r: dict[str, Any]) -> Iterator[Row]:
             f"valid requests/s vs ORT batch images/s, {r.get('size')} px",
             level.get("ratio_to_raw_ort_batch"),
         )
+        if "ratio_to_raw_ort_without_maps" in level:
+            yield (
+                f"HTTP / raw ORT without maps (concurrency {c})",
+                f"valid requests/s vs ORT batch images/s of the graph without Grad-CAM, {r.get('size')} px",
+                level.get("ratio_to_raw_ort_without_maps"),
+            )
 
 
 def _finetune(r: dict[str, Any]) -> Iterator[Row]:
     for k, v in (r.get("ratio_vs_fp32_eager") or {}).items():
         if k != "fp32_eager":
-            yield (f"fine-tune {k} / fp32 eager", "training images/s, 64 px", v)
+            yield (f"fine-tune {k} / fp32 eager", f"training images/s, {r.get('image_size', 64)} px", v)
 
 
 def _series(r: dict[str, Any]) -> Iterator[Row]:
@@ -105,18 +112,40 @@ EXTRACTORS: dict[str, Callable[[dict[str, Any]], Iterator[Row]]] = {
 }
 
 
+def _sizes_of(r: dict[str, Any]) -> dict[str, Any]:
+    """The results a benchmark returned for its other input sizes (`other_sizes`: {"224": {...}})."""
+    other = r.get("other_sizes")
+    return {k: v for k, v in other.items() if isinstance(v, dict)} if isinstance(other, dict) else {}
+
+
+def _size_files(results_dir: Path, topic: str) -> dict[str, Any]:
+    """`<topic>-<size>px.json` files of earlier runs, by size."""
+    out = {}
+    for path in sorted(results_dir.glob(f"{topic}-*px.json")):
+        size = path.stem.removeprefix(f"{topic}-").removesuffix("px")
+        if size.isdigit():
+            out[size] = json.loads(path.read_text())
+    return out
+
+
 def rows(results: dict[str, Any], results_dir: Path) -> list[tuple[str, str, str, float | None]]:
-    """(topic, ratio, compared, value) for every known topic; `results` are this run's returns, missing
-    topics are read from `results_dir/<topic>.json` and marked "(earlier run)"."""
+    """(topic, ratio, compared, value) for every known topic and size; `results` are this run's returns
+    (other sizes under `other_sizes`), missing topics are read from `results_dir/<topic>.json` and
+    `<topic>-<size>px.json` and marked "(earlier run)"; a size other than the topic's default is named
+    in the topic column ("serving 224 px")."""
     out = []
     for topic, extract in EXTRACTORS.items():
-        r, label = results.get(topic), topic
-        if not isinstance(r, dict):
-            path = results_dir / f"{topic}.json"
-            if not path.is_file():
-                continue
-            r, label = json.loads(path.read_text()), f"{topic} (earlier run)"
-        out += [(label, *row) for row in extract(r)]
+        r, suffix = results.get(topic), ""
+        if isinstance(r, dict):
+            sizes = _sizes_of(r)
+        else:
+            path, suffix = results_dir / f"{topic}.json", " (earlier run)"
+            r = json.loads(path.read_text()) if path.is_file() else None
+            sizes = _size_files(results_dir, topic)
+        if isinstance(r, dict) and r.get("image_size", 0) is not None:
+            out += [(topic + suffix, *row) for row in extract(r)]
+        for size, res in sizes.items():
+            out += [(f"{topic} {size} px{suffix}", *row) for row in extract(res)]
     return out
 
 

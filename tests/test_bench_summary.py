@@ -59,3 +59,60 @@ def test_a_result_whose_shape_changed_shows_as_missing_not_as_a_number() -> None
     hub = [r for r in got if r[0].startswith("hub")]
     assert hub == [("hub", "hub load / torch.load", hub[0][2], None)]
     assert "n/a" in table(hub)
+
+
+def test_other_sizes_get_their_own_rows_from_this_run_and_from_earlier_files(tmp_path: Path) -> None:
+    """224 px figures sit beside the 64 px ones: from this run's `other_sizes`, or from the
+    `<topic>-<size>px.json` an earlier run wrote; each row names its size and the without-maps ratio."""
+    level = {"concurrency": 8, "ratio_to_raw_ort_batch": 0.9, "ratio_to_raw_ort_without_maps": 0.3}
+    at224 = {"size": 224, "levels": [level]}
+    at64 = {"size": 64, "levels": [{"concurrency": 8, "ratio_to_raw_ort_batch": 0.2}]}
+    now = rows({"serving": {**at64, "other_sizes": {"224": at224}}}, tmp_path)
+    assert now == [
+        ("serving", "HTTP / raw ORT (concurrency 8)", "valid requests/s vs ORT batch images/s, 64 px", 0.2),
+        (
+            "serving 224 px",
+            "HTTP / raw ORT (concurrency 8)",
+            "valid requests/s vs ORT batch images/s, 224 px",
+            0.9,
+        ),
+        (
+            "serving 224 px",
+            "HTTP / raw ORT without maps (concurrency 8)",
+            "valid requests/s vs ORT batch images/s of the graph without Grad-CAM, 224 px",
+            0.3,
+        ),
+    ]
+    (tmp_path / "serving.json").write_text(json.dumps(at64))
+    (tmp_path / "serving-224px.json").write_text(json.dumps(at224))
+    earlier = rows({}, tmp_path)
+    assert [(t, v) for t, _, _, v in earlier] == [
+        ("serving (earlier run)", 0.2),
+        ("serving 224 px (earlier run)", 0.9),
+        ("serving 224 px (earlier run)", 0.3),
+    ]
+    # pretraining at 224 px measures SparK and the supervised step only: no threads-layout row, no n/a
+    pre = {"image_size": 224, "methods": {"spark": {"overhead_vs_supervised": 2.5}}}
+    got = rows({"pretrain": {"image_size": None, "other_sizes": {"224": pre}}}, tmp_path)
+    assert [r for r in got if r[0].startswith("pretrain")] == [
+        (
+            "pretrain 224 px",
+            "spark step / supervised step",
+            "time per image, same encoder, 224 px, 1 thread",
+            2.5,
+        )
+    ]
+
+
+def test_bench_sizes_and_where_each_size_is_written(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from bench.common import bench_sizes, result_path
+
+    monkeypatch.delenv("BENCH_SIZES", raising=False)
+    assert bench_sizes() == [64, 224]
+    monkeypatch.setenv("BENCH_SIZES", "224")
+    assert bench_sizes() == [224]
+    monkeypatch.setenv("BENCH_SIZES", "8")
+    with pytest.raises(ValueError):
+        bench_sizes()
+    assert result_path(tmp_path, "serving", 64, 64) == tmp_path / "serving.json"
+    assert result_path(tmp_path, "export", 64, 224) == tmp_path / "export-64px.json"
