@@ -24,6 +24,7 @@ is read by the services when they start. Nothing here loads a model.
 | CTHUB_API_TOKEN / CTHUB_API_TOKEN_FILE | (off) | bearer token required on every endpoint but health |
 | CTHUB_AUDIT_SALT / CTHUB_AUDIT_SALT_FILE | random per process | salt of the UID hashes in the audit log |
 | CTHUB_SERIES_TOP_K | 3 | series score of a class: mean of its k highest slice probabilities |
+| CTHUB_SERIES_OOD_SHARE | 0.1 | series out of distribution: this share of its slices (at least one) is |
 | CTHUB_DEMO | 1 | mount the Gradio demo at /ui (0: off); uploads: a private 0700 dir, deleted once read |
 """
 
@@ -42,6 +43,9 @@ VARIANT_ENV = "CTHUB_SERVE_VARIANT"
 VARIANTS = ("fp32", "int8")
 BACKENDS = ("auto", "onnx", "torch")  # serving.inference.open_classifier's backends (`cthub demo`)
 MB = 2**20
+# A series is out of distribution when this share of its scored slices is (serving.results.series_ood); the
+# measurement behind the value: docs/results/ood-shifts.md.
+DEFAULT_SERIES_OOD_SHARE = 0.1
 # Environment every serving process starts with unless the operator set it (`serving.entry`): telemetry off,
 # two glibc malloc arenas (bounded RSS of the API worker's request threads).
 PROCESS_ENV_DEFAULTS: dict[str, str] = {
@@ -118,11 +122,14 @@ class ServeSettings:
     api_token: str | None = field(default=None, repr=False)
     audit_salt: str | None = field(default=None, repr=False)
     series_top_k: int = 3
+    series_ood_share: float = DEFAULT_SERIES_OOD_SHARE
     demo: bool = True
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise ConfigError(f"{VARIANT_ENV} must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
+        if not 0.0 < self.series_ood_share <= 1.0:
+            raise ConfigError(f"CTHUB_SERIES_OOD_SHARE must be in (0, 1], got {self.series_ood_share}")
         if self.max_batch < 2:
             raise ConfigError("CTHUB_BATCH_MAX_SIZE must be at least 2 (1 disables nothing: use 2)")
 
@@ -150,6 +157,7 @@ class ServeSettings:
             api_token=_secret(e, "CTHUB_API_TOKEN"),
             audit_salt=_secret(e, "CTHUB_AUDIT_SALT"),
             series_top_k=int(_number(e, "CTHUB_SERIES_TOP_K", 3, 1)),
+            series_ood_share=_number(e, "CTHUB_SERIES_OOD_SHARE", DEFAULT_SERIES_OOD_SHARE),
             demo=e.get("CTHUB_DEMO", "1").strip().lower() not in ("0", "false", "no", "off"),
         )
 
