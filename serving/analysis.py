@@ -278,10 +278,18 @@ class Analyzer:
                 }
             )
             warnings.extend(w for w in sl.warnings if w not in warnings)
-        series = results.aggregate_series(probs, labels, threshold, self.settings.series_top_k, ood_scores)
-        series["ood"] = results.ood(series.pop("ood_median"), self.model.ood_threshold)
+        series = results.aggregate_series(
+            probs,
+            labels,
+            threshold,
+            self.settings.series_top_k,
+            ood_scores,
+            ood_threshold=self.model.ood_threshold,
+            ood_share=self.settings.series_ood_share,
+        )
+        series.pop("ood_median")
         series["modality"] = request.modality
-        if note := results.ood_note(series["ood"]):
+        if note := results.series_ood_note(series["ood"]):
             warnings.append(note)
         if any(sl.position is None for sl in slices):
             warnings.append("some slices have no position: ordered by InstanceNumber, then upload order")
