@@ -288,3 +288,17 @@ PACS_DICOM_PORT ?= 4242
 pacs: $(STAMP) | $(ORGAN_NPZ)
 	$(CTHUB) quickstart --data $(ORGAN_NPZ) --budget $(BUDGET) --models $(MODELS)
 	$(CTHUB) pacs --model $(MODELS)/organamnist-ssl --dir $(PACS_DIR) --http-port $(PACS_HTTP_PORT) --dicom-port $(PACS_DICOM_PORT)
+
+# Out of distribution, measured (docs/results/ood-shifts.md): each served model's OOD score against real
+# shifts (whole CT slices of real_ct/, head CT for a body model / body CT for a head model, MR, ultrasound and
+# X-ray objects of pydicom's test files, photographs, screen captures, windowing mistakes), one row per shift,
+# JSON + table in docs/results/ood-shifts/, recorded in the model's card. Models without model.onnx are skipped.
+OOD_MODELS ?= $(MODELS)/organamnist-ssl $(MODELS)/head-ct-ssl
+OOD_REAL_DATA ?= ../shared/data
+OOD_FLAGS ?=
+.PHONY: study-ood
+study-ood: $(STAMP)
+	@for m in $(OOD_MODELS); do \
+	  if [ -f $$m/model.onnx ]; then $(CTHUB) evaluate-ood --model $$m --real-data $(OOD_REAL_DATA) \
+	    --out docs/results/ood-shifts --record $(OOD_FLAGS) || exit 1; \
+	  else echo "study-ood: no $$m/model.onnx, skipped"; fi; done
