@@ -82,9 +82,17 @@ def test_siim_study_folds_never_share_a_patient(siim) -> None:
     assert any(set(pool.groups[f.train]) & set(pool.groups[f.test]) for f in ungrouped)
 
 
-def test_cell_splits_match_select_splits_for_a_given_fold(siim) -> None:
-    """The study's wiring passes its settings through: another split seed gives other folds."""
+def test_cell_splits_pass_the_study_settings_through(siim) -> None:
+    """The study's wiring passes its settings through: another split seed gives other folds, and the
+    study's window (`cthub study --window`) maps the same slices' HU to other grey levels."""
     kw = dict(data=str(siim), encoders=["scratch"], fractions=[1.0], seeds=[0], out="x", protocol="kfold")
-    a = cell_splits(StudySpec(**kw, recipe=FinetuneConfig(seed=42)), Cell("scratch", 1.0, 0, 0))
-    b = cell_splits(StudySpec(**kw, recipe=FinetuneConfig(seed=7)), Cell("scratch", 1.0, 0, 0))
+    cell = Cell("scratch", 1.0, 0, 0)
+    a = cell_splits(StudySpec(**kw, recipe=FinetuneConfig(seed=42)), cell)
+    b = cell_splits(StudySpec(**kw, recipe=FinetuneConfig(seed=7)), cell)
     assert set(a.test.groups) != set(b.test.groups)
+    w = cell_splits(StudySpec(**kw, recipe=FinetuneConfig(seed=42), window="mediastinum"), cell)
+    assert w.test.groups.tolist() == a.test.groups.tolist()  # the same partition
+    pool = kfold_pool(load_splits(siim, PreprocessConfig.for_window("mediastinum")))
+    fold = kfold_splits(pool.labels, 5, 0.1, 42, pool.groups)[0]
+    assert np.array_equal(w.test.images, pool.images[fold.test])
+    assert np.abs(w.test.images.astype(float) - a.test.images.astype(float)).mean() > 10.0
