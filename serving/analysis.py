@@ -22,7 +22,16 @@ from ctdata.preprocess import PreprocessConfig, intensities_to_unit, unit_to_inp
 from cthub.errors import CTHubError, PayloadTooLargeError
 from serving import results
 from serving.inference import ServedModel
-from serving.inputs import effective_preprocessing, error_body, http_status, load_dicom, load_picture
+from serving.inputs import (
+    crop_region,
+    effective_preprocessing,
+    error_body,
+    http_status,
+    input_expectation,
+    load_dicom,
+    load_picture,
+    region_warning,
+)
 from serving.report import ReportContent, SliceFinding, to_bytes, write_sr
 from serving.series import (
     Parsed,
@@ -46,6 +55,7 @@ class Options:
     window: str | None = None
     window_center: float | None = None
     window_width: float | None = None
+    region: tuple[int, int, int, int] | None = None  # x0,y0,x1,y1 of the image: only that box is classified
 
 
 @dataclass
@@ -81,14 +91,14 @@ class Analyzer:
         s = load_dicom(data, self.settings)
         audit.update(study_uid=s.header.get("StudyInstanceUID"), series_uid=s.header.get("SeriesInstanceUID"))
         decode_ms = _ms(t0)
-        prepared = self._prepare(s.image, cfg, decode_ms)
+        prepared = self._prepare(s.image, cfg, decode_ms, opts.region)
         return self._answer_one(prepared, opts.cam, audit)
 
     def predict_picture(self, data: bytes, opts: Options, audit: dict[str, Any]) -> dict[str, Any]:
         """POST /predict_image: a PNG/JPEG of a slice already windowed for display -> answer."""
         t0 = time.perf_counter()
         image = load_picture(data, self.settings)
-        prepared = self._prepare(image, self.model.config.preprocessing, _ms(t0))
+        prepared = self._prepare(image, self.model.config.preprocessing, _ms(t0), opts.region)
         prepared.warnings.append(
             "picture input: taken as already windowed (grey 0-255), not Hounsfield units; the model's "
             f"own mapping ({self.model.config.preprocessing.mapping}) was not applied"
@@ -118,10 +128,19 @@ class Analyzer:
                 out.append(self._slice_answer(next(items), p))
         return out
 
-    def _prepare(self, image: CTImage, cfg: PreprocessConfig, decode_ms: float) -> _Prepared:
+    def _prepare(
+        self,
+        image: CTImage,
+        cfg: PreprocessConfig,
+        decode_ms: float,
+        region: tuple[int, int, int, int] | None = None,
+    ) -> _Prepared:
         t1 = time.perf_counter()
         base = self.model.config.preprocessing
         notes = list(image.warnings)
+        expectation = input_expectation(self.model.config.metrics, self.model.config.provenance)
+        if note := region_warning(expectation, region):
+            notes.append(note)
         if cfg != base:
             notes.append(
                 "window override: the model was trained with its own preprocessing "
@@ -133,6 +152,8 @@ class Analyzer:
         if frames > 1:
             notes.append(f"multi-frame image ({frames} frames): only the first frame was used")
         frame = image.pixels[0] if image.pixels.ndim == 3 else image.pixels
+        if region is not None:
+            frame = crop_region(frame, region)
         unit = intensities_to_unit(frame, image.is_hu, cfg)
         x = unit_to_input(unit, cfg)
         return _Prepared(
@@ -145,6 +166,7 @@ class Analyzer:
                 "rows": int(unit.shape[-2]),
                 "columns": int(unit.shape[-1]),
                 "hounsfield": bool(image.is_hu),
+                "region": None if region is None else list(region),
             },
             timing={"decode": decode_ms, "preprocess": _ms(t1)},
         )

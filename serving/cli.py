@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cthub.errors import ConfigError
-from serving.settings import BACKENDS, MODEL_ENV, VARIANT_ENV, VARIANTS, ServeSettings
+from serving.settings import ALSO_ENV, BACKENDS, MODEL_ENV, VARIANT_ENV, VARIANTS, ServeSettings
 
 if TYPE_CHECKING:
     from cthub.cli import SubParsers
@@ -40,6 +40,14 @@ def register(subparsers: SubParsers) -> None:
         choices=VARIANTS,
         default=None,
         help=f"ONNX file: fp32 (model.onnx) or int8 (model.int8.onnx); default ${VARIANT_ENV} or fp32",
+    )
+    p.add_argument(
+        "--also",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="another exported classifier to serve beside MODEL (repeatable); requests select it with "
+        "model=<its name>, the demo's picker offers it",
     )
     p.add_argument("--port", type=int, default=3000)
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the server to be ready")
@@ -118,8 +126,13 @@ def serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"{model_dir} is an encoder without a classification head; fine-tune it first")
     variant = args.variant or os.environ.get(VARIANT_ENV, "fp32")
     verify_export(model_dir, variant)  # missing, tampered or stale: the fix, before any server starts
+    also = [resolve_model_dir(d) for d in args.also]
+    for d in also:
+        verify_export(d, "fp32")
     print(f"cthub: starting the server for {model_dir} (ONNX {variant})", file=sys.stderr, flush=True)
     env = os.environ | QUIET_ENV | {MODEL_ENV: str(model_dir), VARIANT_ENV: variant}
+    if also:
+        env[ALSO_ENV] = ",".join(str(d) for d in also)
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     cmd = [

@@ -4,7 +4,10 @@ Upload one DICOM file, several slices or a zip of a series; page through the sli
 window them (presets, or center/width) at their own resolution, click a pixel to read its HU value, and see
 the model's probabilities, its thresholded decision, the out-of-distribution warning, the model's identity
 and card metrics, and the class activation map of any class over the slice. A picker offers the served
-model and the exported classifiers of the local hub.
+models (`cthub serve --also` serves several) and the exported classifiers of the local hub. The model card
+says what input the model expects; a model trained on organ-centred crops (OrganAMNIST) is shown a region
+of the slices (a box x0,y0,x1,y1, read off the pixel probe) instead of the whole slice, and warns while it
+is shown whole slices.
 
 `layout` builds the page, `Handlers` answers its events, `wire` connects the two; everything that is not
 Gradio is in `serving.viewer`. Uploads are read into memory and their files deleted from Gradio's upload
@@ -38,7 +41,7 @@ from hub.config import CONFIG_NAME, WEIGHTS_NAME, ModelConfig
 from hub.io import hub_dir
 from serving import viewer
 from serving.inference import InferenceEngine, ServedModel, open_classifier, resolve_model_dir
-from serving.inputs import http_status
+from serving.inputs import CROP_EXPECTATION, crop_region, http_status, input_expectation, parse_region
 from serving.results import SERIES_RULE
 from serving.settings import ServeSettings
 from serving.viewer import CUSTOM, MODEL_DEFAULT, Study, private_upload_dir
@@ -69,7 +72,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 @dataclass(frozen=True)
 class DemoModel:
     """A model the demo analyses with: its folder (the picker's value) and the `ServedModel` that runs it.
-    Mounted under the API, the served model is the inference service itself (`ApiWorker.demo_model`)."""
+    Mounted under the API, the served models are the inference service itself (`ApiWorker.demo_models`)."""
 
     model_dir: Path
     model: ServedModel
@@ -91,7 +94,45 @@ def _local_model(name_or_path: str, backend: str) -> DemoModel:
     return DemoModel(model_dir, InferenceEngine(open_classifier(model_dir, backend)).served())
 
 
-ModelSource = str | Path | Callable[[], DemoModel]
+ModelSource = str | Path | Callable[[], DemoModel | list[DemoModel]]
+REGION_NOTE = "region classified:"  # the study note that says the slices were cut to a box
+
+
+def expectation_of(cfg: ModelConfig) -> str | None:
+    return input_expectation(cfg.metrics, cfg.provenance)
+
+
+def region_of(study: Study) -> str | None:
+    """The box the study's slices were cut to ('x0,y0,x1,y1 ...'), None for whole slices."""
+    return next((n[len(REGION_NOTE) :].strip() for n in study.notes if n.startswith(REGION_NOTE)), None)
+
+
+def expectation_text(cfg: ModelConfig, study: Study | None = None) -> str:
+    """The card's line on what the model expects, and whether this study gives it that."""
+    said = expectation_of(cfg)
+    line = f"- Input expected: {said or 'not recorded in its card'}"
+    if said == CROP_EXPECTATION:
+        region = region_of(study) if study is not None else None
+        line += (
+            f"; classifying the region {region}"
+            if region
+            else "; **whole slices are not what it was trained on**: enter the organ's region (x0,y0,x1,y1, "
+            "from the pixel probe) and press *Classify region*"
+        )
+    return line
+
+
+def cropped(study: Study, box: tuple[int, int, int, int]) -> Study:
+    """The study with every slice cut to `box` (coordinates of the displayed slices); analysis dropped."""
+    slices = [
+        dataclasses.replace(sl, pixels=np.ascontiguousarray(crop_region(sl.pixels, box)))
+        for sl in study.slices
+    ]
+    x0, y0, x1, y1 = box
+    earlier = region_of(study)
+    where = f"{x0},{y0},{x1},{y1}" + (f" of the earlier region {earlier}" if earlier else "")
+    notes = [n for n in study.notes if not n.startswith(REGION_NOTE)] + [f"{REGION_NOTE} {where}"]
+    return dataclasses.replace(study, slices=slices, notes=notes, analysis=None)
 
 
 def local_classifiers(root: Path | None = None) -> list[Path]:
@@ -187,6 +228,8 @@ class Panels:
     cam: Any
     cam_class: Any
     opacity: Any
+    region: Any
+    classify_region: Any
     image: Any
     probe_x: Any
     probe_y: Any
@@ -236,24 +279,35 @@ class Handlers:
 
     # -- models ------------------------------------------------------------------------------------------
 
+    def served(self) -> list[DemoModel]:
+        """The served models, the default first (loaded on first use)."""
+        if not callable(self._source):
+            return [DemoModel.local(self._source)]
+        got = self._source()
+        return list(got) if isinstance(got, list) else [got]
+
     def default(self) -> DemoModel:
-        """The served model (loaded on first use)."""
-        return self._source() if callable(self._source) else DemoModel.local(self._source)
+        """The served (default) model."""
+        return self.served()[0]
 
     def choices(self) -> list[tuple[str, str]]:
-        """(label, folder) of the served model, then of the other exported classifiers in the local hub."""
-        default = self.default()
-        out = [(model_label(default.config, "served"), str(default.model_dir))]
+        """(label, folder) of the served models, then of the other exported classifiers in the local hub."""
+        served = self.served()
+        out = [(model_label(m.config, "served"), str(m.model_dir)) for m in served]
+        folders = {m.model_dir for m in served}
         for d in local_classifiers():
-            if d != default.model_dir:
+            if d not in folders:
                 out.append((model_label(ModelConfig.load(d)), str(d)))
         return out
 
     def model(self, model_dir: str | None) -> DemoModel:
         """The model of a folder the picker offers (never an arbitrary path a client sends)."""
-        default = self.default()
-        if not model_dir or model_dir == str(default.model_dir):
-            return default
+        served = self.served()
+        if not model_dir:
+            return served[0]
+        for m in served:
+            if model_dir == str(m.model_dir):
+                return m
         if model_dir not in {folder for _, folder in self.choices()}:
             raise ModelNotFoundError("this model is not offered here: pick one from the list")
         return DemoModel.local(model_dir)
@@ -282,8 +336,21 @@ class Handlers:
         """Analyse the loaded study with the model just picked (its card alone when nothing is loaded)."""
         if study is None:
             picked = self.model(model_dir)
-            return self.blank(card=f"**{picked.config.name}** is selected: upload a study to see its answer.")
+            return self.blank(
+                card=f"**{picked.config.name}** is selected: upload a study to see its answer.\n"
+                + expectation_text(picked.config)
+            )
         return self.analysed(study, model_dir, View(*view), keep_view=True)
+
+    def on_region(
+        self, study: Study | None, model_dir: str | None, region: str, *view: Any
+    ) -> tuple[Any, ...]:
+        """Cut every slice of the loaded study to the box x0,y0,x1,y1 (pixel columns and rows of the
+        displayed slices, as the probe reads them) and analyse that region with the picked model."""
+        box = parse_region(region)
+        if box is None:
+            raise InputError("enter the region as x0,y0,x1,y1 (pixel columns and rows of the slice)")
+        return self.analysed(cropped(loaded(study), box), model_dir, View(*view), keep_view=True)
 
     def on_read(self) -> None:
         """Empty the upload box once its files are read: their names may carry patient data, and the
@@ -366,8 +433,10 @@ class Handlers:
             overall["label"],
             rule,
             gr.update(value=a.series["scores"] if a.series else None, visible=a.series is not None),
-            viewer.model_card_text(a, cfg.method, cfg.pretraining_data, cfg.metrics),
-            notes_text(study),
+            viewer.model_card_text(a, cfg.method, cfg.pretraining_data, cfg.metrics)
+            + "\n"
+            + expectation_text(cfg, study),
+            notes_text(study, cfg),
         )
 
     def slice_panels(self, study: Study, view: View) -> tuple[Any, ...]:
@@ -477,10 +546,16 @@ def ood_banner(study: Study, i: int) -> Any:
     )
 
 
-def notes_text(study: Study) -> str:
-    """Decoder warnings, a missing OOD reference and what was left out of the upload, as a list."""
+def notes_text(study: Study, cfg: ModelConfig | None = None) -> str:
+    """Decoder warnings, the input-expectation warning (whole slices shown to a model trained on crops), a
+    missing OOD reference and what was left out of the upload, as a list."""
     a = study.analysis
     lines = list(study.notes)
+    if cfg is not None and expectation_of(cfg) == CROP_EXPECTATION and region_of(study) is None:
+        lines.append(
+            "input expectation: this model was trained on organ-centred crops (OrganAMNIST) and was shown "
+            "whole slices; classify the organ's region (x0,y0,x1,y1) instead"
+        )
     if a is not None and a.ood_threshold is None:
         lines.append("no out-of-distribution reference in this export: re-export the model to get one")
     lines += viewer.left_out_text(study.left_out)
@@ -555,6 +630,12 @@ def controls_column() -> dict[str, Any]:
         "cam": gr.Checkbox(False, label="Show the class activation map", elem_id="show-cam"),
         "cam_class": gr.Dropdown([], label="Map of class", elem_id="cam-class", interactive=True),
         "opacity": gr.Slider(0, 1, value=0.4, step=0.05, label="Map opacity", elem_id="cam-opacity"),
+        "region": gr.Textbox(
+            label="Region to classify: x0,y0,x1,y1 (pixel columns and rows, from the probe)",
+            placeholder="e.g. 120,140,260,280",
+            elem_id="region",
+        ),
+        "classify_region": gr.Button("Classify region", elem_id="classify-region"),
     }
 
 
@@ -637,6 +718,13 @@ def wire(demo: Any, p: Panels, h: Handlers) -> None:
         outputs=[p.image],
         api_name="cam",
         **live,
+    )
+    gr.on(
+        [p.classify_region.click, p.region.submit],
+        user_errors(h.on_region),
+        inputs=[p.study, p.model, p.region, *view],
+        outputs=analysis,
+        api_name="classify_region",
     )
     p.image.select(user_errors(h.on_select), outputs=[p.probe_x, p.probe_y], api_visibility="private").then(
         user_errors(h.on_probe),

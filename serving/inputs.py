@@ -182,3 +182,56 @@ def _check_picture_size(data: bytes, max_pixels: int) -> None:
         raise InputError(f"the picture cannot be decoded ({type(e).__name__})") from None
     if w * h > max_pixels:
         raise PayloadTooLargeError(f"the picture is {w} x {h} pixels, above the limit of {max_pixels:,}")
+
+
+# -- the region a crop-trained model classifies -------------------------------------------------------------
+
+CROP_EXPECTATION = "organ-centred crop"
+CROP_SOURCES = ("organamnist", "organcmnist", "organsmnist")  # MedMNIST's organ-centred crop datasets
+
+
+def input_expectation(metrics: dict[str, Any], provenance: dict[str, Any]) -> str | None:
+    """What the model expects to be shown: its card's `input_expectation` (`cthub quickstart` records it),
+    else an organ-centred crop when it was trained on a MedMNIST organ set, else None (not recorded)."""
+    said = metrics.get("input_expectation")
+    if isinstance(said, str) and said:
+        return said
+    data = Path(str(provenance.get("data") or "")).name.lower()
+    return CROP_EXPECTATION if data.startswith(CROP_SOURCES) else None
+
+
+def parse_region(region: str | None) -> tuple[int, int, int, int] | None:
+    """'x0,y0,x1,y1' (pixel columns and rows of the uploaded image, end exclusive) -> a box; None when
+    empty; InputError when it is not four integers with x0 < x1 and y0 < y1."""
+    if region is None or not str(region).strip():
+        return None
+    parts = [p.strip() for p in str(region).replace(" ", ",").split(",") if p.strip()]
+    try:
+        x0, y0, x1, y1 = (int(float(p)) for p in parts)
+    except ValueError:
+        raise InputError("region must be four integers x0,y0,x1,y1 (pixel columns and rows)") from None
+    if x0 < 0 or y0 < 0 or x1 <= x0 or y1 <= y0:
+        raise InputError("region x0,y0,x1,y1 needs 0 <= x0 < x1 and 0 <= y0 < y1")
+    return x0, y0, x1, y1
+
+
+def crop_region(frame: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+    """The box of a 2-D frame; InputError when it reaches outside the image (no silent clipping)."""
+    x0, y0, x1, y1 = box
+    h, w = frame.shape[-2:]
+    if x1 > w or y1 > h:
+        raise InputError(f"region {x0},{y0},{x1},{y1} reaches outside the {w} x {h} image")
+    if min(x1 - x0, y1 - y0) < 8:
+        raise InputError("region must be at least 8 x 8 pixels")
+    return frame[..., y0:y1, x0:x1]
+
+
+def region_warning(expectation: str | None, box: tuple[int, int, int, int] | None) -> str | None:
+    """The input-expectation warning: a whole slice sent to a model trained on organ-centred crops."""
+    if expectation != CROP_EXPECTATION or box is not None:
+        return None
+    return (
+        "input expectation: this model was trained on organ-centred crops (OrganAMNIST), and a whole slice "
+        "was sent; its answer on a whole slice is not what it was measured on. Select the organ's region "
+        "(region=x0,y0,x1,y1) to classify that box."
+    )

@@ -7,14 +7,19 @@ behind adaptive batching), which `bentoml serve serving.entry:CTHubService` star
     POST /predict_image    a PNG/JPEG slice already windowed for display -> the same answer as /predict
     POST /report           the series analysis as a DICOM Comprehensive SR (application/dicom)
     POST /predict_batched  several independent DICOM slices -> one answer each
-    GET|POST /model        the served model: identity, labels, preprocessing, thresholds, card metrics
+    GET|POST /model        the served model: identity, labels, preprocessing, thresholds, card metrics, and
+                           `served_models`, every model this server serves
     GET /readyz /livez /healthz /metrics /docs.json   (BentoML)
 
 The API service decodes and preprocesses (`serving.analysis.Analyzer`); model inputs go to the inference
 service, where concurrent requests are merged into one forward pass (max batch / max latency
-configurable). Settings come from the environment (`serving.settings`): `build_services` declares the two
-services from them (BentoML reads batching, workers, timeouts and CORS when a service is declared; its
-entry point `serving.entry` calls it at start-up) and each service reads them again when it starts.
+configurable). More models can be served beside the default one (`CTHUB_SERVE_ALSO`, `cthub serve --also`):
+each has its own ONNX session in the inference service, and a `model` field (its name, version or sha256)
+on /predict, /predict_image, /predict_series and /model selects it; without it the default model answers,
+and a name that is not served is a 404. Settings come from the environment (`serving.settings`):
+`build_services` declares the two services from them (BentoML reads batching, workers, timeouts and CORS
+when a service is declared; its entry point `serving.entry` calls it at start-up) and each service reads
+them again when it starts.
 Importing this module changes no environment variable, creates no directory and reads no setting. User
 errors are 4xx JSON `{error, type, detail}`; the gateway middleware (`serving.gateway`) adds auth, body
 limits and the audit log.
@@ -22,6 +27,8 @@ limits and the audit log.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import os
 import signal
@@ -37,14 +44,14 @@ import bentoml
 import numpy as np
 from starlette.responses import JSONResponse, Response
 
-from cthub.errors import CTHubError, ServiceBusyError, UnprocessableInputError
+from cthub.errors import CTHubError, ModelNotFoundError, ServiceBusyError, UnprocessableInputError
 from export.session import quiet_onnxruntime_process
 from serving.analysis import Analyzer, Options
 from serving.audit import AUDIT_KEY, AuditLog
 from serving.demo import DemoModel, asgi_app, build_demo
 from serving.gateway import Gateway
 from serving.inference import InferenceEngine, ServedModel, resolve_model_dir, verify_export
-from serving.inputs import error_body, http_status, read_upload
+from serving.inputs import error_body, http_status, input_expectation, parse_region, read_upload
 from serving.settings import ServeSettings
 
 log = logging.getLogger(__name__)
@@ -59,12 +66,45 @@ SINGLE_IMAGE_ROUTES = ("/predict", "/predict_image", "/model")
 SERIES_ROUTES = ("/predict_series", "/report", "/predict_batched")
 
 
-def served_demo_model() -> DemoModel:
-    """The mounted demo's default model: this API worker's own service (`bentoml.get_current_service`, set
-    when the worker starts), so the demo's analyses go through the inference service's batched ONNX
-    session like every REST request, instead of a second session in the API worker."""
+def served_demo_models() -> list[DemoModel]:
+    """The mounted demo's models, the default first: this API worker's own service
+    (`bentoml.get_current_service`, set when the worker starts), so the demo's analyses go through the
+    inference service's ONNX sessions like every REST request, instead of second sessions in the API
+    worker."""
     service = cast(ApiWorker, bentoml.get_current_service())
-    return service.demo_model()
+    return service.demo_models()
+
+
+def also_settings(settings: ServeSettings) -> list[ServeSettings]:
+    """The settings of each model served beside the default one: its folder, and the default's variant
+    when that file was exported for it, else fp32 (quickstart keeps int8 only within tolerance)."""
+    out = []
+    for folder in settings.also:
+        model_dir = resolve_model_dir(folder)
+        variant = settings.variant
+        if variant != "fp32":
+            try:
+                verify_export(model_dir, variant)
+            except CTHubError:
+                log.info("cthub: %s has no usable %s export; serving its fp32 one", model_dir.name, variant)
+                variant = "fp32"
+        out.append(dataclasses.replace(settings, model=str(model_dir), variant=variant, also=()))
+    return out
+
+
+def model_summary(served: ServedModel) -> dict[str, Any]:
+    """One line of /model's `served_models`: what selects it and what it expects."""
+    cfg = served.config
+    return {
+        "name": served.identity.get("name"),
+        "version": served.identity.get("version"),
+        "sha256": served.sha256,
+        "variant": served.identity.get("variant"),
+        "task": cfg.task,
+        "labels": served.labels,
+        "input_size": cfg.preprocessing.input_size,
+        "input_expectation": input_expectation(cfg.metrics, cfg.provenance),
+    }
 
 
 def configure_worker() -> None:
@@ -99,25 +139,39 @@ class InferenceWorker:
         settings = ServeSettings.from_env()
         try:
             self.engine = InferenceEngine.open(settings)
+            self.others = [InferenceEngine.open(s) for s in also_settings(settings)]
         except CTHubError as e:
             fail_start("inference service", e)
             raise
-        ident = self.engine.classifier.identity
-        log.info(
-            "cthub: serving %s (onnx %s, %s)", ident["name"], settings.variant, ", ".join(ident["providers"])
-        )
+        variants = [settings.variant, *(s.variant for s in also_settings(settings))]
+        for engine, variant in zip([self.engine, *self.others], variants, strict=True):
+            ident = engine.classifier.identity
+            log.info("cthub: serving %s (onnx %s, %s)", ident["name"], variant, ", ".join(ident["providers"]))
 
     @bentoml.api
     def describe(self) -> dict[str, Any]:
         """Identity, config, labels, OOD threshold and outputs of the loaded model."""
         return self.engine.describe()
 
+    @bentoml.api
+    def describe_others(self) -> list[dict[str, Any]]:
+        """`describe` of each model served beside the default one, in `CTHUB_SERVE_ALSO`'s order."""
+        return [e.describe() for e in self.others]
+
+    @bentoml.api
+    def infer_other(self, index: int, inputs: np.ndarray) -> list[dict[str, Any]]:
+        """Model inputs [B, C, S, S] of the `index`-th model beside the default one -> per-slice outputs
+        (its own session, unbatched across requests: the adaptive batcher serves the default model)."""
+        if not 0 <= index < len(self.others):
+            raise ModelNotFoundError(f"no served model number {index}")
+        return self.others[index].run(inputs)
+
 
 def _with_demo(cls: type, settings: ServeSettings) -> type:
     """Mount the Gradio demo at /ui unless the operator turned it off (CTHUB_DEMO=0)."""
     if not settings.demo:
         return cls
-    return bentoml.asgi_app(asgi_app(build_demo(served_demo_model)), path="/ui", name="demo")(cls)
+    return bentoml.asgi_app(asgi_app(build_demo(served_demo_models)), path="/ui", name="demo")(cls)
 
 
 def _json_error(ctx: bentoml.Context, err: CTHubError, audit: dict[str, Any]) -> JSONResponse:
@@ -140,29 +194,60 @@ class ApiWorker:
             # the inference service verifies too; failing here as well stops the server at once (a failing
             # dependency alone leaves this worker draining for the traffic timeout)
             verify_export(resolve_model_dir(self.settings.model), self.settings.variant)
+            for other in also_settings(self.settings):
+                verify_export(Path(other.model), other.variant)
         except CTHubError as e:
             fail_start("API service", e)
             raise
-        self._served: ServedModel | None = None
+        self._served: list[ServedModel] | None = None
         self._lock = threading.Lock()
 
-    def served(self) -> ServedModel:
-        """The inference service's model: its description (asked once, on first use) and `_infer`."""
+    def served_models(self) -> list[ServedModel]:
+        """The inference service's models, the default first: their descriptions (asked once, on first use)
+        and their inference calls."""
         with self._lock:
             if self._served is None:
-                self._served = ServedModel.from_description(self.inference.describe(), self._infer)
+                main = ServedModel.from_description(self.inference.describe(), self._infer)
+                others = [
+                    ServedModel.from_description(d, functools.partial(self._infer_other, i))
+                    for i, d in enumerate(self.inference.describe_others())
+                ]
+                self._served = [main, *others]
             return self._served
 
-    def demo_model(self) -> DemoModel:
-        """The served model as the mounted demo analyses with it: through `_infer`, like the REST API."""
-        return DemoModel(resolve_model_dir(self.settings.model), self.served())
+    def served(self, requested: str | None = None) -> ServedModel:
+        """The model a request names (name, version or sha256), the default one when it names none; a
+        404 naming the served models when no served model matches."""
+        models = self.served_models()
+        if not requested:
+            return models[0]
+        for m in models:
+            if requested in (m.identity.get("name"), m.identity.get("version"), m.sha256):
+                return m
+        names = ", ".join(repr(m.identity.get("name")) for m in models)
+        raise ModelNotFoundError(f"model {requested!r} is not served here; this server serves {names}")
+
+    def demo_models(self) -> list[DemoModel]:
+        """The served models as the mounted demo analyses with them: through the inference service."""
+        folders = [self.settings.model, *self.settings.also]
+        return [
+            DemoModel(resolve_model_dir(f), m) for f, m in zip(folders, self.served_models(), strict=True)
+        ]
 
     def _infer(self, batch: np.ndarray) -> list[dict[str, Any]]:
-        """The inference service's outputs for a batch. A pooled connection the inference server closed
-        while idle (keep-alive timeout) fails on reuse: the call is retried (inference is idempotent)."""
+        """The default model's outputs for a batch (the adaptive batcher)."""
+        return self._with_retry(lambda: self.inference.infer(batch))
+
+    def _infer_other(self, index: int, batch: np.ndarray) -> list[dict[str, Any]]:
+        """The outputs of the `index`-th model served beside the default one."""
+        return self._with_retry(lambda: self.inference.infer_other(index, batch))
+
+    def _with_retry(self, call: Callable[[], Any]) -> list[dict[str, Any]]:
+        """The inference service's answer. A pooled connection the inference server closed while idle
+        (keep-alive timeout) fails on reuse: the call is retried (inference is idempotent)."""
         for attempt in range(INFER_ATTEMPTS):
             try:
-                return list(self.inference.infer(batch))
+                return list(call())
             except STALE_CONNECTION_ERRORS:
                 if attempt + 1 == INFER_ATTEMPTS:
                     raise
@@ -176,13 +261,16 @@ class ApiWorker:
                 raise
         raise AssertionError("unreachable")
 
-    def _call(self, ctx: bentoml.Context, work: Callable[[Analyzer, dict[str, Any]], Any]) -> Any:
-        """Run `work(analyzer, audit)`; user errors become 4xx JSON, the audit details go to the gateway.
+    def _call(
+        self, ctx: bentoml.Context, work: Callable[[Analyzer, dict[str, Any]], Any], model: str | None = None
+    ) -> Any:
+        """Run `work(analyzer, audit)` with the model `model` names (the default one when None); user errors
+        become 4xx JSON, the audit details go to the gateway.
         An unexpected failure is logged by type and traceback only (exception messages may quote header
         values) and answered 500 in the API's error shape."""
         audit: dict[str, Any] = {}
         try:
-            served = self.served()
+            served = self.served(model)
             audit["model_sha256"] = served.sha256
             return work(Analyzer(self.settings, served), audit)
         except CTHubError as e:
@@ -211,32 +299,45 @@ class ApiWorker:
         window_center: float | None = None,
         window_width: float | None = None,
         model: str | None = None,
+        region: str | None = None,
     ) -> dict[str, Any]:
         """Classify one DICOM slice (multipart field `file`; the first frame of multi-frame objects).
 
         Answers {label, probabilities, decision, ood, model, preprocessing, warnings, image, timing_ms}, with
         `cam` {png_base64, class} when cam=true. Optional window preset or center/width (reported as a
-        warning: the model was trained with its own mapping); `model` must name the served model if given.
+        warning: the model was trained with its own mapping); `model` selects a served model (name, version
+        or sha256; default: the default model); `region` "x0,y0,x1,y1" classifies only that box of the image
+        (a model trained on organ-centred crops warns when it is sent a whole slice).
         """
-        opts = Options(cam, window, window_center, window_width)
 
         def work(a: Analyzer, audit: dict[str, Any]) -> dict[str, Any]:
-            a.model.require(model)
+            opts = Options(cam, window, window_center, window_width, parse_region(region))
             return a.predict_dicom(read_upload(file, self.settings.max_upload_bytes), opts, audit)
 
-        return self._call(ctx, work)
+        return self._call(ctx, work, model)
 
     @bentoml.api(route="/predict_image")
-    def predict_image(self, file: Path, ctx: bentoml.Context, cam: bool = False) -> dict[str, Any]:
-        """Classify a PNG or JPEG of a slice already windowed for display (grey 0-255, not HU)."""
+    def predict_image(
+        self,
+        file: Path,
+        ctx: bentoml.Context,
+        cam: bool = False,
+        model: str | None = None,
+        region: str | None = None,
+    ) -> dict[str, Any]:
+        """Classify a PNG or JPEG of a slice already windowed for display (grey 0-255, not HU); `model` and
+        `region` as for /predict."""
 
         def work(a: Analyzer, audit: dict[str, Any]) -> dict[str, Any]:
-            return a.predict_picture(read_upload(file, self.settings.max_upload_bytes), Options(cam), audit)
+            opts = Options(cam, region=parse_region(region))
+            return a.predict_picture(read_upload(file, self.settings.max_upload_bytes), opts, audit)
 
-        return self._call(ctx, work)
+        return self._call(ctx, work, model)
 
     @bentoml.api(route="/predict_series")
-    def predict_series(self, files: list[Path], ctx: bentoml.Context) -> dict[str, Any]:
+    def predict_series(
+        self, files: list[Path], ctx: bentoml.Context, model: str | None = None
+    ) -> dict[str, Any]:
         """Classify one series: DICOM files and/or zips (multipart field `files`, repeatable).
 
         Answers {series, slices, model, preprocessing, warnings, other_series, rejected, skipped, timing_ms}:
@@ -244,7 +345,7 @@ class ApiWorker:
         in `series.rule` (mean of each class's top-k slice probabilities). Objects of other series or
         modalities are listed in `other_series`, never mixed in; files are named by their upload index.
         """
-        return self._call(ctx, lambda a, audit: a.analyse_series(list(files), audit)[0])
+        return self._call(ctx, lambda a, audit: a.analyse_series(list(files), audit)[0], model)
 
     @bentoml.api(route="/report")
     def report(self, files: list[Path], ctx: bentoml.Context) -> DicomFile:
@@ -288,10 +389,19 @@ class ApiWorker:
         return self._call(ctx, work)
 
     @bentoml.api(route="/model")
-    def model_info(self, ctx: bentoml.Context) -> dict[str, Any]:
-        """The served model (also as GET): identity, labels, preprocessing, operating point, OOD threshold
-        and the metrics of its model card."""
-        return self._call(ctx, lambda a, audit: a.model.card())
+    def model_info(self, ctx: bentoml.Context, model: str | None = None) -> dict[str, Any]:
+        """The served model (also as GET; `model` selects another served one): identity, labels,
+        preprocessing, operating point, OOD threshold, the metrics of its model card, what input it
+        expects (`input_expectation`, e.g. "organ-centred crop"), and `served_models`, every model served."""
+
+        def work(a: Analyzer, audit: dict[str, Any]) -> dict[str, Any]:
+            cfg = a.model.config
+            return a.model.card() | {
+                "input_expectation": input_expectation(cfg.metrics, cfg.provenance),
+                "served_models": [model_summary(m) for m in self.served_models()],
+            }
+
+        return self._call(ctx, work, model)
 
 
 def build_services(settings: ServeSettings) -> bentoml.Service[Any]:
