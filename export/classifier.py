@@ -2,7 +2,10 @@
 
 `Classifier` turns preprocessed inputs [B, C, S, S] into logits, probabilities, class activation maps and
 embeddings (`outputs`), scores how far an embedding lies from the training data (`ood_score`), and carries
-the model's identity (config, weights sha256, backend, providers). Its input check and softmax live here,
+the model's identity (config, weights sha256, backend, providers) and calibration. The probabilities are
+calibrated: softmax(logits / T) with the temperature T of `calibration` (an ONNX file's `cthub.calibration`
+metadata, a torch model's `config.metrics["calibration"]`; T = 1 and "uncalibrated" without one); the logits
+stay raw. Its input check and softmax live here,
 once; an implementation only runs a checked float32 batch. `OnnxClassifier` (export.session) runs an
 exported ONNX file with ONNX Runtime; `TorchClassifier` runs the safetensors weights with torch.
 
@@ -24,7 +27,7 @@ import torch
 
 from cthub.errors import ConfigError, ShapeError
 from cthub.runtime import select_device
-from export.metadata import ood_reference_of
+from export.metadata import calibration_of, ood_reference_of, served_calibration
 from export.ood import OodReference
 from hub.config import ModelConfig
 from hub.gradcam import stride16_grad_cam
@@ -65,8 +68,8 @@ def class_labels(config: ModelConfig, num_classes: int) -> list[str]:
 class InferenceOutputs:
     """Everything one forward pass gives for a batch of B inputs and K classes."""
 
-    logits: np.ndarray  # [B, K] float32
-    probabilities: np.ndarray  # [B, K] float64 (softmax of the logits)
+    logits: np.ndarray  # [B, K] float32, raw
+    probabilities: np.ndarray  # [B, K] float64, softmax(logits / T): calibrated
     cam: np.ndarray  # [B, K, h, w] float32, Grad-CAM of every class at the stride-16 stage (h = w = S/16)
     embedding: np.ndarray  # [B, D] float32, globally pooled last-stage features
 
@@ -123,6 +126,20 @@ class Classifier(ABC):
         return class_labels(self.config, self.num_classes)
 
     @property
+    def calibration(self) -> dict[str, Any]:
+        """The calibration in use: an exported file's own (`cthub.calibration` in its metadata, covered by
+        its sha256), else the config's record; T = 1 and status "uncalibrated" without one."""
+        metadata = getattr(self, "metadata", None)  # OnnxClassifier: what the verified file says
+        if isinstance(metadata, dict):
+            return calibration_of(metadata)
+        return served_calibration(self.config.metrics.get("calibration"))
+
+    @property
+    def temperature(self) -> float:
+        """T of softmax(logits / T)."""
+        return float(self.calibration["temperature"])
+
+    @property
     def identity(self) -> dict[str, Any]:
         """What a response names the model by: {name, version, sha256, backend, providers}."""
         return {
@@ -149,15 +166,16 @@ class Classifier(ABC):
         return self._run(self._checked(x))
 
     def predict_proba(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
-        """Class probabilities [B, num_classes] as float64 (softmax over the logits)."""
-        return softmax(self.logits(x).astype(np.float64))
+        """Calibrated class probabilities [B, num_classes] as float64: softmax(logits / T)."""
+        return softmax(self.logits(x).astype(np.float64) / self.temperature)
 
     __call__ = predict_proba
 
     def outputs(self, x: np.ndarray | torch.Tensor) -> InferenceOutputs:
-        """Logits, float64 probabilities, class activation maps and embeddings in one forward pass."""
+        """Raw logits, calibrated float64 probabilities, class activation maps and embeddings in one pass."""
         logits, cam, embedding = self._run_outputs(self._checked(x))
-        return InferenceOutputs(logits, softmax(logits.astype(np.float64)), cam, embedding)
+        probs = softmax(logits.astype(np.float64) / self.temperature)
+        return InferenceOutputs(logits, probs, cam, embedding)
 
     @property
     def ood_threshold(self) -> float | None:

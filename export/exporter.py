@@ -38,6 +38,7 @@ from export.defaults import (
     PARITY_TOLERANCE,
 )
 from export.integrity import ONNX_NAME, check_fresh, record_onnx
+from export.metadata import CALIBRATION_KEY, served_calibration
 from export.ood import OodReference
 from export.session import INPUT_NAME, META_PREFIX, OUTPUT_NAMES, OnnxClassifier, read_metadata
 from hub.config import WEIGHTS_NAME, ModelConfig, data_source
@@ -360,6 +361,7 @@ def base_metadata(cfg: ModelConfig, source_sha: str, opset: int, exporter: str) 
         "outputs": OUTPUT_DOCS,
         "graph_version": GRAPH_VERSION,
         "variant": "fp32",
+        CALIBRATION_KEY: served_calibration(cfg.metrics.get("calibration")),  # serving's T (export.metadata)
     }
 
 

@@ -1,5 +1,10 @@
 """The `cthub.*` metadata of an exported ONNX classifier (config, checksums, labels, the out-of-distribution
-reference): reading it without ONNX Runtime. Below both `export.classifier` and `export.session`."""
+reference, the calibration): reading it without ONNX Runtime. Below both `export.classifier` and
+`export.session`.
+
+`cthub.calibration` holds the temperature T that serving divides the logits by (probabilities =
+softmax(logits / T)), with what it was fitted on, its version and the binary operating point: it is part of
+the file, so the file's sha256 covers it. A file without it is served with T = 1 and says "uncalibrated"."""
 
 from __future__ import annotations
 
@@ -17,6 +22,53 @@ from hub.config import ModelConfig
 log = logging.getLogger(__name__)
 
 META_PREFIX = "cthub."
+CALIBRATION_KEY = "calibration"
+UNCALIBRATED: dict[str, Any] = {
+    "method": "none",
+    "status": "uncalibrated",
+    "temperature": 1.0,
+    "version": None,
+    "id": None,
+}
+# what of a config's `metrics["calibration"]` record travels in the file and in every answer
+SERVED_KEYS = (
+    "method",
+    "status",
+    "temperature",
+    "version",
+    "id",
+    "fitted_on",
+    "evaluated_on",
+    "operating_point",
+    "site",
+    "bins",
+)
+
+
+def served_calibration(record: Any) -> dict[str, Any]:
+    """The calibration that travels in the ONNX metadata and every answer, from a config's
+    `metrics["calibration"]` record: method, status, temperature, version and id, fitted on what / when / n,
+    the operating point, the site, ECE and the reliability bins after calibration (for the demo's
+    plain-language line); `UNCALIBRATED` (T = 1) without a valid temperature."""
+    if not isinstance(record, dict):
+        return dict(UNCALIBRATED)
+    t = record.get("temperature")
+    if not isinstance(t, (int, float)) or isinstance(t, bool) or not t > 0:
+        return dict(UNCALIBRATED)
+    out = {k: record[k] for k in SERVED_KEYS if k in record}
+    out["temperature"] = float(t)
+    out.setdefault("status", "calibrated")
+    rel = record.get("reliability")
+    if isinstance(rel, dict):  # a config's record: before / after
+        out["ece"], out["reliability"] = record.get("ece_after"), rel.get("after")
+    else:  # already the served form (an ONNX file's metadata)
+        out["ece"], out["reliability"] = record.get("ece"), rel
+    return out
+
+
+def calibration_of(metadata: dict[str, Any]) -> dict[str, Any]:
+    """The calibration an exported file carries (`cthub.calibration`), else `UNCALIBRATED` (T = 1)."""
+    return served_calibration(metadata.get(CALIBRATION_KEY))
 
 
 def decode_metadata(props: Iterable[tuple[str, str]]) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from cthub.errors import DataError
 ECE_BINS = 15
 METHOD = "temperature scaling"
 MIN_FIT_IMAGES = 10  # fewer held-out images than this: no temperature is fitted (T = 1 is kept)
-T_BOUNDS = (0.05, 20.0)
+T_BOUNDS = (0.01, 1000.0)
 
 
 def scaled_probs(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -287,7 +287,7 @@ def reliability_plot(record: dict[str, Any], path: str | Path, title: str = "") 
                 )
                 ax.text(r["lo"] + width / 2, 0.02, str(r["n"]), ha="center", fontsize=6, rotation=90)
         ax.plot([0, 1], [0, 1], "k--", lw=1)
-        t = 1.0 if key == "before" else record.get("temperature", 1.0)
+        t = record.get("temperature_before", 1.0) if key == "before" else record.get("temperature", 1.0)
         ece = record.get("ece_before" if key == "before" else "ece_after")
         ax.set_title(f"{key} (T = {t:.3g}): ECE {ece:.3f}")
         ax.set_xlabel("top-class probability")

@@ -1,4 +1,4 @@
-"""`cthub finetune`, `cthub study`, `cthub cam`."""
+"""`cthub finetune`, `cthub study`, `cthub cam`, `cthub calibrate`."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from cthub.provenance import command_line
+from finetune.cli_calibrate import register_calibrate
 from finetune.cli_recipe import add_recipe_args, recipe_from_args
 from finetune.cli_robustness import register_robustness
 from finetune.cli_study import register_study
@@ -59,6 +60,7 @@ def register(sub: SubParsers) -> None:
     p.set_defaults(func=_finetune)
     register_study(sub)
     register_robustness(sub)
+    register_calibrate(sub)
 
 
 def _finetune(a: argparse.Namespace) -> int:

@@ -556,9 +556,18 @@ def _restore_selected(
 
 
 def _selected_logits(s: _Session, images: np.ndarray) -> np.ndarray:
-    """Logits of the selected model on the session's device; the model is back on the CPU afterwards."""
+    """Float32 logits of the selected model (no autocast: as exported and served) on the session's device;
+    the model is back on the CPU afterwards."""
     s.model = place_model(s.model, s.device, s.cfg.channels_last)
-    logits = s.logits(images)
+    logits = predict_logits(
+        s.model,
+        images,
+        s.pp,
+        batch_size=s.cfg.eval_batch_size,
+        device=s.device,
+        amp=False,
+        channels_last=s.cfg.channels_last,
+    )
     s.model = place_model(s.model, "cpu", channels_last=False)
     return logits
 
@@ -567,8 +576,9 @@ def _measure_and_calibrate(
     s: _Session, val: ArraySplit, test: ArraySplit | None, threshold: float | None
 ) -> tuple[dict[str, Any] | None, dict[str, Any], float | None]:
     """(test metrics, calibration record, threshold on the calibrated probabilities): the selected model
-    measured once on `test` (raw probabilities, the validation threshold), then temperature scaling fitted on
-    the validation logits and its ECE before/after on test (`finetune.calibration.training_calibration`).
+    measured once on `test` in float32 (raw probabilities, the validation threshold), then temperature
+    scaling fitted on the validation logits and its ECE before/after on test
+    (`finetune.calibration.training_calibration`).
     The binary threshold is carried over to the calibrated probabilities so that decisions stay the same."""
     assert val.labels is not None
     val_logits = _selected_logits(s, val.images)

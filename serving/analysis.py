@@ -193,6 +193,7 @@ class Analyzer:
             "probabilities": {k: float(v) for k, v in zip(self.model.labels, probs, strict=True)},
             "decision": decided,
             "ood": verdict,
+            "calibration": self.model.calibration_block,
             "model": self.model.info,
             "preprocessing": p.preprocessing.to_dict(),
             "warnings": warnings,
@@ -318,6 +319,7 @@ class Analyzer:
         return {
             "series": series,
             "slices": per_slice,
+            "calibration": self.model.calibration_block,
             "model": self.model.info,
             "preprocessing": self.model.config.preprocessing.to_dict(),
             "warnings": warnings,
@@ -358,4 +360,5 @@ def report_content(answer: dict[str, Any], request: SeriesRequest, model: Served
         ood_score=series["ood"]["score"],
         ood_threshold=model.ood_threshold,
         ood_warning=series["ood"]["warning"],
+        calibration=model.calibration_block,
     )

@@ -2,9 +2,10 @@
 served model as every analysis sees it.
 
 `InferenceEngine` runs batches of preprocessed slices [B, C, S, S] and answers one plain dict per slice
-(probabilities, logits, class activation maps, out-of-distribution score, batch size, the forward pass's
-wall and CPU time), so the answer travels between processes as built-in types. `InferenceService` wraps it
-with BentoML's adaptive batching: concurrent requests of the API service are merged into one forward pass.
+(calibrated probabilities, raw logits, class activation maps, out-of-distribution score, batch size, the
+forward pass's wall and CPU time), so the answer travels between processes as built-in types.
+`InferenceService` wraps it with BentoML's adaptive batching: concurrent requests of the API service are
+merged into one forward pass.
 
 `ServedModel` is what an analysis needs of a model: its description (`InferenceEngine.describe`: identity,
 labels, config, OOD threshold) and `run`, the batched inference. In the API worker `run` is the inference
@@ -28,6 +29,7 @@ from cthub.errors import ConfigError, CTHubError, ModelNotFoundError
 from export.classifier import Classifier, TorchClassifier
 from export.exporter import matches_source
 from export.integrity import ONNX_NAME, check_fresh, onnx_file, verify_onnx_file
+from export.metadata import UNCALIBRATED
 from export.session import OnnxClassifier, read_metadata, weights_sha256
 from hub.config import WEIGHTS_NAME, ModelConfig
 from hub.io import hub_dir, local_model_dir, sha256_file
@@ -108,6 +110,7 @@ class ServedModel:
     has_cam: bool
     run: Infer
     ood_reference: dict[str, Any] | None = None
+    calibration: dict[str, Any] | None = None  # export.metadata.served_calibration: the file's own
 
     @classmethod
     def from_description(cls, d: dict[str, Any], run: Infer) -> ServedModel:
@@ -119,6 +122,7 @@ class ServedModel:
             has_cam=bool(d.get("has_cam")),
             run=run,
             ood_reference=d.get("ood"),
+            calibration=d.get("calibration"),
         )
 
     @property
@@ -130,9 +134,20 @@ class ServedModel:
         """The `model` field of every answer: name, version, sha256, backend, variant, providers, labels."""
         return self.identity | {"labels": self.labels, "task": self.config.task}
 
+    @property
+    def calibration_block(self) -> dict[str, Any]:
+        """The `calibration` field of every answer: method, status, temperature T (probabilities are
+        softmax(logits / T)), version and id, fitted on what / when / n, the operating point and its
+        sensitivity / specificity; `/model` adds the reliability bins."""
+        cal = dict(self.calibration or UNCALIBRATED)
+        cal.pop("reliability", None)
+        return cal
+
     def card(self) -> dict[str, Any]:
-        """GET /model: identity, labels, preprocessing, operating point, OOD threshold, card metrics."""
+        """GET /model: identity, labels, preprocessing, operating point, calibration (with its reliability
+        bins), OOD threshold, card metrics."""
         return self.info | {
+            "calibration": dict(self.calibration or UNCALIBRATED),
             "preprocessing": self.config.preprocessing.to_dict(),
             "threshold": self.config.threshold,
             "ood_threshold": self.ood_threshold,
@@ -200,6 +215,7 @@ class InferenceEngine:
             "input_shape": list(clf.input_shape),
             "ood_threshold": clf.ood_threshold,
             "ood": clf.ood.summary() if clf.ood is not None else None,
+            "calibration": clf.calibration,
             "has_cam": True,
         }
 

@@ -8,7 +8,9 @@ returns a new SR instance that can be stored with the study:
   and warning) and one per slice (its class, probabilities, OOD score), each referencing its source
   instance (and frame);
 - the model's identity (name, version, weights sha256, ONNX variant) in the Contributing Equipment Sequence
-  (purpose: Processing Equipment) and in the algorithm identification of every group;
+  (purpose: Processing Equipment) and in the algorithm identification of every group, whose parameters also
+  name the calibration in use (version and id, temperature, binary operating point); the series group
+  measures the calibration temperature and the operating threshold (private codes CTHUB005, CTHUB006);
 - VerificationFlag UNVERIFIED, PreliminaryFlag PRELIMINARY, CompletionFlag COMPLETE, a series description that
   says "not for diagnostic use", a new Series and SOP Instance UID per report.
 
@@ -16,7 +18,8 @@ Patient and study attributes are copied from the sources by highdicom (the SR be
 Standard codes where DICOM has them: the decided class is a "Finding" (DCM 121071), the out-of-distribution
 warning SCT Yes/No, units UCUM, the observer and equipment DCM. The private coding scheme `99CTHUB`,
 declared in the Coding Scheme Identification Sequence, holds only what is the model's own: its classes,
-the per-class probabilities and series scores, and its out-of-distribution score and warning concepts.
+the per-class probabilities and series scores, its out-of-distribution score and warning concepts, and its
+calibration temperature and operating threshold.
 Kept free of HTTP so a PACS integration can call it directly.
 """
 
@@ -75,6 +78,7 @@ class ReportContent:
     ood_score: float | None = None
     ood_threshold: float | None = None
     ood_warning: bool | None = None
+    calibration: dict[str, Any] | None = None  # the answer's `calibration` block (export.metadata)
 
 
 def _lo(text: str) -> str:
@@ -97,14 +101,53 @@ def _unitless() -> Any:
     return CodedConcept("1", "UCUM", "no units")
 
 
-def _algorithm(model: ModelIdentity) -> Any:
+def calibration_parameters(calibration: dict[str, Any] | None) -> list[str]:
+    """The calibration in use as algorithm parameters: its version and id (or "uncalibrated"), the
+    temperature, and the binary operating point with its sensitivity / specificity where it was set."""
+    cal = calibration or {}
+    if cal.get("status") != "calibrated":
+        return ["calibration=uncalibrated", "temperature=1"]
+    where = f" site={cal['site']}" if cal.get("site") else ""
+    params = [
+        f"calibration=version {cal.get('version')} id {cal.get('id')}{where}",
+        f"temperature={float(cal['temperature']):.6g}",
+    ]
+    op = cal.get("operating_point")
+    if isinstance(op, dict) and op.get("threshold") is not None:
+        params.append(
+            f"operating_point=threshold {float(op['threshold']):.6g} ({op.get('rule')}), sensitivity "
+            f"{op.get('sensitivity')}, specificity {op.get('specificity')}"
+        )
+    return params
+
+
+def _algorithm(model: ModelIdentity, calibration: dict[str, Any] | None = None) -> Any:
     from highdicom.sr import AlgorithmIdentification
 
     return AlgorithmIdentification(
         name=_lo(model.name),
         version=_lo(model.version),
-        parameters=[f"sha256={model.sha256[:16]}", f"variant={model.variant}"],
+        parameters=[
+            f"sha256={model.sha256[:16]}",
+            f"variant={model.variant}",
+            *calibration_parameters(calibration),
+        ],
     )
+
+
+def _calibration_measurements(calibration: dict[str, Any] | None) -> list[Any]:
+    """The series group's calibration temperature and, for a binary model with one, operating threshold."""
+    from highdicom.sr import Measurement
+
+    cal = calibration or {}
+    t = float(cal.get("temperature") or 1.0)
+    out = [Measurement(_concept("CTHUB005", "Calibration temperature"), t, _unitless())]
+    op = cal.get("operating_point")
+    if isinstance(op, dict) and op.get("threshold") is not None:
+        out.append(
+            Measurement(_concept("CTHUB006", "Operating threshold"), float(op["threshold"]), _unitless())
+        )
+    return out
 
 
 def _group(
@@ -117,8 +160,11 @@ def _group(
     sources: list[Any],
     ood_score: float | None,
     ood_warning: bool | None,
+    calibration: dict[str, Any] | None = None,
+    extra: Sequence[Any] = (),
 ) -> Any:
-    """One TID 1501 group: the decided class, one measurement per class, the OOD score and warning."""
+    """One TID 1501 group: the decided class, one measurement per class, the OOD score and warning (and
+    `extra` measurements); the algorithm identification names the calibration in use."""
     from highdicom.sr import (
         Measurement,
         MeasurementsAndQualitativeEvaluations,
@@ -140,9 +186,10 @@ def _group(
         measurements.append(
             Measurement(_concept("CTHUB003", "Out-of-distribution score"), float(ood_score), _unitless())
         )
+    measurements += list(extra)
     return MeasurementsAndQualitativeEvaluations(
         tracking_identifier=TrackingIdentifier(uid=generate_uid(), identifier=_lo(identifier)),
-        algorithm_id=_algorithm(model),
+        algorithm_id=_algorithm(model, calibration),
         source_images=sources,
         qualitative_evaluations=evaluations,
         measurements=measurements,
@@ -364,6 +411,8 @@ def _groups(sources: Sequence[Any], content: ReportContent) -> list[Any]:
             every,
             content.ood_score,
             content.ood_warning,
+            content.calibration,
+            _calibration_measurements(content.calibration),
         )
     ]
     for i, s in enumerate(content.slices):
@@ -382,6 +431,7 @@ def _groups(sources: Sequence[Any], content: ReportContent) -> list[Any]:
                 source,
                 s.ood_score,
                 warn,
+                content.calibration,
             )
         )
     return groups

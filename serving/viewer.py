@@ -435,3 +435,51 @@ def left_out_text(left_out: dict[str, Any]) -> list[str]:
 def _where(item: dict[str, Any]) -> str:
     member = item.get("member")
     return f"{item.get('file')}" + ("" if member is None else f" (zip member {member})")
+
+
+PLAIN_SCORE = 0.8  # the score the calibration line explains
+MIN_BIN_IMAGES = 5  # a reliability bin with fewer images says nothing in words
+
+
+def _scored_bin(bins: list[dict[str, Any]], score: float = PLAIN_SCORE) -> dict[str, Any] | None:
+    """The reliability bin holding `score` if it has `MIN_BIN_IMAGES` images, else the nearest that has."""
+    filled = [b for b in bins if isinstance(b, dict) and (b.get("n") or 0) >= MIN_BIN_IMAGES]
+    if not filled:
+        return None
+    return min(
+        filled,
+        key=lambda b: 0.0 if b["lo"] < score <= b["hi"] else min(abs(b["lo"] - score), abs(b["hi"] - score)),
+    )
+
+
+def calibration_text(calibration: dict[str, Any] | None) -> str:
+    """One plain-language line on what the probabilities mean, from the calibration in use (`calibration` of
+    `/model`): where T was fitted and, from the reliability data measured after calibration, how often the
+    model was right on the slices it scored about 0.8 there (the nearest bin with enough slices)."""
+    cal = calibration or {}
+    if cal.get("status") != "calibrated":
+        return (
+            "- Calibration: none (uncalibrated): the probabilities are the model's raw softmax; what a "
+            "score of 0.8 means on real data has not been measured."
+        )
+    fit, ev = cal.get("fitted_on") or {}, cal.get("evaluated_on") or {}
+    data = Path(str(fit.get("data") or "its data")).name
+    where = f"Recalibrated at {cal['site']}" if cal.get("site") else "Calibrated"
+    line = (
+        f"- {where} on {data} ({fit.get('n')} {fit.get('split')} images, "
+        f"T = {float(cal['temperature']):.3g}, version {cal.get('version')})"
+    )
+    b = _scored_bin(cal.get("reliability") or [])
+    if b is not None:
+        on = f"the {ev.get('n')} {ev.get('split')} images" if ev.get("split") else "its held-out images"
+        line += (
+            f": of the slices it gave {b['lo']:.2f}-{b['hi']:.2f} to its top class in {on}, "
+            f"{100 * b['accuracy']:.0f}% were that class ({b['n']} slices)"
+        )
+    op = cal.get("operating_point")
+    if isinstance(op, dict) and op.get("sensitivity") is not None:
+        line += (
+            f"; operating threshold {float(op['threshold']):.2f}: sensitivity "
+            f"{float(op['sensitivity']):.2f}, specificity {float(op['specificity']):.2f} there"
+        )
+    return line + "."

@@ -67,9 +67,10 @@ def test_kfold_cli_on_head_ct(head_ct_dir: Path, tmp_path: Path, capsys) -> None
     splits = load_splits(head_ct_dir, PreprocessConfig(input_size=32))
     test = select_splits(splits, fold=sel, folds=5, val_fraction=0.1, split_seed=0).test
     assert np.bincount(test.labels).tolist() == [20, 20]  # stratified
-    # served probabilities: softmax(logits / T), T fitted on validation; the threshold applies to them
+    # served probabilities: softmax(logits / T) in float32, T fitted on validation; the threshold is theirs
     probs = scaled_probs(
-        predict_logits(model, test.images, cfg.preprocessing), cfg.metrics["calibration"]["temperature"]
+        predict_logits(model, test.images, cfg.preprocessing, amp=False),
+        cfg.metrics["calibration"]["temperature"],
     )
     m = classification_metrics(test.labels, probs, cfg.threshold)
     assert m["auc"] == pytest.approx(folds[sel]["auc"], abs=1e-6)
