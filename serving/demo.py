@@ -435,6 +435,8 @@ class Handlers:
             gr.update(value=a.series["scores"] if a.series else None, visible=a.series is not None),
             viewer.model_card_text(a, cfg.method, cfg.pretraining_data, cfg.metrics)
             + "\n"
+            + viewer.calibration_text(picked.model.calibration)
+            + "\n"
             + expectation_text(cfg, study),
             notes_text(study, cfg),
         )
