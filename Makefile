@@ -41,10 +41,14 @@ data/organamnist.npz: | $(STAMP)
 # (~10 min), fine-tuned on 1% of the labels beside a random-init baseline (the comparison lands in the
 # served model's card), ONNX fp32 + int8, then the API and the demo on $(HOST):$(PORT). Every step is
 # reused when current: a second `make run` starts serving in seconds. BUDGET=tiny: the same path in ~1 min.
+# TASK=head-ct: the 224 px head CT hemorrhage classifier from $(HEAD_CT) (brain window on DICOM input), served
+# beside the OrganAMNIST one when that was made before (the demo's picker offers both; `model=` selects one).
 BUDGET ?= quick
 MODELS ?= models
-run: $(STAMP) | $(ORGAN_NPZ)
-	$(CTHUB) quickstart --data $(ORGAN_NPZ) --budget $(BUDGET) --models $(MODELS) --serve --host $(HOST) --port $(PORT)
+TASK ?= organamnist
+RUN_DATA = $(if $(filter organamnist,$(TASK)),$(ORGAN_NPZ),$(HEAD_CT))
+run: $(STAMP) | $(if $(filter organamnist,$(TASK)),$(ORGAN_NPZ))
+	$(CTHUB) quickstart --data $(RUN_DATA) --task $(TASK) --budget $(BUDGET) --models $(MODELS) --serve --host $(HOST) --port $(PORT)
 
 # The test files run on $(TEST_WORKERS) pytest-xdist workers (a file's tests stay on one worker, so module
 # fixtures such as a trained classifier or a started server are built once).

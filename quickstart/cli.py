@@ -10,6 +10,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from quickstart.budgets import BUDGETS
+from quickstart.tasks import TASKS
 
 if TYPE_CHECKING:
     from cthub.cli import SubParsers
@@ -24,7 +25,20 @@ def register(subparsers: SubParsers) -> None:
         "records the comparison in the model card, exports ONNX fp32 + int8, then (--serve) serves the API "
         "and the demo.",
     )
-    p.add_argument("--data", required=True, help="OrganAMNIST .npz (labeled, MedMNIST splits)")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="labeled data: OrganAMNIST .npz, a folder (labels.csv or class folders), a CSV manifest or "
+        "DICOM+CSV",
+    )
+    p.add_argument(
+        "--task",
+        choices=sorted(TASKS),
+        default=None,
+        help="input size, HU window and served folder: "
+        + "; ".join(f"{t.name}: {t.description}" for t in TASKS.values())
+        + " (default: from the data: .npz organamnist, a source named head_ct head-ct, else slices)",
+    )
     p.add_argument("--budget", choices=sorted(BUDGETS), default="quick", help="quick (~20 min) or tiny (CI)")
     p.add_argument("--models", default="models", help="where the classifiers are written (default models/)")
     p.add_argument("--serve", action="store_true", help="then serve it (cthub serve) on --host:--port")
@@ -34,15 +48,17 @@ def register(subparsers: SubParsers) -> None:
 
 
 def quickstart(a: argparse.Namespace) -> int:
-    from quickstart.pipeline import build, plan
+    from quickstart.pipeline import build, other_served, plan
 
-    p = plan(a.data, a.budget, a.models)
+    p = plan(a.data, a.budget, a.models, a.task)
     state = build(p)
     print("\n" + json.dumps(state, indent=2), flush=True)
     if not a.serve:
         return 0
     argv = [sys.executable, "-m", "cthub", "serve", "--model", state["classifier"], "--host", a.host]
     argv += ["--port", str(a.port), "--variant", state["variant"]]
+    for other in other_served(p):  # the other tasks' classifiers made here before: the demo offers them too
+        argv += ["--also", str(other)]
     sys.stdout.flush()
     os.execv(sys.executable, argv)  # noqa: S606 -- this interpreter; the server replaces this process
     return 0  # not reached

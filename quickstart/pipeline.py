@@ -1,8 +1,12 @@
 """The steps of the main job, each a `cthub` command run in a subprocess (so every artifact records the exact
 command that made it, as when a user types it) and skipped when its output is current.
 
-    encoder   the best `<method>-organamnist-cpu` encoder of `make pretrain` in the local hub, else
-              `spark-organamnist-quick` (SparK, CPU recipe, a bounded number of steps; its card says so)
+    split     (sources without a train/test split: a labeled folder, CSV manifest or DICOM+CSV) fold 0 of
+              the paper's stratified (patient-grouped where the source names patients) 5 folds, 10% of
+              training for validation, written as a CSV manifest beside the models (paths, labels, split)
+    encoder   the best `*-cpu` encoder of `make pretrain` / `make pretrain-realct` in the local hub for
+              the task (`quickstart.tasks`), else `spark-<task>-quick` (SparK, CPU recipe, a bounded
+              number of steps on the task's own images; its card says so)
     classify  two fine-tunes on the same labeled subset, in parallel at one thread each: from the encoder
               (the served model) and from random init (the baseline); the comparison goes into the served
               model's card (`metrics.vs_random_init`)
@@ -29,11 +33,13 @@ from hub.config import WEIGHTS_NAME, ModelConfig
 from hub.io import hub_dir, local_model_dir, record_metrics
 from hub.manifest import sha256_file
 from quickstart.budgets import BUDGETS, Budget
+from quickstart.splitfile import SPLIT_SEED, needs_split, write_split_manifest
+from quickstart.tasks import TASKS, Task, task_for
 
 log = logging.getLogger(__name__)
 
 QUICK_METHOD = "spark"
-PRETRAINED_SUFFIX = "-organamnist-cpu"  # what `make pretrain` publishes
+PRETRAINED_SUFFIX = "-cpu"  # what `make pretrain` and `make pretrain-realct` publish
 STATE_NAME = "quickstart.json"
 
 
@@ -41,65 +47,123 @@ STATE_NAME = "quickstart.json"
 class Plan:
     """What the job will use and write."""
 
-    data: Path
-    budget: Budget
+    source: Path  # the labeled data the user named
+    budget: Budget  # as the task runs it (`Task.budget`)
     models: Path
     encoder: str  # hub name
     encoder_is_quick: bool  # made by this job (short budget) rather than by `make pretrain`
+    task: Task = TASKS["organamnist"]
+
+    @property
+    def data(self) -> Path:
+        """What the fine-tunes read: the source, or the split manifest written for a source without one."""
+        return self.split_manifest if needs_split(self.source) else self.source
+
+    @property
+    def split_manifest(self) -> Path:
+        return self.models / f"{self.task.name}-split.csv"
 
     @property
     def classifier(self) -> Path:
         """The served model; a stable path (bentofile.yaml, `make pacs`), its card names the encoder."""
-        return self.models / "organamnist-ssl"
+        return self.task.classifier_dir(self.models)
 
     @property
     def baseline(self) -> Path:
-        return self.models / "organamnist-scratch"
+        return self.task.baseline_dir(self.models)
+
+    @property
+    def state_file(self) -> Path:
+        """What `build` last made for this task (the default task keeps the historical name)."""
+        return self.models / (
+            STATE_NAME if self.task.name == "organamnist" else f"quickstart-{self.task.name}.json"
+        )
 
     @property
     def run_dir(self) -> Path:
-        return hub_dir() / "runs" / f"quickstart-{QUICK_METHOD}-{self.budget.name}"
+        task = "" if self.task.name == "organamnist" else f"-{self.task.name}"
+        return hub_dir() / "runs" / f"quickstart-{QUICK_METHOD}{task}-{self.budget.name}"
 
 
-def quick_encoder_name(budget: Budget) -> str:
-    return f"{QUICK_METHOD}-organamnist-{budget.name}"
+def quick_encoder_name(budget: Budget, task: Task = TASKS["organamnist"]) -> str:
+    return f"{QUICK_METHOD}-{task.name}-{budget.name}"
 
 
-def _encoder_score(cfg: ModelConfig) -> float:
-    """How much an encoder helped, by what its card measured: the 1%-label study's AUC gain over random init
-    when it has one, else its frozen-feature linear-probe AUC (BN recalibrated), else -inf."""
+def _study_delta(cfg: ModelConfig, task: Task) -> float | None:
+    """The AUC gain over random init that a fine-tune study on this task's data measured, if any."""
     for key, rows in (cfg.metrics.get("finetune_study") or {}).items():
-        delta = ((rows.get("test") or {}).get("1%") or {}).get("delta_auc_vs_scratch")
-        if key.startswith("organamnist") and isinstance(delta, (int, float)):
-            return 10.0 + float(delta)  # a fine-tune comparison outranks any frozen-feature figure
+        if not key.lower().startswith(task.study_prefixes) or not task.study_prefixes:
+            continue
+        delta = ((rows.get("test") or {}).get(task.study_fraction) or {}).get("delta_auc_vs_scratch")
+        if isinstance(delta, (int, float)):
+            return float(delta)
+    return None
+
+
+def _monitor_auc(cfg: ModelConfig, task: Task) -> float | None:
+    """The pretraining kNN monitor's last AUC when it embedded this task's labeled data."""
+    monitor = ((cfg.provenance.get("recipe") or {}).get("monitor_data")) or ""
+    names = {Path(str(monitor).rstrip("/")).name.lower(), Path(str(monitor)).stem.lower()}
+    auc = (cfg.metrics.get("knn_monitor_last") or {}).get("knn_auc")
+    if monitor and names & set(task.monitor_names) and isinstance(auc, (int, float)):
+        return float(auc)
+    return None
+
+
+def encoder_score(cfg: ModelConfig, task: Task = TASKS["organamnist"]) -> tuple[int, float]:
+    """How much an encoder is known to help on `task`, by what its card measured, as (tier, value): 3, a
+    fine-tune study's AUC gain over random init on the task's data; 2, the pretraining kNN monitor's AUC on
+    the task's labeled data; 1, its frozen-feature linear-probe AUC (BN recalibrated); (0, -inf) nothing."""
+    delta = _study_delta(cfg, task)
+    if delta is not None:
+        return 3, delta
+    knn = _monitor_auc(cfg, task)
+    if knn is not None:
+        return 2, knn
     ff = cfg.metrics.get("frozen_features") or {}
     auc = (((ff.get("encoder") or {}).get("recalibrated") or {}).get("linear_probe") or {}).get("auc")
-    return float(auc) if isinstance(auc, (int, float)) else float("-inf")
+    return (1, float(auc)) if isinstance(auc, (int, float)) else (0, float("-inf"))
 
 
-def best_local_encoder(root: Path | None = None) -> str | None:
-    """The `make pretrain` encoder (`*-organamnist-cpu`) in the local hub whose card shows it helped most."""
+def best_local_encoder(root: Path | None = None, task: Task | str = "organamnist") -> str | None:
+    """The `make pretrain` / `make pretrain-realct` encoder (`*-cpu`) in the local hub whose card shows it
+    helps most on `task` (`encoder_score`); None when the hub holds none."""
     root = root or hub_dir()
+    t = TASKS[task] if isinstance(task, str) else task
     scored = []
     for cfg_path in sorted(root.glob(f"*{PRETRAINED_SUFFIX}/config.json")):
         if not (cfg_path.parent / WEIGHTS_NAME).is_file():
             continue
         cfg = ModelConfig.load(cfg_path.parent)
         if cfg.num_classes == 0:
-            scored.append((_encoder_score(cfg), cfg_path.parent.name))
+            scored.append((encoder_score(cfg, t), cfg_path.parent.name))
     return max(scored)[1] if scored else None
 
 
-def plan(data: str | Path, budget: str = "quick", models: str | Path = "models") -> Plan:
-    """Which encoder the job uses (the best `make pretrain` one, else its own short run), where it writes."""
+def plan(
+    data: str | Path, budget: str = "quick", models: str | Path = "models", task: str | None = None
+) -> Plan:
+    """Which task and encoder the job uses (the best `make pretrain` one for the task, else its own short
+    run), where it writes. `task` None: the one the data implies (`quickstart.tasks.task_for`)."""
     if budget not in BUDGETS:
         raise ConfigError(f"unknown budget {budget!r}; choose one of {', '.join(BUDGETS)}")
-    b = BUDGETS[budget]
+    if task is not None and task not in TASKS:
+        raise ConfigError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
     data = Path(data)
-    if not data.is_file():
-        raise ConfigError(f"no labeled data at {data}: `make data/organamnist.npz` fetches OrganAMNIST")
-    best = best_local_encoder() if budget == "quick" else None
-    return Plan(data, b, Path(models), best or quick_encoder_name(b), best is None)
+    if not data.exists():
+        raise ConfigError(
+            f"no labeled data at {data}: `make data/organamnist.npz` fetches OrganAMNIST; other tasks take "
+            "a labeled folder (labels.csv or class folders), a CSV manifest or DICOM+CSV"
+        )
+    t = task_for(data, task)
+    b = t.budget(budget)
+    best = best_local_encoder(task=t) if budget == "quick" else None
+    if best is None and data.suffix != ".npz" and not data.is_dir():
+        raise ConfigError(
+            f"the local hub holds no pretrained encoder and a short one can only be made from an image "
+            f"folder or OrganAMNIST, not from {data.name}: run `make pretrain` first"
+        )
+    return Plan(data, b, Path(models), best or quick_encoder_name(b, t), best is None, t)
 
 
 def _cthub(*args: str) -> list[str]:
@@ -108,7 +172,7 @@ def _cthub(*args: str) -> list[str]:
 
 def pretrain_args(p: Plan) -> list[str]:
     b = p.budget
-    args = ["pretrain", "--method", QUICK_METHOD, "--data", str(p.data), "--recipe", "cpu-organamnist"]
+    args = ["pretrain", "--method", QUICK_METHOD, "--data", str(p.source), "--recipe", "cpu-organamnist"]
     args += ["--steps", str(b.pretrain_steps), "--max-minutes", str(b.pretrain_max_minutes)]
     args += ["--image-size", str(b.pretrain_image_size), "--threads", str(min(2, os.cpu_count() or 1))]
     args += ["--out", str(p.run_dir), "--resume", "--publish", p.encoder, *b.pretrain_extra]
@@ -128,7 +192,14 @@ def finetune_args(p: Plan, encoder: str, out: Path) -> list[str]:
     ]
     args += ["--patience", str(b.patience), "--select", "auc", "--max-val", str(b.max_val)]
     args += ["--max-test", str(b.max_test), "--seed", "0", "--threads", "1"]
-    args += ["--fraction", str(b.fraction)] if b.fraction is not None else ["--max-train", str(b.max_train)]
+    if b.fraction is not None:
+        args += ["--fraction", str(b.fraction)]
+    elif b.max_train is not None:
+        args += ["--max-train", str(b.max_train)]
+    if p.task.window:
+        args += ["--window", p.task.window]
+    if needs_split(p.source):
+        args += ["--protocol", "split"]
     return args
 
 
@@ -217,7 +288,8 @@ def record_comparison(p: Plan, baseline_args: list[str]) -> dict[str, Any]:
         "delta_auc": None if None in (ours["auc"], base["auc"]) else round(ours["auc"] - base["auc"], 4),
         "delta_f1": None if None in (ours["f1"], base["f1"]) else round(ours["f1"] - base["f1"], 4),
     }
-    record_metrics(p.classifier, {"vs_random_init": entry})
+    record_metrics(p.classifier, {"vs_random_init": entry, "input_expectation": p.task.input_expectation})
+    record_metrics(p.baseline, {"input_expectation": p.task.input_expectation})
     return entry
 
 
@@ -241,10 +313,17 @@ def build(p: Plan) -> dict[str, Any]:
     steps = ["encoder", "classify", "export"]
     progress = Progress(p.budget, steps)
     state: dict[str, Any] = {
+        "task": p.task.name,
         "budget": p.budget.name,
+        "image_size": p.budget.image_size,
+        "input_expectation": p.task.input_expectation,
         "encoder": p.encoder,
         "encoder_is_quick": p.encoder_is_quick,
     }
+    p.models.mkdir(parents=True, exist_ok=True)
+    if needs_split(p.source):
+        write_split_manifest(p.source, p.split_manifest, seed=SPLIT_SEED)
+        state["split"] = str(p.split_manifest)
 
     current = _encoder_current(p)
     what = f"encoder {p.encoder}" + (
@@ -270,7 +349,9 @@ def build(p: Plan) -> dict[str, Any]:
     what = " and ".join(names[k] for k in todo) + (" side by side" if len(todo) > 1 else "")
     if todo and len(todo) < len(names):
         what += " (" + ", ".join(names[k] for k in names if k not in todo) + ": current, reused)"
-    progress.start(1, f"fine-tune on few labels: {what or p.encoder + ' and random init'}", skipped=not todo)
+    labels = "few labels" if p.budget.fraction is not None else f"the {p.task.name} training split"
+    what = what or p.encoder + " and random init"
+    progress.start(1, f"fine-tune on {labels}: {what}", skipped=not todo)
     if todo:
         failed = [k for k, rc in run_commands(todo).items() if rc != 0]
         if failed:
@@ -290,5 +371,19 @@ def build(p: Plan) -> dict[str, Any]:
             print("int8 was refused (outside the ΔAUC tolerance) or failed: serving fp32", flush=True)
     state["variant"] = "int8" if int8 else "fp32"
     state["classifier"] = str(p.classifier)
-    (p.models / STATE_NAME).write_text(json.dumps(state, indent=2) + "\n")
+    p.state_file.write_text(json.dumps(state, indent=2) + "\n")
     return state
+
+
+def other_served(p: Plan) -> list[Path]:
+    """The classifiers this job made earlier for the other tasks in the same models folder (still exported),
+    which `--serve` offers beside this one."""
+    out = []
+    for t in TASKS.values():
+        d = t.classifier_dir(p.models)
+        if t.name != p.task.name and (d / WEIGHTS_NAME).is_file():
+            from export import onnx_is_fresh
+
+            if onnx_is_fresh(d):
+                out.append(d)
+    return out
