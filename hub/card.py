@@ -296,6 +296,8 @@ def render_card(cfg: ModelConfig) -> str:
         + (f" ({pp.window or ''} {pp.window_center}/{pp.window_width})" if pp.mapping == "window" else "")
         + f", mean {list(pp.mean)}, std {list(pp.std)}.",
     ]
+    if cfg.metrics.get("input_expectation"):  # `cthub quickstart` records what its task's model is shown
+        lines.append(f"- Input expected: {cfg.metrics['input_expectation']}")
     if cfg.labels:
         lines.append(f"- Labels: {', '.join(cfg.labels)}")
     if cfg.threshold is not None:
