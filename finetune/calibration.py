@@ -261,8 +261,9 @@ def training_calibration(
 
 
 def reliability_plot(record: dict[str, Any], path: str | Path, title: str = "") -> Path:
-    """A PNG of the reliability diagrams before and after calibration (accuracy per confidence bin against
-    the diagonal, bin counts beside), from a calibration record."""
+    """A PNG of the reliability diagrams before and after calibration (per confidence bin: accuracy as a bar,
+    mean confidence as an outline, the image count inside; the diagonal is perfect calibration), from a
+    calibration record."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -278,14 +279,16 @@ def reliability_plot(record: dict[str, Any], path: str | Path, title: str = "") 
                 ax.bar(r["lo"], r["accuracy"], width=width, align="edge", color="#4878a8", edgecolor="white")
                 ax.bar(
                     r["lo"],
-                    r["confidence"] - r["accuracy"],
-                    bottom=r["accuracy"],
+                    r["confidence"],
                     width=width,
                     align="edge",
-                    color="#d65f5f",
-                    alpha=0.35,
+                    fill=False,
+                    edgecolor="#c03030",
+                    lw=1.2,
                 )
-                ax.text(r["lo"] + width / 2, 0.02, str(r["n"]), ha="center", fontsize=6, rotation=90)
+                ax.text(
+                    r["lo"] + width / 2, 0.02, str(r["n"]), ha="center", fontsize=6, rotation=90, color="w"
+                )
         ax.plot([0, 1], [0, 1], "k--", lw=1)
         t = record.get("temperature_before", 1.0) if key == "before" else record.get("temperature", 1.0)
         ece = record.get("ece_before" if key == "before" else "ece_after")
@@ -293,7 +296,7 @@ def reliability_plot(record: dict[str, Any], path: str | Path, title: str = "") 
         ax.set_xlabel("top-class probability")
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
-    axes[0].set_ylabel("accuracy (blue); gap to confidence (red)")
+    axes[0].set_ylabel("accuracy (blue bars); mean confidence (red outlines)")
     ev = record.get("evaluated_on") or {}
     fig.suptitle(
         (title + ": " if title else "")
