@@ -139,11 +139,12 @@ class InferenceWorker:
         settings = ServeSettings.from_env()
         try:
             self.engine = InferenceEngine.open(settings)
-            self.others = [InferenceEngine.open(s) for s in also_settings(settings)]
+            others = also_settings(settings)
+            self.others = [InferenceEngine.open(s) for s in others]
         except CTHubError as e:
             fail_start("inference service", e)
             raise
-        variants = [settings.variant, *(s.variant for s in also_settings(settings))]
+        variants = [settings.variant, *(s.variant for s in others)]
         for engine, variant in zip([self.engine, *self.others], variants, strict=True):
             ident = engine.classifier.identity
             log.info("cthub: serving %s (onnx %s, %s)", ident["name"], variant, ", ".join(ident["providers"]))
