@@ -100,3 +100,21 @@ def test_quickstart_tiny_on_the_head_ct_folder(head_ct_dir: Path, tmp_path: Path
     assert (models / "head-ct-ssl" / "model.onnx").is_file()
     p = plan(head_ct_dir, "tiny", models)
     assert "--window" in finetune_args(p, p.encoder, p.classifier)
+
+
+def test_a_dicom_and_csv_source_is_split_by_patient(tmp_path: Path) -> None:
+    """real_ct/siim_contrast: 100 DICOM slices of 54 patients, labels.csv with a patient column. No patient's
+    slices may be on two sides of the served model's split."""
+    from conftest import shared_file
+
+    source = shared_file("real_ct", "siim_contrast")
+    assert task_for(source).name == "slices" and needs_split(source)
+    files, _, groups, _ = labeled_files(source)
+    assert len(files) == 100 and groups is not None and len(set(groups)) == 54
+    assert all(f.suffix == ".dcm" and f.is_file() for f in files)
+    rows = _rows(write_split_manifest(source, tmp_path / "split.csv"))
+    sides: dict[str, set[str]] = {}
+    for r in rows:
+        sides.setdefault(r["group"], set()).add(r["split"])
+    assert all(len(s) == 1 for s in sides.values())  # every patient on one side only
+    assert {r["split"] for r in rows} == {"train", "val", "test"}
