@@ -63,6 +63,7 @@ def register(subparsers: SubParsers) -> None:
     q.add_argument("--min-agreement", type=float, default=None, help="min top-1 agreement with fp32")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=run)
+    register_evaluate_ood(subparsers)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -111,4 +112,94 @@ def run(args: argparse.Namespace) -> int:
             print(int8.summary())
     if args.json:
         print(json.dumps(out if args.int8 else out["fp32"], indent=2))
+    return 0
+
+
+def register_evaluate_ood(subparsers: SubParsers) -> None:
+    p = subparsers.add_parser(
+        "evaluate-ood",
+        help="measure the OOD score of a served model against real shifts (AUROC per shift)",
+        description="Scores the model's own test images and real shifts (whole CT slices of other sources, "
+        "head CT for a body model / body CT for a head model, MR, ultrasound and X-ray objects of pydicom's "
+        "test files, photographs, screen captures, windowing mistakes) with the exported ONNX model's "
+        "out-of-distribution score, as serving scores them; one row per shift: AUROC, FPR at 95%% TPR, the "
+        "share above the served threshold, far or near.",
+    )
+    p.add_argument(
+        "--model", required=True, help="model folder with model.onnx (as `cthub export` writes it)"
+    )
+    p.add_argument("--variant", choices=("fp32", "int8"), default="fp32", help="ONNX file (default fp32)")
+    p.add_argument(
+        "--data", default=None, help="the model's labeled data (default: the one its config names)"
+    )
+    p.add_argument(
+        "--real-data",
+        default="../shared/data",
+        help="folder holding real_ct/, head_ct/ and organamnist.npz (default ../shared/data)",
+    )
+    p.add_argument("--in-images", type=int, default=1000, help="own test images (default 1000)")
+    p.add_argument("--max-images", type=int, default=300, help="most images per shift (default 300)")
+    p.add_argument("--out", default=None, help="write <model name>.json and .md into this folder")
+    p.add_argument(
+        "--record", action="store_true", help="record the table in the model's card (config metrics)"
+    )
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    p.add_argument(
+        "--compare",
+        action="store_true",
+        help="also score the same images with the field's other scores (per-stage and multi-layer "
+        "Mahalanobis, energy, kNN; torch features) and write <model name>-compare.md/.json",
+    )
+    p.add_argument("--json", action="store_true", help="print the table as JSON")
+    p.set_defaults(func=run_evaluate_ood)
+
+
+def run_evaluate_ood(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from cthub.errors import ConfigError
+    from cthub.provenance import command_line
+    from cthub.runtime import hardware
+    from export.ood_shifts import compare_scores, comparison_markdown, evaluate_shifts
+    from export.session import OnnxClassifier, quiet_onnxruntime_process
+    from hub.config import data_source
+    from hub.io import record_metrics
+
+    quiet_onnxruntime_process()  # an entry point
+    logging.getLogger("pydicom").setLevel(logging.ERROR)  # test files with header quirks, read on purpose
+    clf = OnnxClassifier.from_model_dir(args.model, args.variant, threads=args.threads)
+    if clf.ood is None:
+        raise ConfigError(
+            f"{args.model} has no out-of-distribution reference: re-export it (`cthub export {args.model}`)"
+        )
+    source = data_source(clf.config, args.data)
+    if source is None:
+        raise ConfigError("the model's own data is not on this machine: pass --data FILE")
+    evaluation = evaluate_shifts(
+        clf, Path(args.real_data), source, in_images=args.in_images, max_images=args.max_images
+    )
+    table = evaluation.table(
+        clf.ood.summary()["method"], lambda o: clf.ood_score(o.embedding), clf.ood_threshold
+    )
+    record = table.to_dict() | {
+        "variant": args.variant,
+        "command": command_line("evaluate-ood", args),
+        "hardware": hardware(),
+    }
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{clf.config.name}.json").write_text(json.dumps(record, indent=2) + "\n")
+        (out / f"{clf.config.name}.md").write_text(table.markdown() + "\n")
+    if args.compare:
+        tables = compare_scores(Path(args.model), evaluation, source)
+        compared = {"tables": [t.to_dict() for t in tables], "command": record["command"]}
+        if not args.json:
+            print(comparison_markdown(tables))
+        if args.out:
+            (out / f"{clf.config.name}-compare.json").write_text(json.dumps(compared, indent=2) + "\n")
+            (out / f"{clf.config.name}-compare.md").write_text(comparison_markdown(tables) + "\n")
+    if args.record:
+        record_metrics(args.model, {"ood_shifts": record})
+    print(json.dumps(record, indent=2) if args.json else table.markdown())
     return 0

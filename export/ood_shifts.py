@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import logging
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -205,7 +206,9 @@ def _stack(units: Iterable[np.ndarray], cfg: PreprocessConfig) -> np.ndarray:
 def frames_of(path: Path, cfg: PreprocessConfig, max_frames: int = MAX_FRAMES) -> list[np.ndarray]:
     """The unit images [H, W] of up to `max_frames` evenly spaced frames of one file, each mapped by the
     model's own step (`intensities_to_unit`: HU through its mapping, other images as grey 0..255)."""
-    image = load_image(path)
+    with warnings.catch_warnings():  # pydicom's test files carry header quirks on purpose
+        warnings.simplefilter("ignore")
+        image = load_image(path)
     pixels = image.pixels if image.pixels.ndim == 3 else image.pixels[None]
     return [intensities_to_unit(f, image.is_hu, cfg) for f in evenly(list(pixels), max_frames)]
 
@@ -224,7 +227,7 @@ def files_shift(
     units = evenly(units, max_images)
     files = sorted({p.name for p in paths})
     source = f"{len(units)} images of {len(paths)} files" + (
-        f" ({', '.join(files)})" if len(files) <= 12 else f" ({paths[0].parent.name}/)"
+        f" ({', '.join(files)})" if len(files) <= 12 else ""
     )
     return Shift(name, distance, why, source, _stack(units, cfg), notes)
 
@@ -506,6 +509,7 @@ class Evaluation:
     """The outputs the table is measured from, kept so that several scores can be compared on them."""
 
     model: str
+    in_inputs: np.ndarray
     in_outputs: InferenceOutputs
     shifts: list[tuple[Shift, InferenceOutputs]]
     skipped: list[str]
@@ -552,4 +556,128 @@ def evaluate_shifts(
     )
     shifts, skipped = build_shifts(clf, real_data, in_uint8, test.images[np.sort(screen_idx)], max_images)
     outs = [(s, model_outputs(clf, s.inputs)) for s in shifts]
-    return Evaluation(clf.config.name, model_outputs(clf, in_inputs), outs, skipped)
+    return Evaluation(clf.config.name, in_inputs, model_outputs(clf, in_inputs), outs, skipped)
+
+
+# -- the field's other scores on the same images (`cthub evaluate-ood --compare`) ----------------------------
+
+LAYERS = ("layer1", "layer2", "layer3", "layer4")
+
+
+def torch_features(model: Any, inputs: np.ndarray) -> dict[str, np.ndarray]:
+    """Globally pooled outputs of the four ResNet stages [N, C_i] and the logits [N, K], with torch (the
+    ONNX graph exports only the last stage's)."""
+    import torch
+
+    out: dict[str, list[np.ndarray]] = {k: [] for k in (*LAYERS, "logits")}
+    with torch.inference_mode():
+        for i in range(0, len(inputs), CHUNK):
+            x = torch.from_numpy(np.ascontiguousarray(inputs[i : i + CHUNK], dtype=np.float32))
+            maps = model.forward_intermediates(x, indices=[0, 1, 2, 3], intermediates_only=True)
+            for name, m in zip(LAYERS, maps, strict=True):
+                out[name].append(m.mean(dim=(2, 3)).float().numpy())
+            out["logits"].append(model.forward_head(maps[-1]).float().numpy())
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def candidate_scores(train: dict[str, np.ndarray], val: dict[str, np.ndarray]) -> dict[str, ScoreOfFeatures]:
+    """The scores compared, each fitted on training features (val: the z-scores' mean and spread):
+    probabilistic-PCA Mahalanobis (export.ood) per stage and over all four (sum and max of their z-scores
+    on validation, after Lee et al. 2018's multi-layer detector), the energy score (Liu et al. 2020) and
+    the cosine distance to the 10th nearest training embedding (Sun et al. 2022)."""
+    from export.ood import OodReference
+
+    def ppca(layer: str) -> ScoreOfFeatures:
+        ref = OodReference.build(train[layer], val[layer])
+        return lambda f: ref.score(f[layer])
+
+    def zscored(fn: ScoreOfFeatures) -> ScoreOfFeatures:
+        v = fn(val)
+        mean, spread = float(v.mean()), float(v.std()) or 1.0
+        return lambda f: (fn(f) - mean) / spread
+
+    def energy(f: dict[str, np.ndarray]) -> np.ndarray:
+        z = f["logits"].astype(np.float64)
+        top = z.max(axis=1)
+        return -(top + np.log(np.exp(z - top[:, None]).sum(axis=1)))
+
+    bank = train["layer4"] / np.maximum(np.linalg.norm(train["layer4"], axis=1, keepdims=True), 1e-12)
+
+    def knn(f: dict[str, np.ndarray], k: int = 10) -> np.ndarray:
+        x = f["layer4"] / np.maximum(np.linalg.norm(f["layer4"], axis=1, keepdims=True), 1e-12)
+        return np.sort(1.0 - x @ bank.T, axis=1)[:, min(k, len(bank)) - 1]
+
+    per_layer = {f"ppca {layer}": ppca(layer) for layer in LAYERS}
+    z = [zscored(fn) for fn in per_layer.values()]
+    return per_layer | {
+        "ppca layers 1-4, sum of z": lambda f: np.sum([g(f) for g in z], axis=0),
+        "ppca layers 1-4, max of z": lambda f: np.max([g(f) for g in z], axis=0),
+        "energy (logits)": energy,
+        "kNN layer4 (k=10, cosine)": knn,
+    }
+
+
+ScoreOfFeatures = Callable[[dict[str, np.ndarray]], np.ndarray]
+
+
+def compare_scores(model_dir: Path, evaluation: Evaluation, data: Path, n_fit: int = 500) -> list[OodTable]:
+    """One table per candidate score (`candidate_scores`) on the evaluation's images, each with its own
+    threshold (99th percentile of validation scores), fitted on up to `n_fit` train / val images."""
+    from export.data import batches
+    from hub.io import load_dir
+
+    model = load_dir(model_dir).float().eval()
+    own = load_model_data(evaluation_config(evaluation, model), data)
+    fit = {
+        split: torch_features(
+            model, np.concatenate(list(batches(own.take(split, n_fit).images, own.preprocessing)))
+        )
+        for split in ("train", "val")
+    }
+    feats_in = torch_features(model, evaluation.in_inputs)
+    feats_shift = [(s, torch_features(model, s.inputs)) for s, _ in evaluation.shifts]
+    tables = []
+    for name, fn in candidate_scores(fit["train"], fit["val"]).items():
+        threshold = float(np.quantile(fn(fit["val"]), 0.99))
+        in_scores = fn(feats_in)
+        scored = [(s, fn(f)) for s, f in feats_shift]
+        tables.append(
+            OodTable(
+                evaluation.model,
+                name,
+                threshold,
+                len(in_scores),
+                float(np.mean(in_scores > threshold)),
+                float(np.median(in_scores)),
+                measure(in_scores, scored, threshold),
+                evaluation.skipped,
+            )
+        )
+    return tables
+
+
+def evaluation_config(evaluation: Evaluation, model: Any) -> Any:
+    """The ModelConfig `hub.io.load_dir` attached to the model (the evaluation's model name checked)."""
+    from export.classifier import model_config
+
+    cfg = model_config(model)
+    if cfg.name != evaluation.model:
+        raise ConfigError(f"the evaluation is of {evaluation.model}, the weights are {cfg.name}")
+    return cfg
+
+
+def comparison_markdown(tables: Sequence[OodTable]) -> str:
+    """AUROC of each score (rows) on each shift (columns), the lowest far AUROC, and the share of the own
+    test images above each score's threshold."""
+    shifts = [r.name for r in tables[0].rows]
+    lines = [
+        "| score | " + " | ".join(shifts) + " | lowest far | own test above threshold |",
+        "|---|" + "---|" * (len(shifts) + 2),
+    ]
+    for t in tables:
+        far = t.far_min_auroc
+        cells = " | ".join(f"{r.auroc:.3f}" for r in t.rows)
+        lines.append(
+            f"| {t.method} | {cells} | {'n/a' if far is None else f'{far:.3f}'} | {100 * t.in_flagged:.1f}% |"
+        )
+    return "\n".join(lines)

@@ -276,6 +276,31 @@ def calibration_lines(cal: Any) -> list[str]:
     return lines
 
 
+def ood_shift_lines(table: Any) -> list[str]:
+    """The card's "Out of distribution, measured" section from `metrics["ood_shifts"]` (written by `cthub
+    evaluate-ood --record`), else nothing."""
+    if not isinstance(table, dict) or not table.get("rows"):
+        return []
+    thr = table.get("threshold")
+    lines = [
+        "",
+        "## Out of distribution, measured",
+        "",
+        f"Score `{table.get('method')}`, threshold {_fmt(thr, '.4g')}; {table.get('n_in')} own test images, "
+        f"{_fmt(100 * float(table.get('in_flagged') or 0), '.1f')}% above the threshold. AUROC: own test "
+        "images against each shift (`cthub evaluate-ood`).",
+        "",
+        "| shift | far/near | n | AUROC | FPR at 95% TPR | flagged |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in table["rows"]:
+        lines.append(
+            f"| {r.get('name')} | {r.get('distance')} | {r.get('n')} | {_fmt(r.get('auroc'), '.3f')} | "
+            f"{_fmt(r.get('fpr_at_95_tpr'), '.3f')} | {_fmt(100 * float(r.get('flagged') or 0), '.0f')}% |"
+        )
+    return lines
+
+
 def render_card(cfg: ModelConfig) -> str:
     front = ["---", yaml.safe_dump(front_matter(cfg), sort_keys=False).rstrip(), "---"]
     pp = cfg.preprocessing
@@ -320,6 +345,7 @@ def render_card(cfg: ModelConfig) -> str:
     lines += comparison_lines(cfg)
     lines += calibration_lines(cfg.metrics.get("calibration"))
     lines += export_lines(cfg.metrics.get("onnx"))
+    lines += ood_shift_lines(cfg.metrics.get("ood_shifts"))
     lines += ["", "## Provenance", ""]
     for k in (
         "command",
