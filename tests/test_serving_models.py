@@ -52,7 +52,7 @@ def two_models(tmp_path_factory: pytest.TempPathFactory, slices: list[Path]):
     record_metrics(head_dir, {"input_expectation": "whole slice"})
     for d in (crop_dir, head_dir):
         export_onnx(d, tolerance=1e-3)  # random weights: logits differ by ~1e-4 between runtimes
-    env = {"BENTOML_HOME": str(root / "bentoml"), "GRADIO_TEMP_DIR": str(root / "gradio"), "CTHUB_DEMO": "0"}
+    env = {"BENTOML_HOME": str(root / "bentoml"), "GRADIO_TEMP_DIR": str(root / "gradio")}
     with running_server(crop_dir, root / "server.log", env=env, args=("--also", str(head_dir))) as srv:
         yield srv, crop_dir, head_dir
 
@@ -135,3 +135,31 @@ def test_region_is_what_reaches_the_model_and_whole_slices_warn_a_crop_model(two
     outside = post(srv.base, ct, region=f"0,0,{w + 10},{h}")
     assert outside.status_code == 400 and "outside" in outside.json()["detail"]
     assert post(srv.base, ct, region="1,2,3").status_code == 400
+
+
+def test_mounted_demo_offers_both_and_runs_each_through_the_inference_service(
+    two_models, slices: list[Path], gradio_client_temp_dir: Path
+) -> None:
+    """The demo at /ui: its picker lists both served models, and the model picked answers as the REST API
+    does with `model=` (the same ONNX session of the inference service)."""
+    from gradio_client import Client, handle_file
+    from test_serving_demo import ANALYSIS, view_args
+
+    srv, crop_dir, head_dir = two_models
+    client = Client(f"{srv.base}/ui/", verbose=False, download_files=str(gradio_client_temp_dir))
+    models, _, _ = client.predict(api_name="/models")
+    assert [c[1] for c in models["choices"]][:2] == [str(crop_dir.resolve()), str(head_dir.resolve())]
+    ct = slices[0]
+    for folder, name, labels in ((head_dir, "head-whole", HEAD), (crop_dir, "organs-crop", ORGANS)):
+        out = dict(
+            zip(
+                ANALYSIS,
+                client.predict([handle_file(str(ct))], str(folder.resolve()), *view_args(), api_name="/load"),
+                strict=True,
+            )
+        )
+        api = post(srv.base, ct, model=name).json()
+        got = {c["label"]: c["confidence"] for c in out["probabilities"]["confidences"]}
+        assert got == pytest.approx(api["probabilities"], abs=1e-5) and set(got) == set(labels)
+        assert out["details"]["model"]["name"] == name
+    assert "whole slices are not" in out["card"] and "input expectation" in out["notes"]  # the crop model
