@@ -630,7 +630,11 @@ def controls_column() -> dict[str, Any]:
         ),
         "width": gr.Slider(1, 4096, value=400, step=1, label="Window width (HU)", elem_id="window-width"),
         "cam": gr.Checkbox(False, label="Show the class activation map", elem_id="show-cam"),
-        "cam_class": gr.Dropdown([], label="Map of class", elem_id="cam-class", interactive=True),
+        # a value from the previous model may arrive with the next event after a model switch: the handlers
+        # ignore a class the model does not have (allow_custom_value avoids a spurious validation error)
+        "cam_class": gr.Dropdown(
+            [], label="Map of class", elem_id="cam-class", interactive=True, allow_custom_value=True
+        ),
         "opacity": gr.Slider(0, 1, value=0.4, step=0.05, label="Map opacity", elem_id="cam-opacity"),
         "region": gr.Textbox(
             label="Region to classify: x0,y0,x1,y1 (pixel columns and rows, from the probe)",
