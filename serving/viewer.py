@@ -464,16 +464,17 @@ def calibration_text(calibration: dict[str, Any] | None) -> str:
         )
     fit, ev = cal.get("fitted_on") or {}, cal.get("evaluated_on") or {}
     data = Path(str(fit.get("data") or "its data")).name
-    where = f"Recalibrated at {cal['site']}" if cal.get("site") else "Calibrated"
-    line = (
-        f"- {where} on {data} ({fit.get('n')} {fit.get('split')} images, "
-        f"T = {float(cal['temperature']):.3g}, version {cal.get('version')})"
-    )
+    t = f"T = {float(cal['temperature']):.3g}, version {cal.get('version')}"
+    if cal.get("site"):
+        line = f"- Recalibrated at {cal['site']} on {fit.get('n')} images of {data} ({t})"
+        on = "on that set"
+    else:
+        line = f"- Calibrated on the {fit.get('n')} {fit.get('split')} images of {data} ({t})"
+        on = f"on {ev.get('n')} {ev.get('split')} images"
     b = _scored_bin(cal.get("reliability") or [])
     if b is not None:
-        on = f"the {ev.get('n')} {ev.get('split')} images" if ev.get("split") else "its held-out images"
         line += (
-            f": of the slices it gave {b['lo']:.2f}-{b['hi']:.2f} to its top class in {on}, "
+            f": {on}, of the slices scored {b['lo']:.2f}-{b['hi']:.2f} for their top class, "
             f"{100 * b['accuracy']:.0f}% were that class ({b['n']} slices)"
         )
     op = cal.get("operating_point")

@@ -267,6 +267,7 @@ def test_model_answers_series_and_sr_name_the_calibration(
     from serving.analysis import Analyzer, Options
     from serving.inference import InferenceEngine
     from serving.settings import ServeSettings
+    from serving.viewer import calibration_text
 
     model_dir = trained["dir"]
     cal = ModelConfig.load(model_dir).metrics["calibration"]
@@ -274,6 +275,14 @@ def test_model_answers_series_and_sr_name_the_calibration(
     card = served.card()["calibration"]
     assert card["temperature"] == pytest.approx(cal["temperature"]) and card["version"] == 1
     assert card["fitted_on"]["n"] == 100 and len(card["reliability"]) == 15  # /model: with the bins
+    # the demo's plain-language line: read off the reliability bin nearest 0.8 that holds >= 5 test slices
+    line = calibration_text(card)
+    near = min(
+        (b for b in card["reliability"] if b["n"] >= 5),
+        key=lambda b: 0.0 if b["lo"] < 0.8 <= b["hi"] else min(abs(b["lo"] - 0.8), abs(b["hi"] - 0.8)),
+    )
+    assert line.startswith("- Calibrated on the 100 val images")
+    assert f"{100 * near['accuracy']:.0f}% were that class ({near['n']} slices)" in line
     analyzer = Analyzer(ServeSettings(max_batch=4), served)
     answer = analyzer.predict_dicom(ct_small_dcm.read_bytes(), Options(), {})
     block = answer["calibration"]
