@@ -236,6 +236,27 @@ def test_calibrate_refuses_a_set_of_other_classes_or_too_few_images(trained: dic
     assert not (tmp / "x1").exists() and not (tmp / "x2").exists()
 
 
+@pytest.mark.shared
+@pytest.mark.slow
+def test_calibrate_sets_the_threshold_for_a_stated_sensitivity(trained: dict[str, Any]) -> None:
+    out, record = recalibrate(
+        trained["dir"], trained["fit_dir"], trained["tmp"] / "sens", site="s", sensitivity=0.9, resamples=200
+    )
+    op = record["operating_point"]
+    assert op["rule"] == "sensitivity>=0.9" and ModelConfig.load(out).threshold == op["threshold"]
+    # on the set's calibrated scores (the new version's torch path): the highest threshold reaching 90%
+    clf = TorchClassifier.from_dir(out, ood=False)
+    pp = clf.config.preprocessing
+    s = load_splits(trained["fit_dir"], pp, storage_size=pp.input_size)["all"]
+    assert s.labels is not None
+    scores = clf.predict_proba(model_inputs(s.images, pp).numpy())[:, 1]
+    pos = np.sort(scores[s.labels == 1])[::-1]
+    k = int(np.ceil(0.9 * len(pos)))  # positives that must score at or above the threshold
+    assert op["threshold"] == pytest.approx(pos[k - 1], abs=1e-6)
+    assert np.mean(scores[s.labels == 1] >= op["threshold"] - 1e-5) == pytest.approx(op["sensitivity"])
+    assert op["sensitivity"] >= 0.9 and op["ci"]["resamples"] == 200
+
+
 def test_ece_is_the_binned_gap_between_accuracy_and_confidence() -> None:
     # 4 images: two in the (0.8, 0.867] bin, right once (accuracy 0.5, confidence 0.85); two in (0.933, 1],
     # both right (accuracy 1, confidence 0.95): ECE = 0.5 * 0.35 + 0.5 * 0.05 = 0.2
