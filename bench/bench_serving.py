@@ -16,7 +16,7 @@ multipart parsing, the hop to the inference service, JSON). The CPU and the load
 figures taken while other jobs share the cores say so. Every size of --sizes (default BENCH_SIZES, else 64
 and 224) runs in turn in the one run, each with its own server; a size above 64 px gets --requests and
 --ort-batches scaled by (64/size)^2 (at least 60 and 3), as its forward pass costs that much more. Writes
-bench/results/serving.json (64 px) and serving-<size>px.json.
+bench/results/serving.json (64 px) and serving-<size>px.json (with another --classes than 11: -<k>cls added).
 
 Raw ONNX Runtime is timed three ways on the same batches: every output the server asks for (logits, cam,
 embedding: what /predict runs, the ratio's reference), logits alone from the same file, and logits from a
@@ -277,7 +277,12 @@ def main(argv: list[str] | None = None) -> dict:
         n = args.requests if size <= 64 else max(60, round(args.requests * (64 / size) ** 2))
         res = measure_size(args, size, n)
         report(res)
-        out = RESULTS if size == 64 else RESULTS.with_name(f"serving-{size}px.json")
+        name = (
+            "serving"
+            + ("" if size == 64 else f"-{size}px")
+            + ("" if args.classes == 11 else f"-{args.classes}cls")
+        )
+        out = RESULTS.with_name(f"{name}.json")
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(res, indent=2) + "\n")
         by_size[size] = res
