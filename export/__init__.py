@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from export.defaults import PARITY_TOLERANCE
     from export.exporter import ExportReport, check_parity, export_onnx, matches_source, onnx_is_fresh
     from export.integrity import INT8_NAME, ONNX_FILES, ONNX_NAME
-    from export.metadata import read_metadata
+    from export.metadata import calibration_of, read_metadata, served_calibration
     from export.ood import OodReference
     from export.quantize import Int8Report, Int8Tolerance, QuantSettings, quantize_int8
     from export.session import OnnxClassifier, quiet_onnxruntime_process

@@ -247,8 +247,11 @@ def quantize_file(
     return len(excluded)
 
 
-def _metrics(y: np.ndarray, logits: np.ndarray, threshold: float | None) -> dict[str, float]:
-    m = classification_metrics(y, softmax(logits.astype(np.float64)), threshold)
+def _metrics(
+    y: np.ndarray, logits: np.ndarray, threshold: float | None, temperature: float
+) -> dict[str, float]:
+    """Metrics of the served (calibrated) probabilities: a binary threshold applies to softmax(logits / T)."""
+    m = classification_metrics(y, softmax(logits.astype(np.float64) / temperature), threshold)
     return {k: round(float(m[k]), 6) for k in ("accuracy", "auc", "f1")}
 
 
@@ -270,7 +273,8 @@ def compare(
     assert test.labels is not None
     ref = classifier_outputs(fp32, batches(test.images, data.preprocessing, CHUNK))
     got = classifier_outputs(int8, batches(test.images, data.preprocessing, CHUNK))
-    m32, m8 = _metrics(test.labels, ref.logits, threshold), _metrics(test.labels, got.logits, threshold)
+    t = fp32.temperature
+    m32, m8 = _metrics(test.labels, ref.logits, threshold, t), _metrics(test.labels, got.logits, threshold, t)
     top = ref.logits.argmax(1)
     idx = np.arange(len(top))
     return {

@@ -40,6 +40,14 @@ def scaled_probs(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+def config_temperature(metrics: dict[str, Any]) -> float:
+    """The T a model's config records (`metrics["calibration"]["temperature"]`), 1.0 without a valid one:
+    the same rule as the export's `served_calibration`, so torch-side checks read what is served."""
+    rec = metrics.get("calibration")
+    t = rec.get("temperature") if isinstance(rec, dict) else None
+    return float(t) if isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0 else 1.0
+
+
 def mean_nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
     """Mean negative log-likelihood of the labels under softmax(logits / T)."""
     z = torch.as_tensor(np.asarray(logits, dtype=np.float64)) / float(temperature)

@@ -31,7 +31,8 @@ from ctdata.datasets import ArraySplit
 from ctdata.labeled import limit
 from ctdata.preprocess import PreprocessConfig
 from cthub.errors import ConfigError, DataError
-from finetune.train import predict_proba
+from finetune.calibration import config_temperature, scaled_probs
+from finetune.train import predict_logits
 from hub.config import ModelConfig, data_source
 from hub.io import from_pretrained
 from hub.metrics import classification_metrics
@@ -215,9 +216,11 @@ def evaluate_model(
     labels = test.labels
     assert labels is not None
     pp = cfg.preprocessing
+    temperature = config_temperature(cfg.metrics)
 
     def measure(images: np.ndarray) -> dict[str, float]:
-        return _metrics(labels, predict_proba(model, images, pp), cfg.threshold)
+        # the served probabilities: a binary threshold applies to softmax(logits / T) (finetune.calibration)
+        return _metrics(labels, scaled_probs(predict_logits(model, images, pp), temperature), cfg.threshold)
 
     clean = measure(test.images)
     shifted = {}
