@@ -545,8 +545,9 @@ def evaluate_shifts(
     test files, scikit-learn's and matplotlib's photographs."""
     own = load_model_data(clf.config, data)
     test = own.take("test", in_images + screen_images, seed)
+    screens = min(screen_images, len(test.images) // 4)  # a small test split keeps most for the own rows
     order = np.random.default_rng(seed).permutation(len(test.images))
-    in_idx, screen_idx = order[: len(order) - screen_images], order[len(order) - screen_images :]
+    in_idx, screen_idx = order[: len(order) - screens], order[len(order) - screens :]
     in_uint8 = test.images[np.sort(in_idx)][:in_images]
     in_inputs = np.concatenate(
         [
