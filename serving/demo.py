@@ -42,7 +42,7 @@ from hub.io import hub_dir
 from serving import viewer
 from serving.inference import InferenceEngine, ServedModel, open_classifier, resolve_model_dir
 from serving.inputs import CROP_EXPECTATION, crop_region, http_status, input_expectation, parse_region
-from serving.results import SERIES_RULE
+from serving.results import SERIES_RULE, series_ood_note
 from serving.settings import ServeSettings
 from serving.viewer import CUSTOM, MODEL_DEFAULT, Study, private_upload_dir
 
@@ -405,7 +405,12 @@ class Handlers:
         """Run the model on the study; the view starts at the peak slice with the decided class's map."""
         picked = self.model(model_dir)
         a = viewer.analyse(
-            study, picked.model, str(picked.model_dir), self.settings.max_batch, self.settings.series_top_k
+            study,
+            picked.model,
+            str(picked.model_dir),
+            self.settings.max_batch,
+            self.settings.series_top_k,
+            self.settings.series_ood_share,
         )
         study = study.with_analysis(a)
         decided = (a.series or {}).get("label") or a.slices[0].label
@@ -535,9 +540,8 @@ def ood_banner(study: Study, i: int) -> Any:
     a = study.analysis
     assert a is not None
     texts = []
-    if a.series is not None and (t := viewer.ood_text(a.series["ood"])):
-        flagged = sum(1 for r in a.slices if r.ood.get("warning"))
-        texts.append(f"Series (median of {len(a.slices)} slices, {flagged} above the threshold): {t}")
+    if a.series is not None and (t := series_ood_note(a.series["ood"])):
+        texts.append(f"Series: {t}")
     if t := viewer.ood_text(a.slices[i].ood):
         texts.append(("This slice: " if a.series is not None else "") + t)
     if not texts:

@@ -43,7 +43,7 @@ from serving.series import (
     parse_members,
     slice_inputs,
 )
-from serving.settings import ServeSettings
+from serving.settings import DEFAULT_SERIES_OOD_SHARE, ServeSettings
 
 MODEL_DEFAULT = "model's own mapping"
 CUSTOM = "custom"
@@ -231,8 +231,16 @@ def model_inputs(slices: list[ViewSlice], cfg: PreprocessConfig) -> np.ndarray:
     )
 
 
-def analyse(study: Study, model: ServedModel, model_dir: str, batch: int = 16, top_k: int = 3) -> Analysis:
-    """Every frame through the model in batches of `batch`; the series result when there are several."""
+def analyse(
+    study: Study,
+    model: ServedModel,
+    model_dir: str,
+    batch: int = 16,
+    top_k: int = 3,
+    ood_share: float = DEFAULT_SERIES_OOD_SHARE,
+) -> Analysis:
+    """Every frame through the model in batches of `batch`; the series result when there are several, its
+    out-of-distribution verdict by the API's series rule (`results.series_ood`, share `ood_share`)."""
     cfg, labels = model.config.preprocessing, model.labels
     threshold, ood_threshold = model.config.threshold, model.ood_threshold
     answers: list[SliceResult] = []
@@ -254,8 +262,16 @@ def analyse(study: Study, model: ServedModel, model_dir: str, batch: int = 16, t
             scores.append(s)
     series = None
     if len(answers) > 1:
-        series = results.aggregate_series(np.stack(probs), labels, threshold, top_k, scores)
-        series["ood"] = results.ood(series.pop("ood_median"), ood_threshold)
+        series = results.aggregate_series(
+            np.stack(probs),
+            labels,
+            threshold,
+            top_k,
+            scores,
+            ood_threshold=ood_threshold,
+            ood_share=ood_share,
+        )
+        series.pop("ood_median")
     return Analysis(model_dir, dict(model.identity), list(labels), cfg, answers, series, ood_threshold)
 
 

@@ -521,6 +521,33 @@ def test_out_of_distribution_warning_fires_only_outside_the_training_data(
         assert f"threshold {clf.ood_threshold:.3g}" in out["card"]
 
 
+def test_series_out_of_distribution_warning_follows_the_api_series_rule(
+    demo: Demo, organ_dir: Path, _isolated_hub: Path, tmp_path: Path
+) -> None:
+    """A real CT series shown to the organ-crop model: the banner states the series verdict of the API's rule
+    (the share of flagged slices, with the count), in the red alert box, not a median."""
+    (_isolated_hub / "organ").symlink_to(organ_dir, target_is_directory=True)
+    clf = OnnxClassifier(organ_dir / "model.onnx", threads=1)
+    series = make_series(need("CT_small.dcm"), 4)
+    paths = []
+    for i, (_, b) in enumerate(series):
+        paths.append(tmp_path / f"s{i}.dcm")
+        paths[-1].write_bytes(b)
+    demo.client.predict(api_name="/models")
+    out = demo.load(paths, str(organ_dir.resolve()))
+    scores = [
+        float(clf.ood_score(clf.outputs(prepare(p, clf.config.preprocessing)[None]).embedding)[0])
+        for p in paths
+    ]
+    flagged = sum(s > clf.ood_threshold for s in scores)
+    assert flagged >= 1  # the premise: whole real CT slices are far from organ-centred crops
+    verdict = out["details"]["series"]["ood"]
+    assert verdict["flagged"] == flagged and verdict["scored"] == 4 and verdict["warning"] is True
+    banner = out["banner"]["value"]
+    assert out["banner"]["visible"] is True and 'role="alert"' in banner
+    assert f"{flagged} of 4" in banner and "median" not in banner
+
+
 def bad_uploads(tmp_path: Path) -> dict[str, tuple[list[bytes], str]]:
     """Every class of unusable upload, built from real files, with the message the page must show."""
     ct = need("CT_small.dcm")
