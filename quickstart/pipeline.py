@@ -308,6 +308,24 @@ def _onnx_state(p: Plan) -> tuple[bool, bool]:
     return fp32, int8
 
 
+def _fp32_sha256(p: Plan) -> str | None:
+    from export import ONNX_NAME
+
+    path = p.classifier / ONNX_NAME
+    return sha256_file(path) if path.is_file() else None
+
+
+def _int8_refused_before(p: Plan) -> bool:
+    """True when an earlier run's int8 quantization of this very fp32 file was refused (outside the
+    tolerance): a refusal is a result, so a later run serves fp32 again rather than quantizing again."""
+    try:
+        earlier = json.loads(p.state_file.read_text())
+    except (OSError, ValueError):
+        return False
+    refused = earlier.get("int8_refused_for") if isinstance(earlier, dict) else None
+    return isinstance(refused, str) and refused == _fp32_sha256(p)
+
+
 def build(p: Plan) -> dict[str, Any]:
     """Run (or reuse) every step; returns what the served model is and what it measured."""
     steps = ["encoder", "classify", "export"]
@@ -359,16 +377,24 @@ def build(p: Plan) -> dict[str, Any]:
     state["vs_random_init"] = record_comparison(p, base)
 
     fp32, int8 = _onnx_state(p)
+    refused = fp32 and not int8 and _int8_refused_before(p)
     progress.start(
-        2, "export to ONNX (fp32 checked against torch, int8 within tolerance)", skipped=fp32 and int8
+        2,
+        "export to ONNX (fp32 checked against torch, int8 within tolerance)",
+        skipped=fp32 and (int8 or refused),
     )
-    if not (fp32 and int8):
+    if refused:
+        print("int8 of this fp32 file was refused by an earlier run (outside the tolerance): serving fp32")
+        state["int8_refused_for"] = _fp32_sha256(p)
+    elif not (fp32 and int8):
         rc = run_commands({"export": export_args(p)})["export"]
         fp32, int8 = _onnx_state(p)
         if not fp32:
             raise ConfigError(f"export failed (exit code {rc}; see the output above)")
         if not int8:
             print("int8 was refused (outside the ΔAUC tolerance) or failed: serving fp32", flush=True)
+            if rc == 2:  # a typed refusal (cthub's exit code for CTHubError), not a crash: do not retry
+                state["int8_refused_for"] = _fp32_sha256(p)
     state["variant"] = "int8" if int8 else "fp32"
     state["classifier"] = str(p.classifier)
     p.state_file.write_text(json.dumps(state, indent=2) + "\n")
