@@ -187,10 +187,12 @@ class _Handler(BaseHTTPRequestHandler):
             left = stop - start
             while left > 0:
                 block = src.read(min(1 << 20, left))
-                self.wfile.write(block)
-                left -= len(block)
+                # counted before the write: the client may finish (and the test assert) as soon as the
+                # last block arrives, before this thread would get back to count it
                 with d._lock:
                     d.sent[fid] = d.sent.get(fid, 0) + len(block)
+                self.wfile.write(block)
+                left -= len(block)
         if cut:  # the connection drops in the middle of the body
             d.cut.discard(fid)
             self.wfile.flush()
