@@ -134,8 +134,8 @@ def register_evaluate_ood(subparsers: SubParsers) -> None:
     )
     p.add_argument(
         "--real-data",
-        default="../shared/data",
-        help="folder holding real_ct/, head_ct/ and organamnist.npz (default ../shared/data)",
+        required=True,
+        help="folder holding the shift sources: real_ct/, head_ct/ and organamnist.npz",
     )
     p.add_argument("--in-images", type=int, default=1000, help="own test images (default 1000)")
     p.add_argument("--max-images", type=int, default=300, help="most images per shift (default 300)")

@@ -7,7 +7,7 @@ offers the tasks without loading torch.
 
     organamnist  OrganAMNIST's 11 organs, 64 px crops of abdominal CT (abdominal window from the source):
                  `make run`'s default
-    head-ct      head CT hemorrhage (../shared/data/head_ct, or any labeled head CT folder / CSV / DICOM+CSV)
+    head-ct      head CT hemorrhage (the head CT PNG set, or any labeled head CT folder / CSV / DICOM+CSV)
                  at the paper's 224 px, brain window (35/80 HU) on DICOM input; whole slices
     slices       any other labeled CT slice source at 224 px, the default HU interval mapping; whole slices
 """
