@@ -17,7 +17,7 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -201,9 +201,33 @@ def _find_by_stem(folder: Path, ident: str, index: dict[str, Path]) -> Path:
     raise DataError(f"labels.csv id on row with value of length {len(ident)} matches no image file")
 
 
-def _from_labels_csv(folder: Path, cfg: PreprocessConfig, size: int, opts: dict) -> ArraySplit:
+class LabeledFiles(NamedTuple):
+    """The files of a labeled source, before any pixel is read: paths, raw labels, groups (patients) or
+    None, the label column's name ('' for class folders) and, for class folders, every class name."""
+
+    files: list[Path]
+    labels: list[str]
+    groups: list[str] | None
+    column: str
+    class_names: list[str] | None = None
+
+
+def labeled_files(source: str | Path, split: str = "train") -> LabeledFiles:
+    """The files, labels and groups of a CSV manifest, a folder with labels.csv or a folder of class
+    folders (the rows of `split` where the table has a 'split' column), as `load_labeled` reads them."""
+    src = Path(source)
+    if src.is_file() and src.suffix.lower() in (".csv", ".tsv"):
+        return _manifest_files(src, split)
+    if src.is_dir() and (src / "labels.csv").is_file():
+        return _labels_csv_files(src, split)
+    if src.is_dir() and any(d.is_dir() for d in src.iterdir()):
+        return _class_folder_files(src, split)
+    raise DataError(f"{src.name}: expected a folder with labels.csv or class folders, or a CSV manifest")
+
+
+def _labels_csv_files(folder: Path, split: str) -> LabeledFiles:
     header, rows = _read_csv(folder / "labels.csv")
-    rows = _select_split(header, rows, opts.get("split", "train"), "labels.csv")
+    rows = _select_split(header, rows, split, "labels.csv")
     if len(header) < 2:
         raise DataError("labels.csv needs at least two columns: id, label")
     index = {
@@ -214,7 +238,12 @@ def _from_labels_csv(folder: Path, cfg: PreprocessConfig, size: int, opts: dict)
     files = [_find_by_stem(folder, r[0], index) for r in rows]
     gcol = _group_column(header)
     groups = [r[gcol] for r in rows] if gcol is not None else None
-    return _build(files, [r[1] for r in rows], header[1], groups, cfg, size, opts)
+    return LabeledFiles(files, [r[1] for r in rows], groups, header[1])
+
+
+def _from_labels_csv(folder: Path, cfg: PreprocessConfig, size: int, opts: dict) -> ArraySplit:
+    f = _labels_csv_files(folder, opts.get("split", "train"))
+    return _build(f.files, f.labels, f.column, f.groups, cfg, size, opts)
 
 
 def _group_column(header: list[str], label_col: int = 1) -> int | None:
@@ -239,9 +268,9 @@ def _select_split(header: list[str], rows: list[list[str]], split: str, name: st
     return rows
 
 
-def _from_manifest(path: Path, cfg: PreprocessConfig, size: int, opts: dict) -> ArraySplit:
+def _manifest_files(path: Path, split: str) -> LabeledFiles:
     header, rows = _read_csv(path)
-    rows = _select_split(header, rows, opts.get("split", "train"), path.name)
+    rows = _select_split(header, rows, split, path.name)
     pcol = header.index("path") if "path" in header else 0
     lcol = header.index("label") if "label" in header else 1
     gcol = _group_column(header, max(pcol, lcol))
@@ -251,11 +280,16 @@ def _from_manifest(path: Path, cfg: PreprocessConfig, size: int, opts: dict) -> 
         (path.parent / r[pcol]).resolve() if not Path(r[pcol]).is_absolute() else Path(r[pcol]) for r in rows
     ]
     groups = [r[gcol] for r in rows] if gcol is not None else None
-    return _build(files, [r[lcol] for r in rows], header[lcol], groups, cfg, size, opts)
+    return LabeledFiles(files, [r[lcol] for r in rows], groups, header[lcol])
 
 
-def _from_class_folders(folder: Path, cfg: PreprocessConfig, size: int, opts: dict) -> ArraySplit:
-    _select_split([], [], opts.get("split", "train"), folder.name)
+def _from_manifest(path: Path, cfg: PreprocessConfig, size: int, opts: dict) -> ArraySplit:
+    f = _manifest_files(path, opts.get("split", "train"))
+    return _build(f.files, f.labels, f.column, f.groups, cfg, size, opts)
+
+
+def _class_folder_files(folder: Path, split: str) -> LabeledFiles:
+    _select_split([], [], split, folder.name)
     classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
     files, labels = [], []
     for c in classes:
@@ -265,8 +299,13 @@ def _from_class_folders(folder: Path, cfg: PreprocessConfig, size: int, opts: di
                 labels.append(c)
     if not files:
         raise DataError(f"{folder.name}: no images in its class subfolders")
-    opts = {**opts, "class_names": opts.get("class_names") or classes}
-    return _build(files, labels, "", None, cfg, size, opts)
+    return LabeledFiles(files, labels, None, "", classes)
+
+
+def _from_class_folders(folder: Path, cfg: PreprocessConfig, size: int, opts: dict) -> ArraySplit:
+    f = _class_folder_files(folder, opts.get("split", "train"))
+    opts = {**opts, "class_names": opts.get("class_names") or f.class_names}
+    return _build(f.files, f.labels, f.column, None, cfg, size, opts)
 
 
 def _build(

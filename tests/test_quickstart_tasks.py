@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from ctdata.datasets import labeled_files
 from hub import ModelConfig
 from quickstart.pipeline import best_local_encoder, finetune_args, plan
-from quickstart.splitfile import labeled_files, needs_split, write_split_manifest
+from quickstart.splitfile import needs_split, write_split_manifest
 from quickstart.tasks import TASKS, task_for
 from serving.launch import QUIET, ROOT
 
@@ -37,7 +38,7 @@ def test_the_data_names_the_task_and_a_source_without_split_gets_fold_0(
     assert task_for(head_ct_dir).name == "head-ct" and task_for(tmp_path).name == "slices"
     assert TASKS["head-ct"].budget("quick").image_size == 224 and TASKS["head-ct"].window == "brain"
     assert needs_split(head_ct_dir)
-    files, labels, groups, column = labeled_files(head_ct_dir)
+    files, labels, groups, column, _ = labeled_files(head_ct_dir, split="all")
     assert len(files) == 200 and column == "hemorrhage" and groups is None
     manifest = write_split_manifest(head_ct_dir, tmp_path / "split.csv")
     rows = _rows(manifest)
@@ -109,7 +110,7 @@ def test_a_dicom_and_csv_source_is_split_by_patient(tmp_path: Path) -> None:
 
     source = shared_file("real_ct", "siim_contrast")
     assert task_for(source).name == "slices" and needs_split(source)
-    files, _, groups, _ = labeled_files(source)
+    files, _, groups, _, _ = labeled_files(source, split="all")
     assert len(files) == 100 and groups is not None and len(set(groups)) == 54
     assert all(f.suffix == ".dcm" and f.is_file() for f in files)
     rows = _rows(write_split_manifest(source, tmp_path / "split.csv"))
