@@ -10,7 +10,15 @@ from typing import TYPE_CHECKING
 from cthub.lazy import lazy_package
 
 if TYPE_CHECKING:
-    from ctdata.datasets import ArraySplit, load_labeled, load_medmnist, load_unlabeled, source_preprocessing
+    from ctdata.datasets import (
+        ArraySplit,
+        LabeledFiles,
+        labeled_files,
+        load_labeled,
+        load_medmnist,
+        load_unlabeled,
+        source_preprocessing,
+    )
     from ctdata.dicom import CTImage, DicomError, DicomPolicy, read_dicom
     from ctdata.io import load_image
     from ctdata.preprocess import (
