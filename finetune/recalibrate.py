@@ -38,6 +38,7 @@ from finetune.calibration import (
     binary_threshold_after,
     bootstrap_operating_point,
     calibration_id,
+    config_temperature,
     fit_temperature,
     mean_nll,
     now_utc,
@@ -135,11 +136,15 @@ def default_out(model_dir: Path, site: str, version: int) -> Path:
 
 
 def _current(cfg: ModelConfig) -> tuple[dict[str, Any] | None, float, int]:
-    """(current calibration record, its T (1 without one), its version (0 without one))."""
+    """(current calibration record, the T served with it, its version (0 without a record)). T is read by
+    the one rule (`config_temperature`: a number > 0, else 1), so "before" is what was served; a record
+    whose T that rule refuses keeps its place in the history (its version is not reused)."""
     rec = cfg.metrics.get("calibration")
-    if not isinstance(rec, dict) or not isinstance(rec.get("temperature"), (int, float)):
+    if not isinstance(rec, dict):
         return None, 1.0, 0
-    return rec, float(rec["temperature"]), int(rec.get("version") or 1)
+    v = rec.get("version")
+    version = v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 1
+    return rec, config_temperature(cfg.metrics), version
 
 
 def _operating_point(

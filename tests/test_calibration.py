@@ -268,6 +268,25 @@ def test_ece_is_the_binned_gap_between_accuracy_and_confidence() -> None:
     assert [(b["n"], b["accuracy"]) for b in filled] == [(2, 0.5), (2, 1.0)]
 
 
+@pytest.mark.parametrize(
+    "temperature", [2.5, 0.75, 1.0, 0.0, -1.5, True, "2.0", None, float("nan")], ids=repr
+)
+def test_recalibration_reads_the_current_t_by_the_served_rule(temperature: Any) -> None:
+    """`cthub calibrate`'s "before" is the T that was served (`served_calibration` in the ONNX metadata,
+    `config_temperature` on the torch side): a T of 0, a negative one, a bool or a string is served as 1."""
+    from export.metadata import served_calibration
+    from finetune.calibration import config_temperature
+    from finetune.recalibrate import _current
+
+    record = {"method": "temperature scaling", "temperature": temperature, "version": 3, "id": "x"}
+    cfg = ModelConfig(name="m", num_classes=2, labels=list(CLASSES), metrics={"calibration": record})
+    rec, t, version = _current(cfg)
+    served = served_calibration(record)["temperature"]
+    assert t == served == config_temperature(cfg.metrics)
+    assert rec is record and version == 3  # the record stays in the history, its version not reused
+    assert _current(ModelConfig(name="m", num_classes=2)) == (None, 1.0, 0)
+
+
 def _content_items(ds: Any) -> list[Any]:
     """Every content item of an SR, depth first."""
     out = []
