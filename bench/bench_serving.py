@@ -18,16 +18,17 @@ and 224) runs in turn in the one run, each with its own server; a size above 64 
 --ort-batches scaled by (64/size)^2 (at least 60 and 3), as its forward pass costs that much more. Writes
 bench/results/serving.json (64 px) and serving-<size>px.json (with another --classes than 11: -<k>cls added).
 
-Raw ONNX Runtime is timed three ways on the same batches: every output the server asks for (logits, cam,
-embedding: what /predict runs, the ratio's reference), logits alone from the same file, and logits from a
-copy of the graph without the map outputs (`onnx.utils.extract_model`): the Grad-CAM maps are computed
-inside the graph, so the last figure says what a request that asks for no map could gain.
+Raw ONNX Runtime is timed two ways on the same batches, with the server's own session class: without the
+maps (`OnnxClassifier.outputs(maps=False)`: logits and embedding from the graph pruned of the Grad-CAM
+nodes, what /predict runs for these requests, which ask for no map: the ratio's reference) and with every
+output (what a cam=true request runs: the maps cost several forward passes at 224 px and many classes).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import sys
@@ -103,12 +104,11 @@ def raw_ort(model: Path, data: list[bytes], batches: int, threads: int | None) -
     xs = [prepare(d, pp) for d in data]
     prep_ms = 1000 * (time.perf_counter() - t0) / len(xs)
     batch = torch.stack([xs[i % len(xs)] for i in range(MAX_BATCH)]).numpy()
-    no_maps = OnnxClassifier(without_maps(model), threads=threads, config=clf.config, verify=False)
+    served = functools.partial(clf.outputs, maps=False)  # what /predict runs when no map is asked for
     return {
-        "batch_img_s": _img_s(clf.outputs, batch, batches),
-        "batch1_img_s": _img_s(clf.outputs, batch[:1], batches),
-        "logits_only_request_batch_img_s": _img_s(clf.logits, batch, batches),
-        "graph_without_maps_batch_img_s": _img_s(no_maps.logits, batch, batches),
+        "batch_img_s": _img_s(served, batch, batches),
+        "batch1_img_s": _img_s(served, batch[:1], batches),
+        "with_maps_batch_img_s": _img_s(clf.outputs, batch, batches),
         "decode_preprocess_ms": round(prep_ms, 2),
     }
 
@@ -120,16 +120,6 @@ def _img_s(run: Any, batch: np.ndarray, repeats: int) -> float:
     for _ in range(repeats):
         run(batch)
     return round(repeats * len(batch) / (time.perf_counter() - t0), 2)
-
-
-def without_maps(model: Path) -> Path:
-    """A copy of the model's ONNX graph with only the logits output (the nodes that compute the maps and
-    embedding dropped), beside it: what ONNX Runtime costs when no map is computed."""
-    import onnx.utils
-
-    out = model / "bench-logits-only.onnx"
-    onnx.utils.extract_model(str(model / "model.onnx"), str(out), ["input"], ["logits"])
-    return out
 
 
 def processes(server: Server) -> dict[str, list[Any]]:
@@ -322,9 +312,6 @@ def measure_size(args: argparse.Namespace, size: int, requests: int) -> dict[str
                 row = run_load(server.base, data, requests, level, args.bad)
                 cpu1 = cpu_seconds(server)
                 row["ratio_to_raw_ort_batch"] = round(row["valid_throughput_img_s"] / raw["batch_img_s"], 3)
-                row["ratio_to_raw_ort_without_maps"] = round(
-                    row["valid_throughput_img_s"] / raw["graph_without_maps_batch_img_s"], 3
-                )
                 row["breakdown"] = breakdown(row, {k: cpu1[k] - cpu0[k] for k in cpu0})
                 row["rss_mb_after"] = rss_mb(server)
                 rows.append(row)
@@ -354,16 +341,14 @@ def report(r: dict[str, Any]) -> None:
         f"{r['cpu']['load_avg_1min']} before / {r['load_avg_1min_after']} after)\n"
         f"raw ONNX Runtime: {raw['batch_img_s']} img/s at batch {r['max_batch']}, {raw['batch1_img_s']} at "
         f"batch 1; decode + preprocess in-process {raw['decode_preprocess_ms']} ms/slice\n"
-        f"  at batch {r['max_batch']}: logits alone requested {raw.get('logits_only_request_batch_img_s')} "
-        f"img/s, graph without the maps {raw.get('graph_without_maps_batch_img_s')} img/s "
-        f"({r.get('classes')} classes)"
+        f"  (without the maps, what these requests run); with every map {raw.get('with_maps_batch_img_s')} "
+        f"img/s at batch {r['max_batch']} ({r.get('classes')} classes)"
     )
     for row in r["levels"]:
         b = row["breakdown"]
         print(
             f"  c={row['concurrency']:>2}: {row['throughput_req_s']} req/s, valid "
-            f"{row['valid_throughput_img_s']} img/s = {row['ratio_to_raw_ort_batch']} x raw "
-            f"({row.get('ratio_to_raw_ort_without_maps')} x raw without maps); p50 "
+            f"{row['valid_throughput_img_s']} img/s = {row['ratio_to_raw_ort_batch']} x raw; p50 "
             f"{row['latency_ms_p50']} ms, p99 {row['latency_ms_p99']} ms; statuses {row['status_counts']}; "
             f"mean batch {row['mean_ms']['batch_size']}\n        per valid request: wall "
             f"{b['wall_ms_per_valid_request']} ms; CPU: API worker {b['api_worker_cpu_ms']} (decode "

@@ -70,7 +70,8 @@ class InferenceOutputs:
 
     logits: np.ndarray  # [B, K] float32, raw
     probabilities: np.ndarray  # [B, K] float64, softmax(logits / T): calibrated
-    cam: np.ndarray  # [B, K, h, w] float32, Grad-CAM of every class at the stride-16 stage (h = w = S/16)
+    cam: np.ndarray | None  # [B, K, h, w] float32, Grad-CAM of every class at stride 16 (h = w = S/16);
+    # None when the pass was asked for no maps (`outputs(x, maps=False)`)
     embedding: np.ndarray  # [B, D] float32, globally pooled last-stage features
 
 
@@ -102,7 +103,7 @@ class Classifier(ABC):
 
     Subclasses set `config`, `sha256` (of the source weights), `providers`, `input_shape` [C, S, S],
     `num_classes` and optionally `ood` (the out-of-distribution reference), and implement `_run` (logits)
-    and `_run_outputs` (logits, cam, embedding) on a batch already checked and converted to float32.
+    and `_run_outputs` (logits, cam or None, embedding) on a batch already checked and converted to float32.
     """
 
     backend: ClassVar[str]
@@ -118,8 +119,10 @@ class Classifier(ABC):
         """Logits [B, num_classes] for a C-contiguous float32 batch of the expected shape."""
 
     @abstractmethod
-    def _run_outputs(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(logits [B, K], cam [B, K, h, w], embedding [B, D]) as float32 for a checked batch."""
+    def _run_outputs(self, batch: np.ndarray, maps: bool) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """(logits [B, K], cam [B, K, h, w] or None without `maps`, embedding [B, D]) as float32 for a
+        checked batch. Without `maps` the Grad-CAM nodes are not run at all (they cost more than the forward
+        pass at 224 px with many classes: docs/results/bench-224px.md)."""
 
     @property
     def labels(self) -> list[str]:
@@ -171,9 +174,10 @@ class Classifier(ABC):
 
     __call__ = predict_proba
 
-    def outputs(self, x: np.ndarray | torch.Tensor) -> InferenceOutputs:
-        """Raw logits, calibrated float64 probabilities, class activation maps and embeddings in one pass."""
-        logits, cam, embedding = self._run_outputs(self._checked(x))
+    def outputs(self, x: np.ndarray | torch.Tensor, maps: bool = True) -> InferenceOutputs:
+        """Raw logits, calibrated float64 probabilities, class activation maps (None without `maps`) and
+        embeddings in one pass."""
+        logits, cam, embedding = self._run_outputs(self._checked(x), maps)
         probs = softmax(logits.astype(np.float64) / self.temperature)
         return InferenceOutputs(logits, probs, cam, embedding)
 
@@ -244,9 +248,14 @@ class TorchClassifier(Classifier):
             out = self.module(torch.from_numpy(batch).to(self.device))
         return out.float().cpu().numpy()
 
-    def _run_outputs(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _run_outputs(self, batch: np.ndarray, maps: bool) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        x = torch.from_numpy(batch).to(self.device)
         with torch.inference_mode():
-            logits, _, cam, embedding = self.head(torch.from_numpy(batch).to(self.device))
+            if not maps:
+                net = self.head.model
+                embedding = net.forward_head(net.forward_features(x), pre_logits=True)
+                return _numpy(self.head.fc(embedding)), None, _numpy(embedding)
+            logits, _, cam, embedding = self.head(x)
         return _numpy(logits), _numpy(cam), _numpy(embedding)
 
     def torch_module(self) -> torch.nn.Module:

@@ -178,7 +178,8 @@ def classifier_outputs(clf: Classifier, inputs: Iterable[np.ndarray]) -> Outputs
     """(logits, cam, embedding) of a Classifier over batches of inputs."""
     parts = []
     for x in inputs:
-        o = clf.outputs(x)
+        o = clf.outputs(x, maps=True)
+        assert o.cam is not None  # asked for
         parts.append((o.logits, o.cam, o.embedding))
     return _stack(parts)
 

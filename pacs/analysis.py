@@ -86,12 +86,12 @@ class SeriesReporter:
         outputs: list[dict[str, Any]] = []  # the model's outputs, in the order of the answer's slices
 
         def infer(batch: Any) -> list[dict[str, Any]]:
-            out = self.engine.run(batch)
+            out = self.engine.run(batch, maps=self.cam)  # the map nodes run only when overlays are wanted
             outputs.extend(out)
             return out
 
         try:
-            model = dataclasses.replace(self.model, run=infer)
+            model = dataclasses.replace(self.model, run=infer, run_without_maps=None)
             answer, request = Analyzer(self.settings, model).analyse_series(files, {})
         except CTHubError as e:
             raise SeriesRefused(e, *self._explain(files)) from None

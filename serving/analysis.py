@@ -173,7 +173,7 @@ class Analyzer:
 
     def _answer_one(self, p: _Prepared, cam: bool, audit: dict[str, Any]) -> dict[str, Any]:
         t2 = time.perf_counter()
-        item = self._run([p.model_input])[0]
+        item = self._run([p.model_input], maps=cam)[0]
         p.timing["inference"] = _ms(t2)
         answer = self._slice_answer(item, p)
         if cam:
@@ -221,13 +221,14 @@ class Analyzer:
             "media_type": "image/png",
         }
 
-    def _run(self, inputs: list[torch.Tensor]) -> list[dict[str, Any]]:
-        """Model outputs for model inputs, sent in chunks of at most the service's batch size."""
+    def _run(self, inputs: list[torch.Tensor], maps: bool = False) -> list[dict[str, Any]]:
+        """Model outputs for model inputs, sent in chunks of at most the service's batch size; the class
+        activation maps only with `maps` (otherwise their nodes are not run)."""
         out: list[dict[str, Any]] = []
         step = self.settings.max_batch
         for i in range(0, len(inputs), step):
             batch = torch.stack(inputs[i : i + step]).numpy()
-            out.extend(self.model.run(batch))
+            out.extend(self.model.infer(batch, maps))
         return out
 
     # -- series ----------------------------------------------------------------------------------------

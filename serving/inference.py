@@ -101,7 +101,8 @@ def open_classifier(model_dir: Path, backend: str = "auto", threads: int | None 
 @dataclass(frozen=True)
 class ServedModel:
     """A model as analyses use it: what `InferenceEngine.describe` says of it, and `run`, preprocessed
-    slices [B, C, S, S] -> one `InferenceEngine.run` dict each."""
+    slices [B, C, S, S] -> one `InferenceEngine.run` dict each; `run_without_maps` the same without the
+    class activation maps (cheaper: the map nodes are not run), `run` itself where there is none."""
 
     identity: dict[str, Any]
     labels: list[str]
@@ -111,9 +112,12 @@ class ServedModel:
     run: Infer
     ood_reference: dict[str, Any] | None = None
     calibration: dict[str, Any] | None = None  # export.metadata.served_calibration: the file's own
+    run_without_maps: Infer | None = None
 
     @classmethod
-    def from_description(cls, d: dict[str, Any], run: Infer) -> ServedModel:
+    def from_description(
+        cls, d: dict[str, Any], run: Infer, run_without_maps: Infer | None = None
+    ) -> ServedModel:
         return cls(
             identity=dict(d["identity"]),
             labels=list(d["labels"]),
@@ -123,7 +127,14 @@ class ServedModel:
             run=run,
             ood_reference=d.get("ood"),
             calibration=d.get("calibration"),
+            run_without_maps=run_without_maps,
         )
+
+    def infer(self, batch: np.ndarray, maps: bool) -> list[dict[str, Any]]:
+        """`run` when the maps are wanted, else `run_without_maps` (or `run` where there is none)."""
+        if maps or self.run_without_maps is None:
+            return self.run(batch)
+        return self.run_without_maps(batch)
 
     @property
     def sha256(self) -> str:
@@ -199,6 +210,7 @@ class InferenceEngine:
                 f"{clf.path.name} has no {' / '.join(missing)} output (exported by an older version): "
                 f"re-export it with `cthub export {model_dir}`"
             )
+        clf.prepare_without_maps()  # at start-up, not on the first request
         return cls(clf)
 
     def describe(self) -> dict[str, Any]:
@@ -221,12 +233,17 @@ class InferenceEngine:
 
     def served(self) -> ServedModel:
         """This engine as analyses in this process use it (its description, `run` as inference)."""
-        return ServedModel.from_description(self.describe(), self.run)
+        return ServedModel.from_description(self.describe(), self.run, self.run_without_maps)
 
-    def run(self, batch: np.ndarray) -> list[dict[str, Any]]:
-        """One forward pass over `batch` [B, C, S, S]; one dict of built-in types per slice, in order."""
+    def run_without_maps(self, batch: np.ndarray) -> list[dict[str, Any]]:
+        """`run` without the class activation maps (their `cam` is None): the map nodes are not computed."""
+        return self.run(batch, maps=False)
+
+    def run(self, batch: np.ndarray, maps: bool = True) -> list[dict[str, Any]]:
+        """One forward pass over `batch` [B, C, S, S]; one dict of built-in types per slice, in order; `cam`
+        is None without `maps`."""
         t0, c0 = time.perf_counter(), time.process_time()
-        out = self.classifier.outputs(batch)
+        out = self.classifier.outputs(batch, maps=maps)
         ood = self.classifier.ood_score(out.embedding) if self.classifier.ood is not None else None
         ms = round(1000 * (time.perf_counter() - t0), 3)
         cpu_ms = round(1000 * (time.process_time() - c0), 3)  # this process's CPU: wall minus preemption
@@ -235,7 +252,7 @@ class InferenceEngine:
             {
                 "logits": out.logits[i].tolist(),
                 "probabilities": out.probabilities[i].tolist(),
-                "cam": out.cam[i].tolist(),
+                "cam": None if out.cam is None else out.cam[i].tolist(),
                 "ood_score": None if ood is None else float(ood[i]),
                 "batch_size": n,
                 "model_ms": ms,

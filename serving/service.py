@@ -160,12 +160,13 @@ class InferenceWorker:
         return [e.describe() for e in self.others]
 
     @bentoml.api
-    def infer_other(self, index: int, inputs: np.ndarray) -> list[dict[str, Any]]:
+    def infer_other(self, index: int, inputs: np.ndarray, maps: bool = True) -> list[dict[str, Any]]:
         """Model inputs [B, C, S, S] of the `index`-th model beside the default one -> per-slice outputs
-        (its own session, unbatched across requests: the adaptive batcher serves the default model)."""
+        (its own session, unbatched across requests: the adaptive batcher serves the default model); the
+        class activation maps only with `maps`."""
         if not 0 <= index < len(self.others):
             raise ModelNotFoundError(f"no served model number {index}")
-        return self.others[index].run(inputs)
+        return self.others[index].run(inputs, maps=maps)
 
 
 def _with_demo(cls: type, settings: ServeSettings) -> type:
@@ -208,9 +209,15 @@ class ApiWorker:
         and their inference calls."""
         with self._lock:
             if self._served is None:
-                main = ServedModel.from_description(self.inference.describe(), self._infer)
+                main = ServedModel.from_description(
+                    self.inference.describe(), self._infer, self._infer_without_maps
+                )
                 others = [
-                    ServedModel.from_description(d, functools.partial(self._infer_other, i))
+                    ServedModel.from_description(
+                        d,
+                        functools.partial(self._infer_other, i, maps=True),
+                        functools.partial(self._infer_other, i, maps=False),
+                    )
                     for i, d in enumerate(self.inference.describe_others())
                 ]
                 self._served = [main, *others]
@@ -236,12 +243,16 @@ class ApiWorker:
         ]
 
     def _infer(self, batch: np.ndarray) -> list[dict[str, Any]]:
-        """The default model's outputs for a batch (the adaptive batcher)."""
+        """The default model's outputs for a batch, with the maps (the adaptive batcher)."""
         return self._with_retry(lambda: self.inference.infer(batch))
 
-    def _infer_other(self, index: int, batch: np.ndarray) -> list[dict[str, Any]]:
+    def _infer_without_maps(self, batch: np.ndarray) -> list[dict[str, Any]]:
+        """The default model's outputs without the maps (their own adaptive batcher)."""
+        return self._with_retry(lambda: self.inference.infer_without_maps(batch))
+
+    def _infer_other(self, index: int, batch: np.ndarray, maps: bool) -> list[dict[str, Any]]:
         """The outputs of the `index`-th model served beside the default one."""
-        return self._with_retry(lambda: self.inference.infer_other(index, batch))
+        return self._with_retry(lambda: self.inference.infer_other(index, batch, maps))
 
     def _with_retry(self, call: Callable[[], Any]) -> list[dict[str, Any]]:
         """The inference service's answer. A pooled connection the inference server closed while idle
@@ -419,6 +430,12 @@ def build_services(settings: ServeSettings) -> bentoml.Service[Any]:
         def infer(self, inputs: np.ndarray) -> list[dict[str, Any]]:
             """Model inputs [B, C, S, S] float32 -> per-slice outputs (probabilities, cam, ood score...)."""
             return self.engine.run(inputs)
+
+        @bentoml.api(batchable=True, max_batch_size=max_batch, max_latency_ms=max_latency)
+        def infer_without_maps(self, inputs: np.ndarray) -> list[dict[str, Any]]:
+            """`infer` without the class activation maps (`cam` None): every request that does not ask
+            for a map (cam=false, series, batches), so that it does not pay for the Grad-CAM nodes."""
+            return self.engine.run(inputs, maps=False)
 
     inference_service = bentoml.service(
         name="cthub-inference", workers=1, traffic={"timeout": settings.request_timeout_s}

@@ -294,6 +294,20 @@ def test_int8_stays_within_tolerance_and_agrees_with_fp32(
     assert f"`{INT8_NAME}` (int8 static QDQ" in card and f"(Δ {r.delta_auc:+.4f})" in card
 
 
+def test_fp32_and_int8_answer_the_same_without_maps(
+    trained: Path, int8: Int8Report, organ_test_batch
+) -> None:
+    """The session on the graph pruned of the map nodes (`maps=False`) gives the full graph's logits and
+    embedding, for the fp32 and the int8 file of a trained model on its own test images."""
+    x, _ = organ_test_batch
+    for variant in ("fp32", "int8"):
+        clf = OnnxClassifier.from_model_dir(trained, variant, threads=1)
+        full, plain = clf.outputs(x[:32]), clf.outputs(x[:32], maps=False)
+        assert plain.cam is None and full.cam is not None
+        np.testing.assert_allclose(plain.logits, full.logits, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(plain.embedding, full.embedding, rtol=1e-4, atol=1e-4)
+
+
 def test_int8_is_refused_beyond_tolerance_and_a_broken_one_fails_the_bound(
     int8: Int8Report, trained: Path, tmp_path: Path
 ) -> None:
