@@ -11,7 +11,8 @@ EXPORTERS = ("dynamo", "torchscript")
 PARITY_TOLERANCE = 1e-4  # fp32 parity: atol on logits (see export.exporter for the full rule)
 DEFAULT_PARITY_IMAGES = 256
 DEFAULT_OOD_IMAGES = 500
-DEFAULT_QUANTILE = 0.99  # OOD threshold: this quantile of the validation images' scores
+DEFAULT_QUANTILE = 0.99  # OOD threshold: this quantile of held-out in-distribution scores
+DEFAULT_OOD_FOLDS = 5  # ... validation images pooled with training images cross-fitted in this many folds
 
 DEFAULT_CALIBRATION_IMAGES = 256
 DEFAULT_EVAL_IMAGES = 2000
