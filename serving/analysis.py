@@ -105,8 +105,14 @@ class Analyzer:
         )
         return self._answer_one(prepared, opts.cam, audit)
 
-    def predict_many(self, blobs: list[bytes | CTHubError], audit: dict[str, Any]) -> list[dict[str, Any]]:
-        """POST /predict_batched: several DICOM objects -> one answer each, in order (errors in place)."""
+    def predict_many(
+        self,
+        blobs: list[bytes | CTHubError],
+        audit: dict[str, Any],
+        region: tuple[int, int, int, int] | None = None,
+    ) -> list[dict[str, Any]]:
+        """POST /predict_batched: several DICOM objects -> one answer each, in order (errors in place);
+        `region` classifies the same box of each (a slice it does not fit is answered with its error)."""
         prepared: list[_Prepared | CTHubError] = []
         for blob in blobs:
             try:
@@ -114,7 +120,7 @@ class Analyzer:
                     raise blob
                 t0 = time.perf_counter()
                 s = load_dicom(blob, self.settings)
-                prepared.append(self._prepare(s.image, self.model.config.preprocessing, _ms(t0)))
+                prepared.append(self._prepare(s.image, self.model.config.preprocessing, _ms(t0), region))
             except CTHubError as e:
                 prepared.append(e)
         ok = [p for p in prepared if isinstance(p, _Prepared)]

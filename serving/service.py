@@ -360,11 +360,12 @@ class ApiWorker:
         return self._call(ctx, lambda a, audit: a.analyse_series(list(files), audit)[0], model)
 
     @bentoml.api(route="/report")
-    def report(self, files: list[Path], ctx: bentoml.Context) -> DicomFile:
+    def report(self, files: list[Path], ctx: bentoml.Context, model: str | None = None) -> DicomFile:
         """The /predict_series analysis as a DICOM Comprehensive SR (TID 1500), `application/dicom`.
 
         References the source study, series and instances; the model's identity is in the Contributing
         Equipment Sequence; VerificationFlag UNVERIFIED; "NOT FOR DIAGNOSTIC USE" series description.
+        `model` selects a served model, as for /predict.
         """
 
         def work(a: Analyzer, audit: dict[str, Any]) -> Response:
@@ -382,23 +383,31 @@ class ApiWorker:
                 headers={"Content-Disposition": 'attachment; filename="cthub-report.dcm"'},
             )
 
-        return self._call(ctx, work)  # a Response passes through BentoML
+        return self._call(ctx, work, model)  # a Response passes through BentoML
 
     @bentoml.api(route="/predict_batched")
-    def predict_batched(self, files: list[Path], ctx: bentoml.Context) -> list[dict[str, Any]]:
+    def predict_batched(
+        self,
+        files: list[Path],
+        ctx: bentoml.Context,
+        model: str | None = None,
+        region: str | None = None,
+    ) -> list[dict[str, Any]]:
         """Several independent DICOM slices (multipart field `files`) -> one answer each, in order; a file
-        that cannot be used gives {error, type, detail, status} in its place."""
+        that cannot be used gives {error, type, detail, status} in its place. `model` selects a served
+        model and `region` "x0,y0,x1,y1" classifies that box of every slice, as for /predict."""
 
         def work(a: Analyzer, audit: dict[str, Any]) -> list[dict[str, Any]]:
+            box = parse_region(region)
             blobs: list[bytes | CTHubError] = []
             for f in files:
                 try:
                     blobs.append(read_upload(f, self.settings.max_upload_bytes))
                 except CTHubError as e:
                     blobs.append(e)
-            return a.predict_many(blobs, audit)
+            return a.predict_many(blobs, audit, box)
 
-        return self._call(ctx, work)
+        return self._call(ctx, work, model)
 
     @bentoml.api(route="/model")
     def model_info(self, ctx: bentoml.Context, model: str | None = None) -> dict[str, Any]:

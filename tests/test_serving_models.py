@@ -137,6 +137,54 @@ def test_region_is_what_reaches_the_model_and_whole_slices_warn_a_crop_model(two
     assert post(srv.base, ct, region="1,2,3").status_code == 400
 
 
+def _post_many(base: str, route: str, paths: list[Path], **fields: str):
+    import httpx
+
+    parts = [("files", (f"f{i}.dcm", p.read_bytes(), "application/dicom")) for i, p in enumerate(paths)]
+    return httpx.post(base + route, files=parts, data=fields, timeout=300)
+
+
+def test_report_and_batched_route_select_the_model_and_batched_takes_a_region(two_models, slices) -> None:
+    import io
+
+    import pydicom
+
+    srv, _, head_dir = two_models
+    # /report with model=: the SR names the selected model in its Contributing Equipment
+    for name in ("organs-crop", "head-whole"):
+        r = _post_many(srv.base, "/report", slices[:1], model=name)
+        assert r.status_code == 200, r.text
+        sr = pydicom.dcmread(io.BytesIO(r.content))
+        ours = [e for e in sr.ContributingEquipmentSequence if e.Manufacturer == "ct-ssl-hub"]
+        assert [e.ManufacturerModelName for e in ours] == [name]
+    assert _post_many(srv.base, "/report", slices[:1], model="nope").status_code == 404
+    # /predict_batched with model= answers with that model, equal to its ONNX file
+    batched = _post_many(srv.base, "/predict_batched", slices, model="head-whole")
+    assert batched.status_code == 200, batched.text
+    head_pp = ModelConfig.load(head_dir).preprocessing
+    for item, path in zip(batched.json(), slices, strict=True):
+        assert item["model"]["name"] == "head-whole"
+        assert np.allclose(probs(item, HEAD), direct(head_dir, prepare(path, head_pp)), atol=ATOL)
+    assert _post_many(srv.base, "/predict_batched", slices, model="nope").status_code == 404
+    # region= on /predict_batched: the same box of every slice, as /predict answers it; a slice the box
+    # does not fit gets its 400 in place
+    ct = slices[0]
+    h, w = read_dicom(ct).pixels.shape[-2:]
+    box = f"{w // 4},{h // 4},{3 * w // 4},{3 * h // 4}"
+    boxed = _post_many(srv.base, "/predict_batched", [ct, ct], region=box).json()
+    single = post(srv.base, ct, region=box).json()
+    for item in boxed:
+        assert item["image"]["region"] == single["image"]["region"]
+        assert np.allclose(probs(item, ORGANS), probs(single, ORGANS), atol=ATOL)
+        assert not any("organ-centred crops" in x for x in item["warnings"])
+    big = max(read_dicom(p).pixels.shape[-1] for p in slices)
+    wide = f"0,0,{big},{big}"  # fits the larger slice only
+    mixed = _post_many(srv.base, "/predict_batched", slices, region=wide).json()
+    fits = [read_dicom(p).pixels.shape[-1] == big for p in slices]
+    assert [("error" not in m) for m in mixed] == fits and any(not f for f in fits)
+    assert all(m["status"] == 400 for m, f in zip(mixed, fits, strict=True) if not f)
+
+
 def test_mounted_demo_offers_both_and_runs_each_through_the_inference_service(
     two_models, slices: list[Path], gradio_client_temp_dir: Path
 ) -> None:
