@@ -28,7 +28,7 @@ import torch
 from cthub.errors import ConfigError, ShapeError
 from cthub.runtime import select_device
 from export.metadata import calibration_of, ood_reference_of, served_calibration
-from export.ood import OodReference
+from export.ood import POOLED_STAGES, AnyOodReference, stage_features
 from hub.config import ModelConfig
 from hub.gradcam import stride16_grad_cam
 from hub.io import load_dir
@@ -73,6 +73,21 @@ class InferenceOutputs:
     cam: np.ndarray | None  # [B, K, h, w] float32, Grad-CAM of every class at stride 16 (h = w = S/16);
     # None when the pass was asked for no maps (`outputs(x, maps=False)`)
     embedding: np.ndarray  # [B, D] float32, globally pooled last-stage features
+    stage_pool: np.ndarray | None = None  # [B, 256+512+1024] float32, pooled layers 1-3 (the OOD score's);
+    # None from a graph version 2 file
+
+    def ood_features(self) -> dict[str, np.ndarray]:
+        """The pooled features of each stage the out-of-distribution score reads (`export.ood`)."""
+        return stage_features(self.stage_pool, self.embedding)
+
+
+RunOutputs = tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray | None]
+
+
+def pooled_stages(model: ResNet50, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(globally pooled layers 1-3 concatenated [B, 256+512+1024], layer3's map [B, 1024, S/16, S/16])."""
+    maps = model.forward_intermediates(x, indices=list(range(len(POOLED_STAGES))), intermediates_only=True)
+    return torch.cat([m.mean(dim=(2, 3)) for m in maps], dim=1), maps[-1]
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
@@ -80,7 +95,8 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
 
 
 class CamHead(torch.nn.Module):
-    """A ResNet50 classifier giving logits, probabilities, cam and embedding (the exported graph)."""
+    """A ResNet50 classifier giving logits, probabilities, cam, embedding and stage_pool (the exported
+    graph, version 3: `export.defaults.GRAPH_VERSION`)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
@@ -90,12 +106,14 @@ class CamHead(torch.nn.Module):
         self.model: ResNet50 = model
         self.fc: torch.nn.Linear = fc
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        a3 = self.model.forward_intermediates(x, indices=[2], intermediates_only=True)[0]  # stride 16
+    def forward(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        stage_pool, a3 = pooled_stages(self.model, x)  # a3: stride 16
         feats, cam = stride16_grad_cam(self.model, self.fc, a3)
         embedding = self.model.forward_head(feats, pre_logits=True)
         logits = self.fc(embedding)
-        return logits, torch.softmax(logits, dim=1), cam, embedding
+        return logits, torch.softmax(logits, dim=1), cam, embedding, stage_pool
 
 
 class Classifier(ABC):
@@ -103,7 +121,8 @@ class Classifier(ABC):
 
     Subclasses set `config`, `sha256` (of the source weights), `providers`, `input_shape` [C, S, S],
     `num_classes` and optionally `ood` (the out-of-distribution reference), and implement `_run` (logits)
-    and `_run_outputs` (logits, cam or None, embedding) on a batch already checked and converted to float32.
+    and `_run_outputs` (logits, cam or None, embedding, stage_pool or None) on a batch already checked and
+    converted to float32.
     """
 
     backend: ClassVar[str]
@@ -112,17 +131,18 @@ class Classifier(ABC):
     providers: list[str]
     input_shape: tuple[int, int, int]
     num_classes: int
-    ood: OodReference | None = None
+    ood: AnyOodReference | None = None
 
     @abstractmethod
     def _run(self, batch: np.ndarray) -> np.ndarray:
         """Logits [B, num_classes] for a C-contiguous float32 batch of the expected shape."""
 
     @abstractmethod
-    def _run_outputs(self, batch: np.ndarray, maps: bool) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-        """(logits [B, K], cam [B, K, h, w] or None without `maps`, embedding [B, D]) as float32 for a
-        checked batch. Without `maps` the Grad-CAM nodes are not run at all (they cost more than the forward
-        pass at 224 px with many classes: docs/results/bench-224px.md)."""
+    def _run_outputs(self, batch: np.ndarray, maps: bool) -> RunOutputs:
+        """(logits [B, K], cam [B, K, h, w] or None without `maps`, embedding [B, D], stage_pool [B, 1792]
+        or None from a graph without it) as float32 for a checked batch. Without `maps` the Grad-CAM nodes
+        are not run at all (they cost more than the forward pass at 224 px with many classes:
+        docs/results/bench-224px.md)."""
 
     @property
     def labels(self) -> list[str]:
@@ -177,24 +197,24 @@ class Classifier(ABC):
     def outputs(self, x: np.ndarray | torch.Tensor, maps: bool = True) -> InferenceOutputs:
         """Raw logits, calibrated float64 probabilities, class activation maps (None without `maps`) and
         embeddings in one pass."""
-        logits, cam, embedding = self._run_outputs(self._checked(x), maps)
+        logits, cam, embedding, stage_pool = self._run_outputs(self._checked(x), maps)
         probs = softmax(logits.astype(np.float64) / self.temperature)
-        return InferenceOutputs(logits, probs, cam, embedding)
+        return InferenceOutputs(logits, probs, cam, embedding, stage_pool)
 
     @property
     def ood_threshold(self) -> float | None:
         """Scores above this are out of distribution; None when the model carries no reference."""
         return None if self.ood is None else self.ood.threshold
 
-    def ood_score(self, embedding: np.ndarray) -> np.ndarray:
-        """Out-of-distribution scores [B] for embeddings [B, D] (see export.ood); ConfigError without a
-        reference (check `ood_threshold is None` first)."""
+    def ood_score(self, outputs: InferenceOutputs) -> np.ndarray:
+        """Out-of-distribution scores [B] of a pass's outputs (the pooled stage features; see export.ood);
+        ConfigError without a reference (check `ood_threshold is None` first)."""
         if self.ood is None:
             raise ConfigError(
                 f"{self.config.name} has no out-of-distribution reference: re-export it with its training "
                 "data (`cthub export MODEL_DIR --data FILE`)"
             )
-        return self.ood.score(embedding)
+        return self.ood.score_stages(outputs.ood_features())
 
     def torch_module(self) -> torch.nn.Module | None:
         """The torch model behind this classifier, when it is one."""
@@ -212,7 +232,7 @@ class TorchClassifier(Classifier):
         config: ModelConfig,
         sha256: str,
         device: torch.device | None = None,
-        ood: OodReference | None = None,
+        ood: AnyOodReference | None = None,
     ) -> None:
         if config.num_classes <= 0:
             raise ConfigError(f"{config.name} is an encoder without a classification head")
@@ -248,15 +268,16 @@ class TorchClassifier(Classifier):
             out = self.module(torch.from_numpy(batch).to(self.device))
         return out.float().cpu().numpy()
 
-    def _run_outputs(self, batch: np.ndarray, maps: bool) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    def _run_outputs(self, batch: np.ndarray, maps: bool) -> RunOutputs:
         x = torch.from_numpy(batch).to(self.device)
         with torch.inference_mode():
             if not maps:
                 net = self.head.model
-                embedding = net.forward_head(net.forward_features(x), pre_logits=True)
-                return _numpy(self.head.fc(embedding)), None, _numpy(embedding)
-            logits, _, cam, embedding = self.head(x)
-        return _numpy(logits), _numpy(cam), _numpy(embedding)
+                stage_pool, a3 = pooled_stages(net, x)
+                embedding = net.forward_head(net.layer4(a3), pre_logits=True)
+                return _numpy(self.head.fc(embedding)), None, _numpy(embedding), _numpy(stage_pool)
+            logits, _, cam, embedding, stage_pool = self.head(x)
+        return _numpy(logits), _numpy(cam), _numpy(embedding), _numpy(stage_pool)
 
     def torch_module(self) -> torch.nn.Module:
         return self.module

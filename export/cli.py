@@ -178,9 +178,7 @@ def run_evaluate_ood(args: argparse.Namespace) -> int:
     evaluation = evaluate_shifts(
         clf, Path(args.real_data), source, in_images=args.in_images, max_images=args.max_images
     )
-    table = evaluation.table(
-        clf.ood.summary()["method"], lambda o: clf.ood_score(o.embedding), clf.ood_threshold
-    )
+    table = evaluation.table(clf.ood.summary()["method"], clf.ood_score, clf.ood_threshold)
     record = table.to_dict() | {
         "variant": args.variant,
         "command": command_line("evaluate-ood", args),

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 DEFAULT_OPSET = 18
 # The exported graph's outputs, as a version: a file of another version is stale (`export.integrity`).
-# 2: `cam` is Grad-CAM at the stride-16 stage (S/16); 1 was the last stage's CAM (S/32).
-GRAPH_VERSION = 2
+# 3: a `stage_pool` output (pooled layers 1-3) for the multi-layer OOD score (export.ood); 2: `cam` is
+# Grad-CAM at the stride-16 stage (S/16); 1 was the last stage's CAM (S/32).
+GRAPH_VERSION = 3
 EXPORTERS = ("dynamo", "torchscript")
 PARITY_TOLERANCE = 1e-4  # fp32 parity: atol on logits (see export.exporter for the full rule)
 DEFAULT_PARITY_IMAGES = 256

@@ -1,6 +1,6 @@
-"""Classifier -> ONNX with four outputs (logits, probabilities, cam, embedding), dynamic batch, metadata, a
-sha256 sidecar, an out-of-distribution reference, and a parity check against torch on real images of the
-classifier's own data (written into the model card)."""
+"""Classifier -> ONNX with five outputs (logits, probabilities, cam, embedding, stage_pool), dynamic batch,
+metadata, a sha256 sidecar, an out-of-distribution reference (`export.ood.LayeredOodReference`), and a
+parity check against torch on real images of the classifier's own data (written into the model card)."""
 
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from cthub.errors import (
 from export.classifier import CamHead, Classifier, loaded_sha256, model_config
 from export.data import ModelData, batches, load_model_data, prepare_files, pydicom_sources
 from export.defaults import (
+    DEFAULT_OOD_FOLDS,
     DEFAULT_OOD_IMAGES,
     DEFAULT_OPSET,
     DEFAULT_PARITY_IMAGES,
@@ -39,7 +40,7 @@ from export.defaults import (
 )
 from export.integrity import ONNX_NAME, check_fresh, record_onnx
 from export.metadata import CALIBRATION_KEY, served_calibration
-from export.ood import OodReference
+from export.ood import LayeredOodReference, stage_features
 from export.session import INPUT_NAME, META_PREFIX, OUTPUT_NAMES, OnnxClassifier, read_metadata
 from hub.config import WEIGHTS_NAME, ModelConfig, data_source
 from hub.io import load_dir, record_metrics, sha256_file
@@ -66,7 +67,9 @@ OUTPUT_DOCS: dict[str, str] = {
     "probabilities": "[batch, K] softmax of the logits",
     "cam": "[batch, K, S/16, S/16] Grad-CAM of every class at the stride-16 stage (layer3), before ReLU and "
     "upsampling: sum_c alpha[k, c] * A3[c], alpha = spatial mean of d logit_k / d A3 (computed in the graph)",
-    "embedding": "[batch, 2048] globally pooled last-stage features (out-of-distribution scoring)",
+    "embedding": "[batch, 2048] globally pooled last-stage features (layer4; out-of-distribution scoring)",
+    "stage_pool": "[batch, 256+512+1024] globally pooled outputs of layers 1, 2 and 3, concatenated "
+    "(out-of-distribution scoring: 'cthub.ood')",
 }
 
 
@@ -157,30 +160,33 @@ class Outputs:
     logits: np.ndarray
     cam: np.ndarray
     embedding: np.ndarray
+    stage_pool: np.ndarray
 
 
-def _stack(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> Outputs:
-    return Outputs(*(np.concatenate([p[i] for p in parts]) for i in range(3)))
+def _stack(parts: Sequence[tuple[np.ndarray, ...]]) -> Outputs:
+    return Outputs(*(np.concatenate([p[i] for p in parts]) for i in range(4)))
 
 
 def torch_outputs(model: torch.nn.Module, inputs: Iterable[np.ndarray]) -> Outputs:
-    """(logits, cam, embedding) of the torch model over batches of inputs."""
+    """(logits, cam, embedding, stage_pool) of the torch model over batches of inputs."""
     head = CamHead(model.eval().float())
     parts = []
     with torch.inference_mode():
         for x in inputs:
-            logits, _, cam, emb = head(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
-            parts.append((logits.numpy(), cam.numpy(), emb.numpy()))
+            logits, _, cam, emb, pool = head(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
+            parts.append((logits.numpy(), cam.numpy(), emb.numpy(), pool.numpy()))
     return _stack(parts)
 
 
 def classifier_outputs(clf: Classifier, inputs: Iterable[np.ndarray]) -> Outputs:
-    """(logits, cam, embedding) of a Classifier over batches of inputs."""
+    """(logits, cam, embedding, stage_pool) of a Classifier over batches of inputs."""
     parts = []
     for x in inputs:
         o = clf.outputs(x, maps=True)
+        if o.stage_pool is None:
+            raise ConfigError(f"{clf.config.name}'s graph has no stage_pool output: re-export it")
         assert o.cam is not None  # asked for
-        parts.append((o.logits, o.cam, o.embedding))
+        parts.append((o.logits, o.cam, o.embedding, o.stage_pool))
     return _stack(parts)
 
 
@@ -248,6 +254,7 @@ def parity(
     d_logits = max(float(np.abs(got.logits - ref.logits).max()), float(np.abs(single - ref.logits[:1]).max()))
     d_cam = float(np.abs(got.cam - ref.cam).max())
     d_emb = float(np.abs(got.embedding - ref.embedding).max())
+    d_pool = float(np.abs(got.stage_pool - ref.stage_pool).max())
     same = got.logits.argmax(1) == ref.logits.argmax(1)
     top2 = np.sort(ref.logits, axis=1)[:, -2:]
     unexplained = int(np.sum(~same & (top2[:, 1] - top2[:, 0] > 2 * d_logits)))
@@ -264,6 +271,7 @@ def parity(
         "max_abs_diff_logits": d_logits,
         "max_abs_diff_cam": d_cam,
         "max_abs_diff_embedding": d_emb,
+        "max_abs_diff_stage_pool": d_pool,
         "top1_agreement": float(same.mean()),
         "max_abs_logit": float(np.abs(ref.logits).max()),
         "max_abs_cam": float(np.abs(ref.cam).max()),
@@ -272,25 +280,45 @@ def parity(
     }
 
 
-def embeddings(clf: Classifier, images: np.ndarray, pp: Any) -> np.ndarray:
-    """Pooled embeddings [N, D] of stored uint8 images through the classifier."""
-    return classifier_outputs(clf, batches(images, pp, CHUNK)).embedding
+def stage_features_of(clf: Classifier, images: np.ndarray, pp: Any) -> dict[str, np.ndarray]:
+    """Pooled features of each ResNet stage {layer1..layer4: [N, C]} of stored uint8 images through the
+    classifier (its graph without the map nodes)."""
+    parts = [clf.outputs(x, maps=False) for x in batches(images, pp, CHUNK)]
+    if any(o.stage_pool is None for o in parts):
+        raise ConfigError(f"{clf.config.name}'s graph has no stage_pool output: re-export it")
+    pool = np.concatenate([o.stage_pool for o in parts if o.stage_pool is not None])
+    return stage_features(pool, np.concatenate([o.embedding for o in parts]))
 
 
 def build_ood(
-    clf: Classifier, data: ModelData, n: int, quantile: float = DEFAULT_QUANTILE, seed: int = 0
-) -> OodReference:
-    """The OOD reference: embeddings of up to `n` training images, threshold at `quantile` of the scores of
-    up to `n` validation images."""
+    clf: Classifier,
+    data: ModelData,
+    n: int,
+    quantile: float = DEFAULT_QUANTILE,
+    seed: int = 0,
+    folds: int = DEFAULT_OOD_FOLDS,
+) -> LayeredOodReference:
+    """The OOD reference (`export.ood.LayeredOodReference`): a probabilistic PCA per stage of up to `n`
+    training images; z-scores and the threshold (`quantile`) from held-out scores: up to `n` validation
+    images and the training images cross-fitted in `folds` folds."""
     train, val = data.take("train", n, seed), data.take("val", n, seed)
-    ref = embeddings(clf, train.images, data.preprocessing)
-    held = embeddings(clf, val.images, data.preprocessing)
-    info = {"data": Path(data.source).name, "reference_split": "train", "threshold_split": "val"}
-    return OodReference.build(ref, held, quantile=quantile, info=info)
+    info = {
+        "data": Path(data.source).name,
+        "reference_split": "train",
+        "threshold_split": f"val + train cross-fitted in {folds} folds" if folds > 1 else "val",
+    }
+    return LayeredOodReference.build(
+        stage_features_of(clf, train.images, data.preprocessing),
+        stage_features_of(clf, val.images, data.preprocessing),
+        quantile=quantile,
+        folds=folds,
+        seed=seed,
+        info=info,
+    )
 
 
 def torch_to_onnx(module: torch.nn.Module, dummy: torch.Tensor, path: Path, opset: int, exporter: str) -> str:
-    """Write `module` (input [batch, C, S, S], the four OUTPUT_NAMES) to `path`; returns the exporter used."""
+    """Write `module` (input [batch, C, S, S], the OUTPUT_NAMES) to `path`; returns the exporter used."""
     if exporter not in EXPORTERS:
         raise ConfigError(f"exporter must be one of {', '.join(EXPORTERS)}")
     if exporter == "dynamo" and importlib.util.find_spec("onnxscript") is None:
@@ -384,7 +412,8 @@ def write_metadata(path: Path, props: dict[str, Any], doc: str) -> None:
 def _doc(cfg: ModelConfig, variant: str) -> str:
     return (
         f"{cfg.name} ({variant}): {cfg.architecture} classifier, input [batch, C, S, S] normalized by the "
-        "'cthub.preprocessing' metadata; outputs logits, probabilities, cam, embedding ('cthub.outputs')."
+        "'cthub.preprocessing' metadata; outputs logits, probabilities, cam, embedding, stage_pool "
+        "('cthub.outputs')."
     )
 
 

@@ -30,6 +30,11 @@ log = logging.getLogger(__name__)
 ONNX_NAME = "model.onnx"
 INT8_NAME = "model.int8.onnx"
 ONNX_FILES: dict[str, str] = {"fp32": ONNX_NAME, "int8": INT8_NAME}
+# what each graph version changed, as the stale-file message says it
+GRAPH_CHANGES = {
+    2: "its class activation maps are Grad-CAM at stride 16",
+    3: "a stage_pool output for the multi-layer out-of-distribution score",
+}
 
 
 def onnx_file(model_dir: Path, variant: str = "fp32") -> Path:
@@ -137,7 +142,7 @@ def check_fresh(
     if stored_graph != GRAPH_VERSION:
         raise StaleModelError(
             f"{path.name} is stale: it holds version {stored_graph} of the exported graph, this ct-ssl-hub "
-            f"writes version {GRAPH_VERSION} (its class activation maps are Grad-CAM at stride 16); {how}"
+            f"writes version {GRAPH_VERSION} ({GRAPH_CHANGES.get(GRAPH_VERSION, 'other outputs')}); {how}"
         )
     if config is not None:
         raw = metadata.get("preprocessing")

@@ -16,7 +16,7 @@ from typing import Any
 
 from cthub.errors import CTHubError
 from export.integrity import ONNX_NAME, check_fresh, verify_onnx_file
-from export.ood import OodReference
+from export.ood import AnyOodReference, reference_from_metadata
 from hub.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     return decode_metadata((p.key, p.value) for p in model.metadata_props)
 
 
-def ood_reference_of(model_dir: Path, source_sha256: str, config: ModelConfig) -> OodReference | None:
+def ood_reference_of(model_dir: Path, source_sha256: str, config: ModelConfig) -> AnyOodReference | None:
     """The out-of-distribution reference of the folder's model.onnx when that file is verified and was
     exported from these weights and preprocessing; None (logged) otherwise."""
     path = model_dir / ONNX_NAME
@@ -105,4 +105,4 @@ def ood_reference_of(model_dir: Path, source_sha256: str, config: ModelConfig) -
         log.warning("no out-of-distribution reference: %s", e)
         return None
     ood = meta.get("ood")
-    return OodReference.from_metadata(ood) if isinstance(ood, dict) else None
+    return reference_from_metadata(ood) if isinstance(ood, dict) else None

@@ -412,18 +412,20 @@ ScoreFn = Callable[[InferenceOutputs], np.ndarray]
 
 def model_outputs(clf: Classifier, inputs: np.ndarray) -> InferenceOutputs:
     """One forward pass over all `inputs`, CHUNK at a time."""
-    parts = [clf.outputs(inputs[i : i + CHUNK]) for i in range(0, len(inputs), CHUNK)]
+    parts = [clf.outputs(inputs[i : i + CHUNK], maps=False) for i in range(0, len(inputs), CHUNK)]
+    pools = [p.stage_pool for p in parts if p.stage_pool is not None]
     return InferenceOutputs(
         np.concatenate([p.logits for p in parts]),
         np.concatenate([p.probabilities for p in parts]),
-        np.zeros((len(inputs), 0), dtype=np.float32),  # maps are not needed here
+        None,  # maps are not needed here
         np.concatenate([p.embedding for p in parts]),
+        np.concatenate(pools) if len(pools) == len(parts) else None,
     )
 
 
 def served_score(clf: Classifier) -> ScoreFn:
-    """The score serving answers with: the classifier's own OOD reference on the embedding."""
-    return lambda out: clf.ood_score(out.embedding)
+    """The score serving answers with: the classifier's own OOD reference on the pooled stage features."""
+    return clf.ood_score
 
 
 def build_shifts(

@@ -20,10 +20,10 @@ from typing import Any, ClassVar
 import numpy as np
 
 from cthub.errors import ConfigError, InputError, IntegrityError, ModelNotFoundError
-from export.classifier import Classifier, softmax
+from export.classifier import Classifier, RunOutputs, softmax
 from export.integrity import check_fresh, onnx_file, verify_onnx_file
 from export.metadata import META_PREFIX, decode_metadata, ood_reference_of, read_metadata
-from export.ood import OodReference
+from export.ood import reference_from_metadata
 from hub.config import WEIGHTS_NAME, ModelConfig
 from hub.manifest import read_sidecar, sha256_file, verify
 
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
-OUTPUT_NAMES: tuple[str, ...] = ("logits", "probabilities", "cam", "embedding")
+OUTPUT_NAMES: tuple[str, ...] = ("logits", "probabilities", "cam", "embedding", "stage_pool")
 # outputs the graph without maps drops: Grad-CAM of every class (6.9x a forward pass at 224 px, 11 classes;
 # docs/results/bench-224px.md) and the uncalibrated softmax (probabilities are softmax(logits / T) here)
 MAP_OUTPUTS: tuple[str, ...] = ("cam", "probabilities")
@@ -153,7 +153,7 @@ class OnnxClassifier(Classifier):
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.input_shape, self.num_classes = self._shapes()
         ood = self.metadata.get("ood")
-        self.ood = OodReference.from_metadata(ood) if isinstance(ood, dict) else None
+        self.ood = reference_from_metadata(ood) if isinstance(ood, dict) else None
 
     def _shapes(self) -> tuple[tuple[int, int, int], int]:
         try:
@@ -194,18 +194,20 @@ class OnnxClassifier(Classifier):
     def _run(self, batch: np.ndarray) -> np.ndarray:
         return np.asarray(self.session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0])
 
-    def _run_outputs(self, batch: np.ndarray, maps: bool) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    def _run_outputs(self, batch: np.ndarray, maps: bool) -> RunOutputs:
         missing = [n for n in ("cam", "embedding") if n not in self.output_names]
         if missing:
             raise ConfigError(
                 f"{self.path.name} has no {' / '.join(missing)} output (exported by an older version): "
                 "re-export it with `cthub export`"
             )
+        pooled = ["stage_pool"] if "stage_pool" in self.output_names else []  # graph version 3 on
         if not maps:
-            logits, embedding = self.prepare_without_maps().run(["logits", "embedding"], {INPUT_NAME: batch})
-            return np.asarray(logits), None, np.asarray(embedding)
-        logits, cam, embedding = self.session.run(["logits", "cam", "embedding"], {INPUT_NAME: batch})
-        return np.asarray(logits), np.asarray(cam), np.asarray(embedding)
+            got = self.prepare_without_maps().run(["logits", "embedding", *pooled], {INPUT_NAME: batch})
+            return np.asarray(got[0]), None, np.asarray(got[1]), np.asarray(got[2]) if pooled else None
+        got = self.session.run(["logits", "cam", "embedding", *pooled], {INPUT_NAME: batch})
+        stage_pool = np.asarray(got[3]) if pooled else None
+        return np.asarray(got[0]), np.asarray(got[1]), np.asarray(got[2]), stage_pool
 
     def prepare_without_maps(self) -> Any:
         """The session of the graph without the map nodes (built once, thread-safe): every output but

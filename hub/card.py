@@ -178,7 +178,17 @@ def export_lines(onnx: Any) -> list[str]:
             f"{_fmt(par.get('max_abs_diff_cam'), '.1e')}, top-1 agreement "
             f"{_fmt(par.get('top1_agreement'), '.4f')}."
         )
-        if isinstance(ood, dict):
+        if isinstance(ood, dict) and ood.get("stages"):  # graph version 3: the multi-layer score
+            lines.append(
+                f"- Out-of-distribution reference: {ood.get('method')} (probabilistic PCA of the pooled "
+                f"features of each of {', '.join(ood['stages'])}, the largest z-score) over "
+                f"{ood.get('n_reference')} {ood.get('data')} training images; threshold "
+                f"{_fmt(ood.get('threshold'), '.4f')} = {_fmt(100 * float(ood.get('quantile', 0)), '.0f')}th "
+                f"percentile of {ood.get('n_held_out')} held-out scores ({ood.get('n_validation')} "
+                f"validation images, {ood.get('n_cross_fitted')} training images cross-fitted in "
+                f"{ood.get('folds')} folds)."
+            )
+        elif isinstance(ood, dict):
             lines.append(
                 f"- Out-of-distribution reference: {ood.get('method')} (rank {ood.get('rank')}) over "
                 f"{ood.get('n_reference')} {ood.get('data')} training images; threshold "

@@ -244,7 +244,7 @@ class InferenceEngine:
         is None without `maps`."""
         t0, c0 = time.perf_counter(), time.process_time()
         out = self.classifier.outputs(batch, maps=maps)
-        ood = self.classifier.ood_score(out.embedding) if self.classifier.ood is not None else None
+        ood = self.classifier.ood_score(out) if self.classifier.ood is not None else None
         ms = round(1000 * (time.perf_counter() - t0), 3)
         cpu_ms = round(1000 * (time.process_time() - c0), 3)  # this process's CPU: wall minus preemption
         n = len(out.logits)

@@ -165,6 +165,8 @@ def test_outputs_match_torch_and_the_cam_definition(trained: Path, organ_test_ba
     assert got.probabilities.dtype == np.float64 and np.allclose(got.probabilities.sum(1), 1.0, atol=1e-12)
     assert within(got.logits, ref.logits, 1e-4)  # max |Δ| <= 1e-4 + 1e-5 * max |logit|
     assert within(got.cam, ref.cam, 1e-3, rtol=CAM_RTOL) and within(got.embedding, ref.embedding, 1e-3)
+    assert got.stage_pool is not None and ref.stage_pool is not None and got.stage_pool.shape == (96, 1792)
+    assert within(got.stage_pool, ref.stage_pool, 1e-3)  # pooled layers 1-3, the OOD score's features
     assert np.array_equal(got.logits.argmax(1), ref.logits.argmax(1))
     assert np.allclose(onnx_clf.logits(x), got.logits) and np.allclose(
         onnx_clf.predict_proba(x), got.probabilities
@@ -187,7 +189,8 @@ def test_metadata_round_trip(exported: ExportReport, trained: Path) -> None:
     model = onnx.load(str(path))
     onnx.checker.check_model(model)
     assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
-    assert [o.name for o in model.graph.output] == ["logits", "probabilities", "cam", "embedding"]
+    outputs = ["logits", "probabilities", "cam", "embedding", "stage_pool"]
+    assert [o.name for o in model.graph.output] == outputs
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch
     meta, cfg = read_metadata(path), ModelConfig.load(trained)
     assert meta["labels"] == ORGANAMNIST_LABELS == cfg.labels and meta["threshold"] is None
@@ -197,8 +200,9 @@ def test_metadata_round_trip(exported: ExportReport, trained: Path) -> None:
     assert dt.datetime.fromisoformat(meta["exported_at"]).tzinfo is not None
     assert {"torch", "onnx", "onnxruntime", "onnxscript", "ct-ssl-hub"} <= set(meta["exporter"])
     assert meta["exporter"]["method"] == "dynamo" and meta["exporter"]["opset"] == exported.opset
-    assert set(meta["outputs"]) == {"logits", "probabilities", "cam", "embedding"}
-    assert meta["parity"]["top1_agreement"] == 1.0 and meta["ood"]["method"] == "ppca-mahalanobis"
+    assert set(meta["outputs"]) == set(outputs) and meta["graph_version"] == 3
+    assert meta["parity"]["top1_agreement"] == 1.0
+    assert meta["ood"]["method"] == "ppca-mahalanobis-layers-max-z"
     assert sidecar_path(path).read_text() == f"{exported.onnx_sha256}  {ONNX_NAME}\n"
     clf = OnnxClassifier(path, threads=1)
     assert (
@@ -344,8 +348,8 @@ def test_ood_reference_flags_head_ct_slices_for_an_abdominal_model(
     x, _ = organ_test_batch
     pp = clf.config.preprocessing
     heads = np.stack([prepare(p, pp).numpy() for p in sorted(head_ct_dir.glob("*.png"))])
-    s_in = clf.ood_score(clf.outputs(x).embedding)
-    s_head = clf.ood_score(clf.outputs(heads).embedding)
+    s_in = clf.ood_score(clf.outputs(x))
+    s_head = clf.ood_score(clf.outputs(heads))
     flagged_in, flagged_head = np.mean(s_in > clf.ood_threshold), np.mean(s_head > clf.ood_threshold)
     # measured on comparable 64 px models: ~3% of abdominal test slices, 25-35% of head CT slices flagged;
     # ranking AUROC ~0.93. A reference that learned nothing would flag both alike (AUROC ~0.5).
@@ -353,7 +357,10 @@ def test_ood_reference_flags_head_ct_slices_for_an_abdominal_model(
     assert np.mean(s_head[:, None] > s_in[None]) > 0.8
     native = TorchClassifier.from_dir(trained)
     assert native.ood_threshold == clf.ood_threshold
-    assert np.allclose(native.ood_score(native.outputs(heads[:8]).embedding), s_head[:8], atol=1e-4)
+    assert np.allclose(native.ood_score(native.outputs(heads[:8])), s_head[:8], atol=1e-4)
+    # the pass without maps scores the same (its graph keeps stage_pool and embedding)
+    assert np.allclose(clf.ood_score(clf.outputs(heads[:8], maps=False)), s_head[:8], atol=1e-5)
+    assert np.allclose(native.ood_score(native.outputs(heads[:8], maps=False)), s_head[:8], atol=1e-4)
 
 
 def test_wrong_input_shape_is_a_shape_error(exported: ExportReport, trained: Path) -> None:
@@ -392,7 +399,7 @@ def test_cli_export_without_data_to_another_path(tmp_path: Path, ct_small_dcm: P
     clf = OnnxClassifier(out)
     assert clf.ood_threshold is None
     with pytest.raises(ConfigError, match="no out-of-distribution reference"):
-        clf.ood_score(clf.outputs(prepare(ct_small_dcm, clf.config.preprocessing)).embedding)
+        clf.ood_score(clf.outputs(prepare(ct_small_dcm, clf.config.preprocessing)))
     rc, _ = run_cli(["export", str(model_dir), "--int8", "--parity-images", "0", "--exporter", "torchscript"])
     assert rc == 2 and not (model_dir / INT8_NAME).exists()  # int8 needs the model's own data
 

@@ -109,3 +109,19 @@ def test_stage_features_splits_the_graphs_stage_pool_output(features: dict) -> N
         stage_features(pool[:, :-1], test["layer4"])
     with pytest.raises(ConfigError, match="layer1"):
         LayeredOodReference.build(features["train"], features["val"]).score_stages({"layer4": test["layer4"]})
+
+
+def test_a_graph_version_2_export_is_stale_and_names_the_re_export_command(tmp_path: Path) -> None:
+    """A file exported before the stage_pool output (graph version 2, the layer4 score) is refused at load
+    with the command that makes a fresh one; `make run` / quickstart's freshness rule re-exports it."""
+    from cthub.errors import StaleModelError
+    from export.exporter import matches_source
+    from export.integrity import check_fresh
+    from hub.config import ModelConfig
+
+    cfg, sha = ModelConfig(name="m", num_classes=2), "a" * 64
+    meta = {"source_sha256": sha, "graph_version": 2, "preprocessing": cfg.preprocessing.to_dict()}
+    path = tmp_path / "clf" / "model.onnx"
+    with pytest.raises(StaleModelError, match=r"version 2 .*stage_pool.*run `cthub export .*clf`"):
+        check_fresh(meta, path, config=cfg, source_sha256=sha)
+    assert not matches_source(meta, cfg, sha) and matches_source(meta | {"graph_version": 3}, cfg, sha)
