@@ -412,4 +412,6 @@ def other_served(p: Plan) -> list[Path]:
 
             if onnx_is_fresh(d):
                 out.append(d)
+            else:  # e.g. exported by an older graph version: not served rather than refused at start-up
+                print(f"{d.name} is not served beside: its model.onnx is not current (`cthub export {d}`)")
     return out
