@@ -569,7 +569,7 @@ LAYERS = ("layer1", "layer2", "layer3", "layer4")
 
 def torch_features(model: Any, inputs: np.ndarray) -> dict[str, np.ndarray]:
     """Globally pooled outputs of the four ResNet stages [N, C_i] and the logits [N, K], with torch (the
-    ONNX graph exports only the last stage's)."""
+    same features as the ONNX graph's stage_pool and embedding outputs)."""
     import torch
 
     out: dict[str, list[np.ndarray]] = {k: [] for k in (*LAYERS, "logits")}
@@ -583,11 +583,16 @@ def torch_features(model: Any, inputs: np.ndarray) -> dict[str, np.ndarray]:
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
+SERVED_RECIPE = "ppca layers 1-4, max of z, served (z and threshold on val + cross-fitted train)"
+
+
 def candidate_scores(train: dict[str, np.ndarray], val: dict[str, np.ndarray]) -> dict[str, ScoreOfFeatures]:
     """The scores compared, each fitted on training features (val: the z-scores' mean and spread):
     probabilistic-PCA Mahalanobis (export.ood) per stage and over all four (sum and max of their z-scores
     on validation, after Lee et al. 2018's multi-layer detector), the energy score (Liu et al. 2020) and
-    the cosine distance to the 10th nearest training embedding (Sun et al. 2022)."""
+    the cosine distance to the 10th nearest training embedding (Sun et al. 2022); their threshold is the
+    99th percentile of validation scores (`compare_scores`). Besides, the served recipe
+    (`served_recipe`)."""
     from export.ood import OodReference
 
     def ppca(layer: str) -> ScoreOfFeatures:
@@ -623,9 +628,19 @@ def candidate_scores(train: dict[str, np.ndarray], val: dict[str, np.ndarray]) -
 ScoreOfFeatures = Callable[[dict[str, np.ndarray]], np.ndarray]
 
 
+def served_recipe(train: dict[str, np.ndarray], val: dict[str, np.ndarray]) -> tuple[ScoreOfFeatures, float]:
+    """The served score (`export.ood.LayeredOodReference`, as the export builds it) fitted on these
+    features, with its own threshold (held-out scores: validation and cross-fitted training images)."""
+    from export.ood import LayeredOodReference
+
+    ref = LayeredOodReference.build(train, val)
+    return ref.score_stages, ref.threshold
+
+
 def compare_scores(model_dir: Path, evaluation: Evaluation, data: Path, n_fit: int = 500) -> list[OodTable]:
-    """One table per candidate score (`candidate_scores`) on the evaluation's images, each with its own
-    threshold (99th percentile of validation scores), fitted on up to `n_fit` train / val images."""
+    """One table per candidate score (`candidate_scores`, then `served_recipe`) on the evaluation's images,
+    each with its own threshold (99th percentile of validation scores; the served recipe's own), fitted on
+    up to `n_fit` train / val images."""
     from export.data import batches
     from hub.io import load_dir
 
@@ -639,9 +654,13 @@ def compare_scores(model_dir: Path, evaluation: Evaluation, data: Path, n_fit: i
     }
     feats_in = torch_features(model, evaluation.in_inputs)
     feats_shift = [(s, torch_features(model, s.inputs)) for s, _ in evaluation.shifts]
+    scored_by: list[tuple[str, ScoreOfFeatures, float]] = [
+        (name, fn, float(np.quantile(fn(fit["val"]), 0.99)))
+        for name, fn in candidate_scores(fit["train"], fit["val"]).items()
+    ]
+    scored_by.append((SERVED_RECIPE, *served_recipe(fit["train"], fit["val"])))
     tables = []
-    for name, fn in candidate_scores(fit["train"], fit["val"]).items():
-        threshold = float(np.quantile(fn(fit["val"]), 0.99))
+    for name, fn, threshold in scored_by:
         in_scores = fn(feats_in)
         scored = [(s, fn(f)) for s, f in feats_shift]
         tables.append(
