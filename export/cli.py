@@ -49,7 +49,10 @@ def register(subparsers: SubParsers) -> None:
         "--ood-images", type=int, default=DEFAULT_OOD_IMAGES, help="train/val images for the OOD reference"
     )
     p.add_argument(
-        "--ood-quantile", type=float, default=DEFAULT_QUANTILE, help="OOD threshold: this quantile of val"
+        "--ood-quantile",
+        type=float,
+        default=DEFAULT_QUANTILE,
+        help="OOD threshold: this quantile of held-out scores (val + cross-fitted train)",
     )
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     q = p.add_argument_group("int8")
