@@ -6,8 +6,9 @@ exported with its OOD reference):
   captures, the model's own test images in a wrong window), marks each far or near, writes the table and
   records it in the model's card;
 - the real 275-slice chest series fnndsc_chest (whole slices) through the analysis layer the server uses: the
-  series verdict counts the flagged slices and names the rule; with `make run`'s OrganAMNIST model
-  (organ-centred crops, models/organamnist-ssl, skipped without it) the series is flagged.
+  series verdict counts the flagged slices and names the rule, and the series is flagged for this module's
+  own organ-crop model (the multi-layer score of graph version 3; the layer4 score flagged 0 of its 275
+  slices) and for `make run`'s OrganAMNIST model (models/organamnist-ssl, skipped without a current export).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import pytest
 from conftest import SHARED_DATA, shared_file
 
 from cthub.cli import main as cthub_main
-from export import export_onnx
+from export import export_onnx, onnx_is_fresh
 from export.session import OnnxClassifier
 from hub.config import ModelConfig
 
@@ -41,7 +42,8 @@ def run_cli(argv: list[str]) -> tuple[int, str]:
 @pytest.fixture(scope="module")
 def organ_model(tmp_path_factory: pytest.TempPathFactory, organamnist_npz: Path) -> Path:
     """A short real fine-tune at 64 px by the CLI (its config records the data and split), exported with
-    its OOD reference (train embeddings, threshold the 99th percentile of validation scores)."""
+    its OOD reference (per-stage PPCA of training images, threshold the 99th percentile of held-out
+    scores: validation and cross-fitted training images)."""
     out = tmp_path_factory.mktemp("ood_organ") / "clf"
     argv = ["finetune", "--data", str(organamnist_npz), "--encoder", "scratch", "--out", str(out)]
     argv += ["--image-size", str(SIZE), "--epochs", "3", "--head-epochs", "1", "--max-train", "400"]
@@ -109,9 +111,12 @@ def series_answer(model_dir: Path) -> tuple[dict, int]:
     return answer, sum(1 for s in answer["slices"] if s["ood"]["warning"])
 
 
-def test_the_series_verdict_counts_the_flagged_slices_and_names_the_rule(organ_model: Path) -> None:
+def test_the_real_chest_series_is_flagged_for_the_suites_own_organ_model(organ_model: Path) -> None:
+    """Whole chest slices shown to a model of organ-centred crops: out of distribution by the series rule,
+    and the verdict counts the flagged slices and names the rule."""
     answer, flagged = series_answer(organ_model)
     verdict = answer["series"]["ood"]
+    assert verdict["warning"] is True and flagged >= 28
     assert (verdict["flagged"], verdict["scored"], verdict["share"]) == (flagged, 275, 0.1)
     assert verdict["warning"] is (flagged >= 28)  # 10% of 275, rounded up
     assert verdict["detail"] == f"{flagged} of 275 slices out of distribution" and "10%" in verdict["rule"]
@@ -122,12 +127,12 @@ MAKE_RUN_MODEL = Path(__file__).resolve().parents[1] / "models" / "organamnist-s
 
 
 @pytest.mark.skipif(
-    not (MAKE_RUN_MODEL / "model.onnx").is_file(), reason="needs `make run`'s model (models/organamnist-ssl)"
+    not onnx_is_fresh(MAKE_RUN_MODEL),
+    reason="needs `make run`'s model (models/organamnist-ssl) with a current export",
 )
 def test_the_real_chest_series_is_flagged_for_the_served_organ_model() -> None:
     """`make run`'s OrganAMNIST classifier (organ-centred crops): the whole-slice chest series is out of
-    distribution (275 of 275 measured). The short fixture model of this module flagged none of its slices
-    (measured on 2026-12-07: its threshold lies above them), so this holds on the served model."""
+    distribution (275 of 275 measured, both with the layer4 score and the multi-layer one)."""
     answer, flagged = series_answer(MAKE_RUN_MODEL)
     verdict = answer["series"]["ood"]
     assert verdict["warning"] is True and verdict["flagged"] == flagged >= 28
