@@ -52,7 +52,7 @@ def head_ct() -> tuple[torch.nn.Module, np.ndarray, torch.Tensor]:
 def test_served_maps_point_inside_the_head_and_are_no_ramp(head_ct) -> None:
     model, grey, x = head_ct
     with torch.no_grad():
-        logits, _, cam, _ = CamHead(model)(x)
+        logits, _, cam, *_ = CamHead(model)(x)  # + embedding, stage_pool
     assert cam.shape[-2:] == (SIZE // 16, SIZE // 16)
     decided = logits.argmax(1)
     last, _ = class_activation_map(model, x, target=decided)  # the last stage's 4x4 map, upsampled
