@@ -1,8 +1,8 @@
 """The API's work without BentoML: uploads -> JSON answers and SR reports, with inference injected.
 
 `Analyzer` decodes and preprocesses through `ctdata` (the one preprocessing path, with the served model's
-config), sends model inputs to the `ServedModel`'s `run` (the batchable inference service in production, an
-`InferenceEngine.run` in-process) and builds the answers. Every refusal is a `CTHubError`
+config), sends model inputs to the `ServedModel`'s `run` (in the server: the API worker's batcher or the
+inference service; elsewhere an `InferenceEngine.run`) and builds the answers. Every refusal is a `CTHubError`
 (`serving.inputs.http_status` gives its status); `audit` dicts passed in receive the request's audit details
 (model sha256, slice count, Study/Series Instance UIDs, which `serving.audit` turns into pseudonyms).
 """

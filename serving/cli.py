@@ -13,7 +13,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cthub.errors import ConfigError
-from serving.settings import ALSO_ENV, BACKENDS, MODEL_ENV, VARIANT_ENV, VARIANTS, ServeSettings
+from serving.settings import (
+    ALSO_ENV,
+    BACKENDS,
+    INFERENCE_ENV,
+    INFERENCE_MODES,
+    MODEL_ENV,
+    VARIANT_ENV,
+    VARIANTS,
+    ServeSettings,
+)
 
 if TYPE_CHECKING:
     from cthub.cli import SubParsers
@@ -30,7 +39,7 @@ def register(subparsers: SubParsers) -> None:
     p = subparsers.add_parser(
         "serve",
         help="serve a classifier: REST API (BentoML) + demo at /ui",
-        description="Starts the BentoML services for MODEL (its exported ONNX model behind adaptive "
+        description="Starts the BentoML service for MODEL (its exported ONNX model behind adaptive "
         "batching) with the Gradio demo mounted at /ui. Limits, auth, CORS and batching are set by "
         "CTHUB_* environment variables (see serving/settings.py and the README).",
     )
@@ -48,6 +57,14 @@ def register(subparsers: SubParsers) -> None:
         metavar="DIR",
         help="another exported classifier to serve beside MODEL (repeatable); requests select it with "
         "model=<its name>, the demo's picker offers it",
+    )
+    p.add_argument(
+        "--inference",
+        choices=INFERENCE_MODES,
+        default=None,
+        help="where the model runs: in-process (in the API worker, batched there; the faster on one "
+        "machine) or service (BentoML's separate inference service, one copy shared by every API worker); "
+        f"default ${INFERENCE_ENV} or in-process",
     )
     p.add_argument("--port", type=int, default=3000)
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the server to be ready")
@@ -129,8 +146,15 @@ def serve(args: argparse.Namespace) -> int:
     also = [resolve_model_dir(d) for d in args.also]
     for d in also:
         verify_export(d, "fp32")
-    print(f"cthub: starting the server for {model_dir} (ONNX {variant})", file=sys.stderr, flush=True)
     env = os.environ | QUIET_ENV | {MODEL_ENV: str(model_dir), VARIANT_ENV: variant}
+    if args.inference:
+        env[INFERENCE_ENV] = args.inference
+    where = ServeSettings.from_env(env).inference  # a wrong CTHUB_INFERENCE fails here, named
+    print(
+        f"cthub: starting the server for {model_dir} (ONNX {variant}, inference {where})",
+        file=sys.stderr,
+        flush=True,
+    )
     if also:
         env[ALSO_ENV] = ",".join(str(d) for d in also)
     root = str(Path(__file__).resolve().parents[1])

@@ -72,7 +72,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 @dataclass(frozen=True)
 class DemoModel:
     """A model the demo analyses with: its folder (the picker's value) and the `ServedModel` that runs it.
-    Mounted under the API, the served models are the inference service itself (`ApiWorker.demo_models`)."""
+    Mounted under the API, the served models are the server's batched sessions (`ApiWorker.demo_models`)."""
 
     model_dir: Path
     model: ServedModel

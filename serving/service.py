@@ -1,5 +1,6 @@
-"""The BentoML services: `cthub` (the HTTP API and the demo at /ui) and `cthub-inference` (the ONNX model
-behind adaptive batching), which `bentoml serve serving.entry:CTHubService` starts together.
+"""The BentoML services: `cthub` (the HTTP API and the demo at /ui), which `bentoml serve
+serving.entry:CTHubService` starts, and, in the two-service layout, `cthub-inference` (the ONNX model behind
+BentoML's adaptive batching) beside it.
 
     POST /predict          one DICOM -> label, probabilities, decision, OOD verdict, model, timing (cam=true:
                            the class activation map as a PNG overlay)
@@ -11,15 +12,17 @@ behind adaptive batching), which `bentoml serve serving.entry:CTHubService` star
                            `served_models`, every model this server serves
     GET /readyz /livez /healthz /metrics /docs.json   (BentoML)
 
-The API service decodes and preprocesses (`serving.analysis.Analyzer`); model inputs go to the inference
-service, where concurrent requests are merged into one forward pass (max batch / max latency
-configurable). More models can be served beside the default one (`CTHUB_SERVE_ALSO`, `cthub serve --also`):
-each has its own ONNX session in the inference service, and a `model` field (its name, version or sha256)
-on /predict, /predict_image, /predict_series and /model selects it; without it the default model answers,
-and a name that is not served is a 404. Settings come from the environment (`serving.settings`):
-`build_services` declares the two services from them (BentoML reads batching, workers, timeouts and CORS
-when a service is declared; its entry point `serving.entry` calls it at start-up) and each service reads
-them again when it starts.
+The API service decodes and preprocesses (`serving.analysis.Analyzer`). Where the model runs is a setting
+(CTHUB_INFERENCE): `in-process` (the default) keeps the ONNX sessions in the API worker, whose one
+forward-pass thread merges concurrent requests (`serving.batching`); `service` sends the model inputs to
+the inference service, where BentoML's batcher merges them, one copy of the model for every API worker.
+Either way max batch and max latency are settings. More models can be served beside the default one
+(`CTHUB_SERVE_ALSO`, `cthub serve --also`): each has its own ONNX session, and a `model` field (its name,
+version or sha256) on /predict, /predict_image, /predict_series and /model selects it; without it the
+default model answers, and a name that is not served is a 404. Settings come from the environment
+(`serving.settings`): `build_services` declares the service(s) from them (BentoML reads batching, workers,
+timeouts and CORS when a service is declared; its entry point `serving.entry` calls it at start-up) and
+each service reads them again when it starts.
 Importing this module changes no environment variable, creates no directory and reads no setting. User
 errors are 4xx JSON `{error, type, detail}`; the gateway middleware (`serving.gateway`) adds auth, body
 limits and the audit log.
@@ -48,6 +51,7 @@ from cthub.errors import CTHubError, ModelNotFoundError, ServiceBusyError, Unpro
 from export.session import quiet_onnxruntime_process
 from serving.analysis import Analyzer, Options
 from serving.audit import AUDIT_KEY, AuditLog
+from serving.batching import ForwardQueue
 from serving.demo import DemoModel, asgi_app, build_demo
 from serving.gateway import Gateway
 from serving.inference import InferenceEngine, ServedModel, resolve_model_dir, verify_export
@@ -69,8 +73,7 @@ SERIES_ROUTES = ("/predict_series", "/report", "/predict_batched")
 def served_demo_models() -> list[DemoModel]:
     """The mounted demo's models, the default first: this API worker's own service
     (`bentoml.get_current_service`, set when the worker starts), so the demo's analyses go through the
-    inference service's ONNX sessions like every REST request, instead of second sessions in the API
-    worker."""
+    server's batched ONNX sessions like every REST request, instead of second sessions of its own."""
     service = cast(ApiWorker, bentoml.get_current_service())
     return service.demo_models()
 
@@ -130,24 +133,43 @@ def fail_start(what: str, err: CTHubError) -> None:
     stop_server_after_startup_failure()
 
 
+def open_engines(settings: ServeSettings, what: str) -> list[InferenceEngine]:
+    """The verified ONNX engines of the default model and of each model served beside it, in that order;
+    a model that cannot be served stops the server (`what` names the service in the log line)."""
+    try:
+        engines = [InferenceEngine.open(s) for s in [settings, *also_settings(settings)]]
+    except CTHubError as e:
+        fail_start(what, e)
+        raise
+    for engine in engines:
+        clf = engine.classifier
+        ident = clf.identity
+        variant = getattr(clf, "variant", "fp32")
+        log.info("cthub: serving %s (onnx %s, %s)", ident["name"], variant, ", ".join(ident["providers"]))
+    return engines
+
+
+def forward_pass_metric(max_batch: int) -> Any:
+    """`cthub_forward_batch_size` on /metrics: the slices of each forward pass the API worker ran, by
+    model and by pass (with or without the maps); its count is the number of passes. In the two-service
+    layout BentoML's own `bentoml_service_adaptive_batch_size` says the same for the inference service.
+    Made when the worker starts (bentoml.metrics: multiprocess-safe)."""
+    buckets = sorted({1, 2, 4, 8, 16, 32, 64, max_batch})
+    return bentoml.metrics.Histogram(
+        name="cthub_forward_batch_size",
+        documentation="slices in each forward pass of the served model (in-process inference)",
+        labelnames=["model", "maps"],
+        buckets=[b for b in buckets if b <= max_batch],
+    )
+
+
 class InferenceWorker:
     """The exported ONNX classifier; concurrent requests are batched into one forward pass (`build_services`
     adds the batchable `infer` endpoint, whose batch size and latency budget are settings)."""
 
     def __init__(self) -> None:
         configure_worker()
-        settings = ServeSettings.from_env()
-        try:
-            self.engine = InferenceEngine.open(settings)
-            others = also_settings(settings)
-            self.others = [InferenceEngine.open(s) for s in others]
-        except CTHubError as e:
-            fail_start("inference service", e)
-            raise
-        variants = [settings.variant, *(s.variant for s in others)]
-        for engine, variant in zip([self.engine, *self.others], variants, strict=True):
-            ident = engine.classifier.identity
-            log.info("cthub: serving %s (onnx %s, %s)", ident["name"], variant, ", ".join(ident["providers"]))
+        self.engine, *self.others = open_engines(ServeSettings.from_env(), "inference service")
 
     @bentoml.api
     def describe(self) -> dict[str, Any]:
@@ -187,11 +209,29 @@ def _json_error(ctx: bentoml.Context, err: CTHubError, audit: dict[str, Any]) ->
 class ApiWorker:
     """CT slice and series classification with one exported model (see the module docstring)."""
 
-    inference: Any  # `bentoml.depends` on the inference service, set by `build_services`
+    inference: Any  # `bentoml.depends` on the inference service (CTHUB_INFERENCE=service), `build_services`
 
     def __init__(self) -> None:
         configure_worker()
         self.settings = ServeSettings.from_env()
+        self._served: list[ServedModel] | None = None
+        self._lock = threading.Lock()
+        if self.settings.inference == "in-process":
+            # the models in this worker, every forward pass through one batching thread
+            engines = open_engines(self.settings, "API service")
+            self._forward = ForwardQueue(
+                self.settings.max_batch, self.settings.max_latency_ms, self.settings.forward_threads
+            )
+            passes = forward_pass_metric(self.settings.max_batch)
+            self._served = []
+            for e in engines:
+                name = str(e.classifier.identity.get("name", ""))
+                run = self._forward.bind(e.run, passes.labels(model=name, maps="true").observe)
+                plain = self._forward.bind(
+                    e.run_without_maps, passes.labels(model=name, maps="false").observe
+                )
+                self._served.append(ServedModel.from_description(e.describe(), run, plain))
+            return
         try:
             # the inference service verifies too; failing here as well stops the server at once (a failing
             # dependency alone leaves this worker draining for the traffic timeout)
@@ -201,12 +241,10 @@ class ApiWorker:
         except CTHubError as e:
             fail_start("API service", e)
             raise
-        self._served: list[ServedModel] | None = None
-        self._lock = threading.Lock()
 
     def served_models(self) -> list[ServedModel]:
-        """The inference service's models, the default first: their descriptions (asked once, on first use)
-        and their inference calls."""
+        """The served models, the default first: in this worker (in-process), or the inference service's,
+        their descriptions asked once, on first use, with their inference calls."""
         with self._lock:
             if self._served is None:
                 main = ServedModel.from_description(
@@ -236,14 +274,14 @@ class ApiWorker:
         raise ModelNotFoundError(f"model {requested!r} is not served here; this server serves {names}")
 
     def demo_models(self) -> list[DemoModel]:
-        """The served models as the mounted demo analyses with them: through the inference service."""
+        """The served models as the mounted demo analyses with them: through the server's batched sessions."""
         folders = [self.settings.model, *self.settings.also]
         return [
             DemoModel(resolve_model_dir(f), m) for f, m in zip(folders, self.served_models(), strict=True)
         ]
 
     def _infer(self, batch: np.ndarray) -> list[dict[str, Any]]:
-        """The default model's outputs for a batch, with the maps (the adaptive batcher)."""
+        """The default model's outputs for a batch, with the maps (the inference service's batcher)."""
         return self._with_retry(lambda: self.inference.infer(batch))
 
     def _infer_without_maps(self, batch: np.ndarray) -> list[dict[str, Any]]:
@@ -446,13 +484,14 @@ def build_services(settings: ServeSettings) -> bentoml.Service[Any]:
             for a map (cam=false, series, batches), so that it does not pay for the Grad-CAM nodes."""
             return self.engine.run(inputs, maps=False)
 
-    inference_service = bentoml.service(
-        name="cthub-inference", workers=1, traffic={"timeout": settings.request_timeout_s}
-    )(InferenceService)
-
-    class CTHubService(ApiWorker):
-        __doc__ = ApiWorker.__doc__
-        inference = bentoml.depends(inference_service)
+    attrs: dict[str, Any] = {"__doc__": ApiWorker.__doc__}
+    if settings.inference == "service":  # else the API worker runs the model itself (serving.batching)
+        attrs["inference"] = bentoml.depends(
+            bentoml.service(
+                name="cthub-inference", workers=1, traffic={"timeout": settings.request_timeout_s}
+            )(InferenceService)
+        )
+    CTHubService = type("CTHubService", (ApiWorker,), attrs)  # type() calls the descriptors' __set_name__
 
     api = bentoml.service(
         name="cthub",

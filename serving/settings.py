@@ -9,9 +9,11 @@ is read by the services when they start. Nothing here loads a model.
 | CTHUB_SERVE_MODEL | (required to serve) | model folder or local hub name |
 | CTHUB_SERVE_VARIANT | fp32 | ONNX file: fp32 (model.onnx) or int8 (model.int8.onnx) |
 | CTHUB_SERVE_ALSO | (none) | more model folders served beside it, comma-separated (`model=` selects one) |
-| CTHUB_ORT_THREADS | CPUs this process may use | intra-op threads of the inference session |
+| CTHUB_INFERENCE | in-process | where the model runs: in-process (each API worker) or service (one shared) |
+| CTHUB_FORWARD_THREADS | 1 | in-process: passes run at once (2 x 1 thread: more img/s, slower alone) |
+| CTHUB_ORT_THREADS | CPUs / forward threads | intra-op threads of each forward pass |
 | CTHUB_BATCH_MAX_SIZE | 16 | adaptive batching: most slices in one forward pass |
-| CTHUB_BATCH_MAX_LATENCY_MS | 30000 | adaptive batching: latency budget (over it BentoML answers 503) |
+| CTHUB_BATCH_MAX_LATENCY_MS | 30000 | adaptive batching: latency budget (waited longer: 503) |
 | CTHUB_API_WORKERS | 1 | API worker processes (decode + preprocessing run there) |
 | CTHUB_API_THREADS | 32 | requests one API worker handles at once (while some wait for the model) |
 | CTHUB_MAX_UPLOAD_MB | 64 | request body limit of the one-image endpoints (413) |
@@ -41,6 +43,12 @@ MODEL_ENV = "CTHUB_SERVE_MODEL"
 ALSO_ENV = "CTHUB_SERVE_ALSO"
 VARIANT_ENV = "CTHUB_SERVE_VARIANT"
 VARIANTS = ("fp32", "int8")
+# Where the model runs. in-process: each API worker holds the ONNX sessions and batches its own requests
+# (serving.batching), no second process and no hop (measured faster on a small machine:
+# docs/results/bench-224px.md); service: one BentoML inference service behind adaptive batching, shared by
+# every API worker (one copy of the model however many workers decode).
+INFERENCE_MODES = ("in-process", "service")
+INFERENCE_ENV = "CTHUB_INFERENCE"
 BACKENDS = ("auto", "onnx", "torch")  # serving.inference.open_classifier's backends (`cthub demo`)
 MB = 2**20
 # A series is out of distribution when this share of its scored slices is (serving.results.series_ood); the
@@ -107,6 +115,8 @@ class ServeSettings:
     model: str = ""
     variant: str = "fp32"
     also: tuple[str, ...] = ()  # more model folders served beside `model` (each its `variant` if exported)
+    inference: str = "in-process"  # INFERENCE_MODES
+    forward_threads: int = 1  # in-process: passes run at once, each on ort_threads
     ort_threads: int | None = None
     max_batch: int = 16
     max_latency_ms: int = 30000
@@ -128,6 +138,9 @@ class ServeSettings:
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise ConfigError(f"{VARIANT_ENV} must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
+        if self.inference not in INFERENCE_MODES:
+            modes = ", ".join(INFERENCE_MODES)
+            raise ConfigError(f"{INFERENCE_ENV} must be one of {modes}, got {self.inference!r}")
         if not 0.0 < self.series_ood_share <= 1.0:
             raise ConfigError(f"CTHUB_SERIES_OOD_SHARE must be in (0, 1], got {self.series_ood_share}")
         if self.max_batch < 2:
@@ -137,11 +150,14 @@ class ServeSettings:
     def from_env(cls, env: Mapping[str, str] | None = None) -> ServeSettings:
         """Settings from `env` (default: os.environ); ConfigError names the variable that is wrong."""
         e = os.environ if env is None else env
-        threads = int(_number(e, "CTHUB_ORT_THREADS", 0)) or usable_cpus()
+        forward = int(_number(e, "CTHUB_FORWARD_THREADS", 1, 1))
+        threads = int(_number(e, "CTHUB_ORT_THREADS", 0)) or max(1, usable_cpus() // forward)
         return cls(
             model=e.get(MODEL_ENV, ""),
             variant=e.get(VARIANT_ENV, "fp32").strip().lower() or "fp32",
             also=_csv(e, ALSO_ENV, ()),
+            inference=e.get(INFERENCE_ENV, "in-process").strip().lower() or "in-process",
+            forward_threads=forward,
             ort_threads=threads or None,
             max_batch=int(_number(e, "CTHUB_BATCH_MAX_SIZE", 16, 2)),
             max_latency_ms=int(_number(e, "CTHUB_BATCH_MAX_LATENCY_MS", 30000, 1)),

@@ -4,8 +4,8 @@
   API's own series reader (`serving.series`: grouping, limits, per-file errors, `slice_sort_key`); the pixels
   stay in HU (grey 0..255 for images that are not CT) at their own resolution.
 - `analyse`: every frame through the one preprocessing path (`ctdata.preprocess`, the model's own config) and
-  a `ServedModel` (mounted under the API: the inference service's batched ONNX session, the one the REST
-  endpoints use): probabilities, the thresholded decision, the out-of-distribution verdict and the class
+  a `ServedModel` (mounted under the API: the server's batched ONNX session, the one the REST endpoints
+  use): probabilities, the thresholded decision, the out-of-distribution verdict and the class
   activation maps of every class from the model's `cam` output (computed inside the ONNX graph: no torch
   model is loaded for them). Series results follow the API's rule (`serving.results.aggregate_series`).
 - rendering: `display_config` (the model's own mapping, or a window) -> `render` (window at the slice's own

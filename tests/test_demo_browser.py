@@ -1,5 +1,5 @@
 """The demo as a person uses it: Debian's chromium (headless, driven by Playwright; every request to anything
-but 127.0.0.1 is aborted) opens /ui of a real `cthub serve` (the BentoML API and inference services with the
+but 127.0.0.1 is aborted) opens /ui of a real `cthub serve` (the BentoML API, the model in its worker, the
 demo mounted), uploads a real DICOM file, waits for the prediction, moves the window slider, turns the class
 activation map on, clicks a pixel, then uploads an MR slice (refused, with a message) and the CT slice again.
 Each step is saved as a screenshot under the test's tmp dir; what the page shows is compared with the REST
@@ -119,11 +119,11 @@ def test_demo_mounted_at_ui_answers_gradio_client(
     )
     client = Client(f"{server.base}/ui/", verbose=False, download_files=str(tmp_path))
     client.predict(api_name="/models")
-    calls = metric(server.base, "bentoml_service_request_total", endpoint="/infer")
+    passes = metric(server.base, "cthub_forward_batch_size_count", maps="true")
     out = client.predict([handle_file(str(ct_small_dcm))], None, *view_args(cam=True), api_name="/load")
-    # the demo analysed through the inference service's batched session (one /infer call for one slice),
-    # not through a second ONNX session of its own in the API worker
-    assert metric(server.base, "bentoml_service_request_total", endpoint="/infer") == calls + 1
+    # the demo analysed through the server's batched session (one forward pass with maps for one slice,
+    # counted on /metrics), not through a second ONNX session of its own
+    assert metric(server.base, "cthub_forward_batch_size_count", maps="true") == passes + 1
     named = dict(zip(ANALYSIS, out, strict=True))
     answer = api.json()
     assert named["prediction"] == answer["label"]

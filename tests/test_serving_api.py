@@ -1,8 +1,9 @@
-"""A real server (`cthub serve`: the BentoML API service + the batchable ONNX inference service, in a
-subprocess) answering real DICOM files (pydicom, pydicom-data) on every endpoint: single slices compared with
-the ONNX model called directly, series in anatomical order with other series reported, SR reports read back
-and checked, pictures, every class of bad input, concurrent uploads merged into batches, the demo at /ui, the
-audit log, and patient data planted in headers kept out of answers, logs and the disk."""
+"""A real server (`cthub serve`: the BentoML API service with the ONNX model and its batcher in its worker,
+in a subprocess) answering real DICOM files (pydicom, pydicom-data) on every endpoint: single slices
+compared with the ONNX model called directly, series in anatomical order with other series reported, SR
+reports read back and checked, pictures, every class of bad input, concurrent uploads merged into batches,
+the demo at /ui, the audit log, and patient data planted in headers kept out of answers, logs and the
+disk."""
 
 from __future__ import annotations
 
@@ -213,7 +214,8 @@ def test_start_up_health_docs_and_metrics(server, ct_small_dcm: Path) -> None:
     srv, _, _ = server
     text = srv.text()
     assert "cthub: serving tiny-serve with onnx fp32 [CPUExecutionProvider]" in text  # the CLI's line
-    assert "cthub: serving tiny-serve (onnx fp32, CPUExecutionProvider)" in text  # the inference worker's
+    assert "cthub: serving tiny-serve (onnx fp32, CPUExecutionProvider)" in text  # the API worker's
+    assert "inference in-process" in text and "cthub-inference" not in text  # the default: no second service
     for probe in ("/readyz", "/livez", "/healthz"):  # BentoML's probes: 200 and a blank text/plain body
         r = httpx.get(srv.base + probe, timeout=10)
         assert r.status_code == 200 and r.text.strip() == "", (probe, r.text)
@@ -522,7 +524,7 @@ def test_predict_batched_keeps_the_order_of_files(server, onnx_direct, distinct_
 
 def test_concurrent_uploads_are_batched_and_never_swapped(server, onnx_direct, distinct_ct) -> None:
     """Different real files posted at once from several threads to /predict: every answer is the ONNX
-    model's answer for its own file (not a neighbour's in the batch), and the inference service merged
+    model's answer for its own file (not a neighbour's in the batch), and the server's batcher merged
     requests into forward passes of more than one slice (reported in each answer's timing)."""
     srv, _, _ = server
     refs = {p: onnx_direct(p) for p in distinct_ct}

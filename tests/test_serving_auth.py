@@ -198,6 +198,7 @@ def test_start_up_fails_fast_when_the_onnx_file_fails_verification(server, tmp_p
         timeout=300,
     )
     text = out.stdout + out.stderr
+    # the default layout: the model is verified and loaded in the API worker, which stops the server
     assert "cthub: cannot start the API service: model.onnx" in text, text[-3000:]
-    assert "cthub: cannot start the inference service: model.onnx" in text
+    assert "cthub-inference" not in text
     assert time.monotonic() - t0 < 150  # start-up itself takes ~20-50 s on a busy core

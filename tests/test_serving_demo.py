@@ -163,7 +163,7 @@ def brain(brain_dir: Path) -> OnnxClassifier:
 
 def in_process(clf: OnnxClassifier) -> DemoModel:
     """The demo's model run in this process by the classifier (the mounted demo's goes through the
-    inference service instead: tests/test_demo_browser.py)."""
+    server's batched session instead: tests/test_demo_browser.py)."""
     return DemoModel(clf.path.parent, InferenceEngine(clf).served())
 
 

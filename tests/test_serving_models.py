@@ -1,6 +1,8 @@
 """Two models behind one server (`cthub serve --model A --also B`): a model trained on organ-centred crops
 (64 px, 3 organs) and a whole-slice model (96 px, 2 classes), both real exported ResNet50s calibrated on real
-CT slices, started as a real server. Checks that `model=` selects each (answers equal to its ONNX file called
+CT slices, started as a real server in the two-service layout (CTHUB_INFERENCE=service: the models in
+BentoML's inference service behind the API; the other server tests use the default, the models in the API
+worker). Checks that `model=` selects each (answers equal to its ONNX file called
 here), that /model lists both with what input each expects, that an unknown model is a typed 404, that the
 region box is what reaches the model (equal to the ONNX file on the cropped slice through ctdata's one
 preprocessing path), and that a whole slice sent to the crop-trained model is answered with the
@@ -52,7 +54,11 @@ def two_models(tmp_path_factory: pytest.TempPathFactory, slices: list[Path]):
     record_metrics(head_dir, {"input_expectation": "whole slice"})
     for d in (crop_dir, head_dir):
         export_onnx(d, tolerance=1e-3)  # random weights: logits differ by ~1e-4 between runtimes
-    env = {"BENTOML_HOME": str(root / "bentoml"), "GRADIO_TEMP_DIR": str(root / "gradio")}
+    env = {
+        "BENTOML_HOME": str(root / "bentoml"),
+        "GRADIO_TEMP_DIR": str(root / "gradio"),
+        "CTHUB_INFERENCE": "service",
+    }
     with running_server(crop_dir, root / "server.log", env=env, args=("--also", str(head_dir))) as srv:
         yield srv, crop_dir, head_dir
 
@@ -68,6 +74,7 @@ def direct(model_dir: Path, x) -> np.ndarray:
 
 def test_model_field_selects_each_served_model(two_models, slices: list[Path]) -> None:
     srv, crop_dir, head_dir = two_models
+    assert "inference service" in srv.text() and "cthub-inference" in srv.text()  # the layout under test
     ct = slices[0]
     default = post(srv.base, ct)
     assert default.status_code == 200, default.text
