@@ -1,22 +1,26 @@
-"""Load benchmark of the serving stack: a real `cthub serve` (API service + batchable ONNX inference
-service) on 127.0.0.1 under a bounded load generator, beside raw ONNX Runtime batch throughput measured in
-the same run.
+"""Load benchmark of the serving stack: a real `cthub serve` on 127.0.0.1 under a bounded load generator,
+in each server layout (`--inference`: the model in the API worker with its own batcher, one pass at a time
+on every core, then two passes at once on one core each, then BentoML's separate inference service),
+beside raw ONNX Runtime batch throughput measured in the same run.
 
     .venv/bin/python -m bench.bench_serving [--sizes 64,224] [--requests 1000] [--concurrency 1,8,32]
                                             [--bad 0.1] [--classes 11]
+                                            [--inference in-process,in-process:2,service]
 
-For each concurrency: `--requests` POST /predict uploads of real DICOM slices (pydicom / pydicom-data:
-128x128 and 512x512 uncompressed CT), a fraction `--bad` of them malformed (random bytes, truncated files,
-text) sent by `concurrency` client threads with keep-alive connections. Reported: throughput (all, valid),
-latency p50/p99 of valid requests, status counts (the goal: no 5xx), the batch sizes the inference service
-formed, RSS of the server's processes before and after (bounded growth), and the ratio of end-to-end valid
-throughput to raw ONNX Runtime batch throughput (goal >= 0.8 at concurrency 32) with where the rest of the
+For each layout and concurrency: `--requests` POST /predict uploads of real DICOM slices (pydicom /
+pydicom-data: 128x128 and 512x512 uncompressed CT), a fraction `--bad` of them malformed (random bytes,
+truncated files, text) sent by `concurrency` clients (one asyncio loop) with keep-alive connections.
+Reported: throughput (all, valid), latency p50/p99 of valid requests, status counts (the goal: no 5xx), the
+batch sizes formed, RSS of the server's processes before and after (bounded growth), and the ratio of
+end-to-end valid throughput to raw ONNX Runtime batch throughput (goal >= 0.8 where the load keeps the
+model busy: c=8 and c=32; c=1 is one request at a time, bound by its latency) with where the rest of the
 time goes per valid request: decode, preprocessing, the model's share of its batch, and the remainder (HTTP,
 multipart parsing, the hop to the inference service, JSON). The CPU and the load average are recorded:
 figures taken while other jobs share the cores say so. Every size of --sizes (default BENCH_SIZES, else 64
-and 224) runs in turn in the one run, each with its own server; a size above 64 px gets --requests and
+and 224) runs in turn in the one run, each with its own servers; a size above 64 px gets --requests and
 --ort-batches scaled by (64/size)^2 (at least 60 and 3), as its forward pass costs that much more. Writes
-bench/results/serving.json (64 px) and serving-<size>px.json (with another --classes than 11: -<k>cls added).
+bench/results/serving.json (64 px) and serving-<size>px.json (with another --classes than 11: -<k>cls added);
+`levels` is the first layout's, `layouts` holds each.
 
 Raw ONNX Runtime is timed before the server starts and again after it stops (the better figure is the
 reference: a measurement that fell in another job's burst would flatter the ratio), two ways on the same
@@ -29,18 +33,18 @@ cost several forward passes at 224 px and many classes).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import functools
 import json
 import os
 import sys
 import tempfile
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx
 import numpy as np
 import torch
@@ -171,32 +175,55 @@ def cpu_seconds(server: Server) -> dict[str, float]:
     return out
 
 
-def run_load(base: str, data: list[bytes], n: int, concurrency: int, bad: float) -> dict[str, Any]:
-    """`n` POST /predict from `concurrency` threads (a bounded generator: each thread sends its share)."""
-    every = round(1 / bad) if bad > 0 else 0
-    jobs = [(i, every > 0 and i % every == every - 1) for i in range(n)]
-    local = threading.local()
-    records: list[dict[str, Any]] = []
-    lock = threading.Lock()
+def multipart(body: bytes) -> tuple[bytes, str]:
+    """`body` as the multipart form a client uploads (field `file`), and its content type: built once per
+    distinct upload, so that the load generator spends its CPU on sending, not on encoding."""
+    boundary = "cthub-bench-" + os.urandom(8).hex()
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="x.dcm"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n"
+    ).encode()
+    return head + body + f"\r\n--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
-    def one(job: tuple[int, bool]) -> None:
-        i, is_bad = job
-        client = getattr(local, "client", None)
-        if client is None:
-            client = local.client = httpx.Client(timeout=300)
-        good = data[i % len(data)]
-        body = malformed(good, i) if is_bad else good
-        t = time.perf_counter()
-        r = client.post(base + "/predict", files={"file": ("x.dcm", body, "application/octet-stream")})
-        rec: dict[str, Any] = {"bad": is_bad, "status": r.status_code, "ms": 1000 * (time.perf_counter() - t)}
-        if r.status_code == 200:
-            rec["timing"] = r.json()["timing_ms"]
-        with lock:
+
+def run_load(base: str, data: list[bytes], n: int, concurrency: int, bad: float) -> dict[str, Any]:
+    """`n` POST /predict from `concurrency` clients, each with its keep-alive connection, in one asyncio
+    loop (a bounded generator: the next request leaves when an answer came back). One thread, not one per
+    client: the generator shares the server's cores, and 32 Python threads cost it several times the CPU
+    (measured: 11 ms a request at c=32 with httpx in threads)."""
+    every = round(1 / bad) if bad > 0 else 0
+    uploads: dict[tuple[int, int], tuple[bytes, str]] = {}
+    jobs = []
+    for i in range(n):
+        is_bad = every > 0 and i % every == every - 1
+        key = (i % len(data), i % 3 if is_bad else -1)
+        if key not in uploads:
+            good = data[key[0]]
+            uploads[key] = multipart(malformed(good, i) if is_bad else good)
+        jobs.append((is_bad, key))
+    records: list[dict[str, Any]] = []
+
+    async def client(session: aiohttp.ClientSession, queue: list[tuple[bool, tuple[int, int]]]) -> None:
+        while queue:
+            is_bad, key = queue.pop()
+            body, ctype = uploads[key]
+            t = time.perf_counter()
+            async with session.post(base + "/predict", data=body, headers={"Content-Type": ctype}) as r:
+                answer = await r.read()
+            rec: dict[str, Any] = {"bad": is_bad, "status": r.status, "ms": 1000 * (time.perf_counter() - t)}
+            if r.status == 200:
+                rec["timing"] = json.loads(answer)["timing_ms"]
             records.append(rec)
 
+    async def load() -> None:
+        queue = jobs[::-1]
+        timeout = aiohttp.ClientTimeout(total=300)
+        connector = aiohttp.TCPConnector(limit=concurrency)
+        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+            await asyncio.gather(*(client(session, queue) for _ in range(concurrency)))
+
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
-        list(pool.map(one, jobs))
+    asyncio.run(load())
     wall = time.perf_counter() - t0
     return summarize(records, wall, concurrency)
 
@@ -231,21 +258,26 @@ def summarize(records: list[dict[str, Any]], wall: float, concurrency: int) -> d
     }
 
 
-def breakdown(row: dict[str, Any], cpu: dict[str, float]) -> dict[str, float]:
+def breakdown(row: dict[str, Any], cpu: dict[str, float], in_service: bool) -> dict[str, float | None]:
     """Where the time per valid request goes, from CPU time measured per process over the level (`cpu`:
-    seconds used during it), so that waiting threads are not counted: the API worker (HTTP, multipart,
-    decode, preprocessing, JSON; the malformed uploads' share included), the inference worker split into the
-    model's forward passes and the rest (the hop from the API, pickling, BentoML's dispatcher), the load
-    generator itself, and whatever else ran on the CPUs."""
+    seconds used during it), so that waiting threads are not counted: the whole server (every process), the
+    API worker (HTTP, multipart, decode, preprocessing, JSON; the malformed uploads' share included), the
+    load generator itself, and what else ran. With the model in its own service (`in_service`) the
+    inference worker's CPU splits into the model's forward passes (the CPU of that process during each pass,
+    its share per image) and the rest (the hop from the API, pickling, BentoML's dispatcher). In-process the
+    passes share the API worker with the request threads, so a pass's process CPU would count their work
+    (and another pass's): there `model_ms` is None and `api_worker_cpu_ms` includes the model."""
     n = max(1, round(row["valid_throughput_img_s"] * row["wall_s"]))
     per = {k: 1000.0 * v / n for k, v in cpu.items()}
-    model = row["model_share_ms_per_image"]
+    model = row["model_share_ms_per_image"] if in_service else None
     wall = 1000.0 / row["valid_throughput_img_s"] if row["valid_throughput_img_s"] else float("nan")
+    other = per["inference"] - model if model is not None else None
     return {
         "wall_ms_per_valid_request": round(wall, 2),
+        "server_cpu_ms": round(per["api"] + per["inference"] + per["other"], 2),
         "api_worker_cpu_ms": round(per["api"], 2),
-        "model_ms": round(model, 2),
-        "inference_worker_other_cpu_ms": round(per["inference"] - model, 2),
+        "model_ms": None if model is None else round(model, 2),
+        "inference_worker_other_cpu_ms": None if other is None else round(other, 2),
         "load_generator_cpu_ms": round(per["client"], 2),
         "arbiter_cli_cpu_ms": round(per["other"], 2),
     }
@@ -259,6 +291,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--requests", type=int, default=1000, help="requests per level at 64 px")
     ap.add_argument("--classes", type=int, default=11, help="the model's classes (the maps cost per class)")
     ap.add_argument("--concurrency", default="1,8,32")
+    ap.add_argument(
+        "--inference",
+        default="in-process,in-process:2,service",
+        help="server layouts measured in turn, CTHUB_INFERENCE[:CTHUB_FORWARD_THREADS] (in-process:2: two "
+        "passes at once, each on half the ORT threads); the first is the JSON's `levels`",
+    )
     ap.add_argument("--bad", type=float, default=0.1, help="fraction of malformed uploads")
     ap.add_argument("--ort-batches", type=int, default=20)
     ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: the CPUs this may use)")
@@ -283,9 +321,40 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
+def load_levels(
+    model: Path, log: Path, env: dict[str, str], data: list[bytes], requests: int, args: argparse.Namespace
+) -> dict[str, Any]:
+    """A real server of `model` with `env`, warmed up, then `requests` at each concurrency of the run: the
+    rows and the server's RSS before and after."""
+    levels = [int(c) for c in args.concurrency.split(",")]
+    layout = f"{env['CTHUB_INFERENCE']}, {env['CTHUB_FORWARD_THREADS']} x {env['CTHUB_ORT_THREADS']} threads"
+    print(f"starting cthub serve ({layout}) ...", file=sys.stderr, flush=True)
+    server = start_server(model, log, env=env)
+    try:
+        with httpx.Client(timeout=300) as c:  # warm-up: the first answers load lazy parts
+            for d in data:
+                c.post(server.base + "/predict", files={"file": ("x.dcm", d)}).raise_for_status()
+        in_service = bool(processes(server)["inference"])
+        rss_before = rss_mb(server)
+        rows = []
+        for level in levels:
+            print(f"load: {requests} requests at concurrency {level} ...", file=sys.stderr, flush=True)
+            cpu0 = cpu_seconds(server)
+            row = run_load(server.base, data, requests, level, args.bad)
+            cpu1 = cpu_seconds(server)
+            row["breakdown"] = breakdown(row, {k: cpu1[k] - cpu0[k] for k in cpu0}, in_service)
+            row["rss_mb_after"] = rss_mb(server)
+            rows.append(row)
+        rss_after = rss_mb(server)
+    finally:
+        server.stop()
+    growth = round(rss_after - rss_before, 1)
+    return {"levels": rows, "rss_mb": {"before": rss_before, "after": rss_after, "growth": growth}}
+
+
 def measure_size(args: argparse.Namespace, size: int, requests: int) -> dict[str, Any]:
     """Raw ONNX Runtime, then a real server under load at each concurrency, for a `size` px model."""
-    levels = [int(c) for c in args.concurrency.split(",")]
+    modes = [m.strip() for m in args.inference.split(",")]
     data = samples()
     cpu_before = cpu_info()
     threads = args.threads or usable_cpus()  # what the server's inference session uses by default
@@ -294,31 +363,20 @@ def measure_size(args: argparse.Namespace, size: int, requests: int) -> dict[str
         print("raw ONNX Runtime ...", file=sys.stderr, flush=True)
         scale = min(1.0, (64 / size) ** 2)  # as for the requests: a large forward pass costs more
         raw = raw_ort(model, data, max(3, round(args.ort_batches * scale)), threads)
-        env = {
-            "BENTOML_HOME": str(Path(tmp) / "bentoml"),
-            "CTHUB_BATCH_MAX_SIZE": str(MAX_BATCH),
-            "CTHUB_DEMO": "0",
-            "CTHUB_ORT_THREADS": str(threads),
-        }
-        print("starting cthub serve ...", file=sys.stderr, flush=True)
-        server = start_server(model, Path(tmp) / "server.log", env=env)
-        try:
-            with httpx.Client(timeout=300) as c:  # warm-up: the first answers load lazy parts
-                for d in data:
-                    c.post(server.base + "/predict", files={"file": ("x.dcm", d)}).raise_for_status()
-            rss_before = rss_mb(server)
-            rows = []
-            for level in levels:
-                print(f"load: {requests} requests at concurrency {level} ...", file=sys.stderr, flush=True)
-                cpu0 = cpu_seconds(server)
-                row = run_load(server.base, data, requests, level, args.bad)
-                cpu1 = cpu_seconds(server)
-                row["breakdown"] = breakdown(row, {k: cpu1[k] - cpu0[k] for k in cpu0})
-                row["rss_mb_after"] = rss_mb(server)
-                rows.append(row)
-            rss_after = rss_mb(server)
-        finally:
-            server.stop()
+        layouts = {}
+        for layout in modes:
+            mode, _, forward = layout.partition(":")  # "in-process:2": two passes at once, each 1 thread
+            passes = int(forward or 1)
+            env = {
+                "BENTOML_HOME": str(Path(tmp) / "bentoml"),
+                "CTHUB_BATCH_MAX_SIZE": str(MAX_BATCH),
+                "CTHUB_DEMO": "0",
+                "CTHUB_ORT_THREADS": str(max(1, threads // passes)),
+                "CTHUB_FORWARD_THREADS": str(passes),
+                "CTHUB_INFERENCE": mode,
+            }
+            log = Path(tmp) / f"server-{mode}-{passes}.log"
+            layouts[layout] = load_levels(model, log, env, data, requests, args)
         # raw ONNX Runtime again, the server gone: on a shared machine one measurement can fall in another
         # job's burst; the better of the two is the reference, so a ratio errs low, never high
         print("raw ONNX Runtime again ...", file=sys.stderr, flush=True)
@@ -330,8 +388,10 @@ def measure_size(args: argparse.Namespace, size: int, requests: int) -> dict[str
             "batch1_img_s": max(raw["batch1_img_s"], again["batch1_img_s"]),
             "with_maps_batch_img_s": max(raw["with_maps_batch_img_s"], again["with_maps_batch_img_s"]),
         }
-        for row in rows:
-            row["ratio_to_raw_ort_batch"] = round(row["valid_throughput_img_s"] / raw["batch_img_s"], 3)
+        for layout in layouts.values():
+            for row in layout["levels"]:
+                row["ratio_to_raw_ort_batch"] = round(row["valid_throughput_img_s"] / raw["batch_img_s"], 3)
+    first = layouts[modes[0]]
     return {
         "size": size,
         "classes": args.classes,
@@ -340,8 +400,10 @@ def measure_size(args: argparse.Namespace, size: int, requests: int) -> dict[str
         "samples": len(data),
         "max_batch": MAX_BATCH,
         "raw_onnxruntime": raw,
-        "levels": rows,
-        "rss_mb": {"before": rss_before, "after": rss_after, "growth": round(rss_after - rss_before, 1)},
+        "inference": modes[0],  # the layout of `levels` and `rss_mb`; every layout measured: `layouts`
+        "levels": first["levels"],
+        "rss_mb": first["rss_mb"],
+        "layouts": layouts,
         "cpu": cpu_before,
         "load_avg_1min_after": round(os.getloadavg()[0], 2),
         "affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
@@ -358,20 +420,30 @@ def report(r: dict[str, Any]) -> None:
         f"  (without the maps, what these requests run); with every map {raw.get('with_maps_batch_img_s')} "
         f"img/s at batch {r['max_batch']} ({r.get('classes')} classes)"
     )
-    for row in r["levels"]:
+    for mode, layout in r["layouts"].items():
+        print(f"  layout {mode}; RSS of the server processes: {layout['rss_mb']}")
+        report_levels(layout["levels"])
+
+
+def report_levels(rows: list[dict[str, Any]]) -> None:
+    for row in rows:
         b = row["breakdown"]
+        split = (
+            f"API worker {b['api_worker_cpu_ms']} (model included)"
+            if b["model_ms"] is None
+            else f"API worker {b['api_worker_cpu_ms']}, model {b['model_ms']}, inference worker other "
+            f"{b['inference_worker_other_cpu_ms']}"
+        )
         print(
             f"  c={row['concurrency']:>2}: {row['throughput_req_s']} req/s, valid "
             f"{row['valid_throughput_img_s']} img/s = {row['ratio_to_raw_ort_batch']} x raw; p50 "
             f"{row['latency_ms_p50']} ms, p99 {row['latency_ms_p99']} ms; statuses {row['status_counts']}; "
             f"mean batch {row['mean_ms']['batch_size']}\n        per valid request: wall "
-            f"{b['wall_ms_per_valid_request']} ms; CPU: API worker {b['api_worker_cpu_ms']} (decode "
-            f"{row['mean_ms']['decode']} + preprocess {row['mean_ms']['preprocess']} wall inside it), model "
-            f"{b['model_ms']}, inference worker other {b['inference_worker_other_cpu_ms']}, load generator "
-            f"{b['load_generator_cpu_ms']}, arbiter/CLI {b['arbiter_cli_cpu_ms']}; RSS after "
+            f"{b['wall_ms_per_valid_request']} ms; CPU: server {b['server_cpu_ms']} = {split} (decode "
+            f"{row['mean_ms']['decode']} + preprocess {row['mean_ms']['preprocess']} wall inside it); load "
+            f"generator {b['load_generator_cpu_ms']}, arbiter/CLI {b['arbiter_cli_cpu_ms']}; RSS after "
             f"{row['rss_mb_after']} MB"
         )
-    print(f"  RSS of the server processes: {r['rss_mb']}")
 
 
 if __name__ == "__main__":
