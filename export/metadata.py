@@ -48,8 +48,9 @@ SERVED_KEYS = (
 def served_calibration(record: Any) -> dict[str, Any]:
     """The calibration that travels in the ONNX metadata and every answer, from a config's
     `metrics["calibration"]` record: method, status, temperature, version and id, fitted on what / when / n,
-    the operating point, the site, ECE and the reliability bins after calibration (for the demo's
-    plain-language line); `UNCALIBRATED` (T = 1) without a valid temperature."""
+    the operating point, the site, ECE (and, after a site recalibration, its cross-validated estimate) and the
+    reliability bins after calibration (for the demo's plain-language line); `UNCALIBRATED` (T = 1) without a
+    valid temperature."""
     if not isinstance(record, dict):
         return dict(UNCALIBRATED)
     t = record.get("temperature")
@@ -61,8 +62,13 @@ def served_calibration(record: Any) -> dict[str, Any]:
     rel = record.get("reliability")
     if isinstance(rel, dict):  # a config's record: before / after
         out["ece"], out["reliability"] = record.get("ece_after"), rel.get("after")
+        cv = record.get("ece_after_cross_validated")
     else:  # already the served form (an ONNX file's metadata)
         out["ece"], out["reliability"] = record.get("ece"), rel
+        cv = record.get("ece_cross_validated")
+    if isinstance(cv, (int, float)) and not isinstance(cv, bool):
+        # a site recalibration's `ece` is measured on the set T was fitted on; this is its held-out estimate
+        out["ece_cross_validated"] = float(cv)
     return out
 
 

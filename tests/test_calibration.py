@@ -205,6 +205,9 @@ def test_recalibration_on_a_shifted_set_lowers_held_out_ece(trained: dict[str, A
     assert cal["version"] == 2 and cal["site"] == "site-a" and cal["fitted_on"]["n"] == 300
     assert cal["previous"]["id"] == old_meta["calibration"]["id"]
     assert new_meta["calibration"]["temperature"] == pytest.approx(cal["temperature"])
+    # the served block names the held-out estimate beside the in-sample ECE of the set T was fitted on
+    assert new_meta["calibration"]["ece_cross_validated"] == pytest.approx(cal["ece_after_cross_validated"])
+    assert "ece_cross_validated" not in old_meta["calibration"]  # fitted at training time: no such estimate
     assert cfg.revision and cfg.revision.endswith("+cal2")
     assert "## Recalibrated at site-a on 300 images" in (out / "README.md").read_text()
     # binary: Youden's operating point on the calibrated scores, its interval around it, the threshold served
