@@ -89,14 +89,25 @@ def quick_encoder_name(budget: Budget, task: Task = TASKS["organamnist"]) -> str
     return f"{QUICK_METHOD}-{task.name}-{budget.name}"
 
 
+def _number_at(tree: object, *keys: str) -> float | None:
+    """The number at `keys` in a card's nested metrics, None when a level is missing or not a mapping (a
+    card may say "not measured (...)" where a table would be)."""
+    for key in keys:
+        if not isinstance(tree, dict):
+            return None
+        tree = tree.get(key)
+    return float(tree) if isinstance(tree, (int, float)) and not isinstance(tree, bool) else None
+
+
 def _study_delta(cfg: ModelConfig, task: Task) -> float | None:
     """The AUC gain over random init that a fine-tune study on this task's data measured, if any."""
-    for key, rows in (cfg.metrics.get("finetune_study") or {}).items():
+    studies = cfg.metrics.get("finetune_study")
+    for key, rows in (studies if isinstance(studies, dict) else {}).items():
         if not key.lower().startswith(task.study_prefixes) or not task.study_prefixes:
             continue
-        delta = ((rows.get("test") or {}).get(task.study_fraction) or {}).get("delta_auc_vs_scratch")
-        if isinstance(delta, (int, float)):
-            return float(delta)
+        delta = _number_at(rows, "test", task.study_fraction, "delta_auc_vs_scratch")
+        if delta is not None:
+            return delta
     return None
 
 
@@ -104,10 +115,8 @@ def _monitor_auc(cfg: ModelConfig, task: Task) -> float | None:
     """The pretraining kNN monitor's last AUC when it embedded this task's labeled data."""
     monitor = ((cfg.provenance.get("recipe") or {}).get("monitor_data")) or ""
     names = {Path(str(monitor).rstrip("/")).name.lower(), Path(str(monitor)).stem.lower()}
-    auc = (cfg.metrics.get("knn_monitor_last") or {}).get("knn_auc")
-    if monitor and names & set(task.monitor_names) and isinstance(auc, (int, float)):
-        return float(auc)
-    return None
+    auc = _number_at(cfg.metrics, "knn_monitor_last", "knn_auc")
+    return auc if monitor and names & set(task.monitor_names) else None
 
 
 def encoder_score(cfg: ModelConfig, task: Task = TASKS["organamnist"]) -> tuple[int, float]:
@@ -120,9 +129,8 @@ def encoder_score(cfg: ModelConfig, task: Task = TASKS["organamnist"]) -> tuple[
     knn = _monitor_auc(cfg, task)
     if knn is not None:
         return 2, knn
-    ff = cfg.metrics.get("frozen_features") or {}
-    auc = (((ff.get("encoder") or {}).get("recalibrated") or {}).get("linear_probe") or {}).get("auc")
-    return (1, float(auc)) if isinstance(auc, (int, float)) else (0, float("-inf"))
+    auc = _number_at(cfg.metrics, "frozen_features", "encoder", "recalibrated", "linear_probe", "auc")
+    return (1, auc) if auc is not None else (0, float("-inf"))
 
 
 def best_local_encoder(root: Path | None = None, task: Task | str = "organamnist") -> str | None:

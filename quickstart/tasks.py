@@ -54,10 +54,11 @@ class Task:
         return models / f"{self.name}-scratch"
 
 
-# Fine-tuning at 224 px on 2 cores, measured (scanner-resolution.md, "Served at 224 px"): ~2 img/s for a
-# training step of one thread while another fine-tune and a pretraining job share the cores. Fold 0 of the
-# paper's 5 stratified folds (144 train, 16 val, 40 test slices of head_ct); 8 epochs after the head-only one
-# keep both fine-tunes (side by side, one thread each) within ~13 min.
+# Fine-tuning at 224 px on 2 cores, measured (scanner-resolution.md, "Served at 224 px"): ~6 img/s for a
+# training step of one thread with the other core running the second fine-tune (idle machine; ~2 img/s when
+# other jobs share the cores). Fold 0 of the paper's 5 stratified folds (144 train, 16 val, 40 test slices of
+# head_ct); 8 epochs after the head-only one. `minutes` (the progress line's estimate) is the idle first run
+# of 2026-12-07 with an empty hub: short encoder 6.0, both fine-tunes 3.8, export 0.9 min.
 WHOLE_SLICE_QUICK: dict[str, Any] = {
     "epochs": 9,
     "head_epochs": 1,
@@ -69,7 +70,7 @@ WHOLE_SLICE_QUICK: dict[str, Any] = {
     "int8_calibration": 64,
     "int8_eval": 40,
     "export_extra": ("--parity-images", "16"),
-    "minutes": {"encoder": 10.0, "classify": 13.0, "export": 3.0},
+    "minutes": {"encoder": 6.0, "classify": 4.0, "export": 1.0},
 }
 # The CI smoke test of a whole-slice task: 64 px (a 224 px step would cost minutes), one epoch.
 WHOLE_SLICE_TINY: dict[str, Any] = {"image_size": 64, "max_train": 40, "max_val": 0, "max_test": 0}

@@ -71,7 +71,9 @@ def test_a_task_ranks_encoders_by_what_was_measured_on_it(tmp_path: Path) -> Non
     probe = {"frozen_features": {"encoder": {"recalibrated": {"linear_probe": {"auc": 0.97}}}}}
     encoder("spark-organamnist-cpu", probe)
     assert best_local_encoder(tmp_path, "head-ct") == "spark-organamnist-cpu"  # nothing measured on head CT
-    encoder("spark-realct128-cpu", {"knn_monitor_last": {"knn_auc": 0.71}}, monitor="../shared/data/head_ct")
+    # as `cthub pretrain --publish` writes it for unlabeled shards: a sentence where the probe table would be
+    unprobed = {"knn_monitor_last": {"knn_auc": 0.71}, "frozen_features": "not measured (no labeled splits)"}
+    encoder("spark-realct128-cpu", unprobed, monitor="../shared/data/head_ct")
     assert best_local_encoder(tmp_path, "head-ct") == "spark-realct128-cpu"
     assert best_local_encoder(tmp_path, "organamnist") == "spark-organamnist-cpu"
     study = {"head_ct:kfold": {"test": {"100%": {"delta_auc_vs_scratch": 0.12}}}}
