@@ -17,7 +17,7 @@ ORGAN_NPZ := $(if $(wildcard $(SHARED_NPZ)),$(SHARED_NPZ),data/organamnist.npz)
 HOST ?= 127.0.0.1
 PORT ?= 3000
 
-.PHONY: venv run test bench study study-organamnist study-figure5 study-headct study-headct-hires study-siim pretrain-realct pretrain pretrain-extra evaluate experiments clean lint replicate
+.PHONY: venv run test bench study study-organamnist study-figure5 study-headct study-headct-hires study-headct-224 study-siim pretrain-realct pretrain pretrain-extra evaluate experiments clean lint replicate
 
 venv: $(STAMP)
 # One build at a time (flock, where the system has it): two `make` commands started together on a fresh clone,
@@ -234,6 +234,14 @@ study-headct-hires: $(STAMP)
 	  --seeds $(HEADCT_HIRES_SEEDS) --image-size $(HEADCT_SIZE) --epochs $(STUDY_EPOCHS) --head-epochs 2 --patience 10 \
 	  --select auc --workers $(STUDY_WORKERS) --threads $(STUDY_THREADS) --out docs/results/study-headct-$(HEADCT_SIZE) \
 	  $(STUDY_FLAGS)
+
+# Head CT at the paper's 224 px, one seed x 5 folds, with `make run TASK=head-ct`'s recipe (1 head-only + 8 full
+# epochs, patience 4: what fits two CPU cores, ~3.5 min a cell; docs/results/scanner-resolution.md §3).
+HEADCT_224_ENCODERS ?= scratch,spark-organamnist-cpu,spark-realct128-cpu
+study-headct-224: $(STAMP)
+	$(CTHUB) study --data $(HEAD_CT) --protocol kfold --folds 5 --encoders $(HEADCT_224_ENCODERS) --fractions 1 \
+	  --seeds 1 --image-size 224 --epochs 9 --head-epochs 1 --patience 4 --select auc --workers $(STUDY_WORKERS) \
+	  --threads $(STUDY_THREADS) --out docs/results/study-headct-224 $(STUDY_FLAGS)
 
 # Contrast vs no contrast (../shared/data/real_ct/siim_contrast: 100 JPEG-LS DICOM slices of 54 patients,
 # labels.csv id,label,patient; internal evaluation only): DICOM read in HU, mediastinal window W400/L40
