@@ -6,9 +6,8 @@ exported with its OOD reference):
   captures, the model's own test images in a wrong window), marks each far or near, writes the table and
   records it in the model's card;
 - the real 275-slice chest series fnndsc_chest (whole slices) through the analysis layer the server uses: the
-  series verdict counts the flagged slices and names the rule, and the series is flagged for this module's
-  own organ-crop model (the multi-layer score of graph version 3; the layer4 score flagged 0 of its 275
-  slices) and for `make run`'s OrganAMNIST model (models/organamnist-ssl, skipped without a current export).
+  series verdict counts the flagged slices and names the rule (this module's short model), and the series
+  is flagged for `make run`'s OrganAMNIST model (models/organamnist-ssl, skipped without a current export).
 """
 
 from __future__ import annotations
@@ -111,12 +110,16 @@ def series_answer(model_dir: Path) -> tuple[dict, int]:
     return answer, sum(1 for s in answer["slices"] if s["ood"]["warning"])
 
 
-def test_the_real_chest_series_is_flagged_for_the_suites_own_organ_model(organ_model: Path) -> None:
-    """Whole chest slices shown to a model of organ-centred crops: out of distribution by the series rule,
-    and the verdict counts the flagged slices and names the rule."""
+def test_the_real_chest_series_verdict_counts_its_slices_and_names_the_rule(organ_model: Path) -> None:
+    """Whole chest slices shown to the suite's short organ-crop model, through the analysis layer the server
+    uses: the series verdict counts the flagged slices, applies the stated share and names the rule.
+
+    Whether this model flags the series is not asserted: a 3-epoch random-init fine-tune's near-shift score
+    is not a stable property (0, 1, 16, 85 and 142 of the 275 slices over seeds, training lengths and CPU
+    kinds, docs/results/ood-shifts.md). `make run`'s model, whose encoder was pretrained, flags 275 of 275:
+    the next test holds that where its export is present."""
     answer, flagged = series_answer(organ_model)
     verdict = answer["series"]["ood"]
-    assert verdict["warning"] is True and flagged >= 28
     assert (verdict["flagged"], verdict["scored"], verdict["share"]) == (flagged, 275, 0.1)
     assert verdict["warning"] is (flagged >= 28)  # 10% of 275, rounded up
     assert verdict["detail"] == f"{flagged} of 275 slices out of distribution" and "10%" in verdict["rule"]
