@@ -6,6 +6,8 @@ cache; tests that need it skip only when neither is available.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -69,6 +71,45 @@ def organamnist_npz() -> Path:
     if cached.is_file():
         return cached
     pytest.skip("needs OrganAMNIST: ../shared/data/organamnist.npz or `cthub data fetch organamnist`")
+
+
+# The suite's short real OrganAMNIST fine-tune: the recipe test_export_onnx and test_ood_shifts both need.
+SHORT_ORGAN_FINETUNE = (
+    "--encoder", "scratch", "--image-size", "64", "--epochs", "3", "--head-epochs", "1", "--max-train", "400",
+    "--max-val", "200", "--max-test", "300", "--lr", "3e-4", "--batch-size", "32", "--backbone-lr-ratio", "1",
+    "--seed", "3",
+)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def short_organ_classifier(
+    tmp_path_factory: pytest.TempPathFactory, organamnist_npz: Path, worker_id: str
+) -> Path:
+    """A short real fine-tune of OrganAMNIST at 64 px by the CLI (its config records the data and split),
+    made once per test run: the first pytest-xdist worker that asks trains it under a file lock, the others
+    wait and reuse it (one ~80 s fine-tune less on CI's two cores). Never write into it: `copy_of` it."""
+    from filelock import FileLock
+
+    from cthub.cli import main as cthub_main
+
+    base = tmp_path_factory.getbasetemp()
+    root = base if worker_id == "master" else base.parent  # the run's own folder, shared by its workers
+    done = root / "short-organ"
+    with FileLock(str(root / "short-organ.lock")):
+        if not done.is_dir():
+            part = root / "short-organ.partial"  # renamed when complete: a failed build is never reused
+            shutil.rmtree(part, ignore_errors=True)
+            argv = ["finetune", "--data", str(organamnist_npz), "--out", str(part / "clf")]
+            with contextlib.redirect_stdout(io.StringIO()):
+                assert cthub_main([*argv, *SHORT_ORGAN_FINETUNE]) == 0
+            part.rename(done)
+    return done / "clf"  # the model is named after its folder, as the CLI names it
+
+
+def copy_of(model_dir: Path, dst: Path) -> Path:
+    """A writable copy of a shared fixture's model folder."""
+    shutil.copytree(model_dir, dst)
+    return dst
 
 
 @pytest.fixture(scope="session")

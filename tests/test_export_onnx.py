@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import copy_of
 
 from ctdata.datasets import ORGANAMNIST_LABELS
 from ctdata.preprocess import PreprocessConfig, prepare
@@ -71,16 +72,10 @@ def run_cli(argv: list[str]) -> tuple[int, str]:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory, organamnist_npz: Path) -> Path:
-    """A short real fine-tune at 64 px by the CLI, so that its config records the data and its split."""
-    out = tmp_path_factory.mktemp("organ") / "clf"
-    argv = ["finetune", "--data", str(organamnist_npz), "--encoder", "scratch", "--out", str(out)]
-    argv += ["--image-size", str(SIZE), "--epochs", "3", "--head-epochs", "1", "--max-train", "400"]
-    argv += ["--max-val", "200", "--max-test", "300", "--lr", "3e-4", "--batch-size", "32"]
-    argv += ["--backbone-lr-ratio", "1", "--seed", "3"]
-    rc, _ = run_cli(argv)
-    assert rc == 0
-    return out
+def trained(tmp_path_factory: pytest.TempPathFactory, short_organ_classifier: Path) -> Path:
+    """A short real fine-tune at 64 px by the CLI, so that its config records the data and its split (the
+    suite's shared one, copied: this module exports into it)."""
+    return copy_of(short_organ_classifier, tmp_path_factory.mktemp("organ") / "clf")
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import SHARED_DATA, shared_file
+from conftest import SHARED_DATA, copy_of, shared_file
 
 from cthub.cli import main as cthub_main
 from export import export_onnx, onnx_is_fresh
@@ -39,17 +39,11 @@ def run_cli(argv: list[str]) -> tuple[int, str]:
 
 
 @pytest.fixture(scope="module")
-def organ_model(tmp_path_factory: pytest.TempPathFactory, organamnist_npz: Path) -> Path:
-    """A short real fine-tune at 64 px by the CLI (its config records the data and split), exported with
+def organ_model(tmp_path_factory: pytest.TempPathFactory, short_organ_classifier: Path) -> Path:
+    """The suite's short real fine-tune at 64 px (its config records the data and split), exported with
     its OOD reference (per-stage PPCA of training images, threshold the 99th percentile of held-out
     scores: validation and cross-fitted training images)."""
-    out = tmp_path_factory.mktemp("ood_organ") / "clf"
-    argv = ["finetune", "--data", str(organamnist_npz), "--encoder", "scratch", "--out", str(out)]
-    argv += ["--image-size", str(SIZE), "--epochs", "3", "--head-epochs", "1", "--max-train", "400"]
-    argv += ["--max-val", "200", "--max-test", "300", "--lr", "3e-4", "--batch-size", "32"]
-    argv += ["--backbone-lr-ratio", "1", "--seed", "3"]
-    rc, _ = run_cli(argv)
-    assert rc == 0
+    out = copy_of(short_organ_classifier, tmp_path_factory.mktemp("ood_organ") / "clf")
     export_onnx(out, parity_images=32, ood_images=200, threads=1)
     return out
 
