@@ -73,6 +73,16 @@ def organamnist_npz() -> Path:
     pytest.skip("needs OrganAMNIST: ../shared/data/organamnist.npz or `cthub data fetch organamnist`")
 
 
+def run_cli(argv: list[str]) -> tuple[int, str]:
+    """`cthub ARGV` in this process: its exit code and what it printed."""
+    from cthub.cli import main as cthub_main
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = cthub_main(argv)
+    return rc, buf.getvalue()
+
+
 # The suite's short real OrganAMNIST fine-tune: the recipe test_export_onnx and test_ood_shifts both need.
 SHORT_ORGAN_FINETUNE = (
     "--encoder", "scratch", "--image-size", "64", "--epochs", "3", "--head-epochs", "1", "--max-train", "400",
@@ -90,8 +100,6 @@ def short_organ_classifier(
     wait and reuse it (one ~80 s fine-tune less on CI's two cores). Never write into it: `copy_of` it."""
     from filelock import FileLock
 
-    from cthub.cli import main as cthub_main
-
     base = tmp_path_factory.getbasetemp()
     root = base if worker_id == "master" else base.parent  # the run's own folder, shared by its workers
     done = root / "short-organ"
@@ -100,8 +108,7 @@ def short_organ_classifier(
             part = root / "short-organ.partial"  # renamed when complete: a failed build is never reused
             shutil.rmtree(part, ignore_errors=True)
             argv = ["finetune", "--data", str(organamnist_npz), "--out", str(part / "clf")]
-            with contextlib.redirect_stdout(io.StringIO()):
-                assert cthub_main([*argv, *SHORT_ORGAN_FINETUNE]) == 0
+            assert run_cli([*argv, *SHORT_ORGAN_FINETUNE])[0] == 0
             part.rename(done)
     return done / "clf"  # the model is named after its folder, as the CLI names it
 

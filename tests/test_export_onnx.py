@@ -4,10 +4,8 @@ refused beyond it), the out-of-distribution reference against head CT slices; th
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime as dt
-import io
 import json
 import shutil
 from pathlib import Path
@@ -16,7 +14,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import copy_of
+from conftest import copy_of, run_cli
 
 from ctdata.datasets import ORGANAMNIST_LABELS
 from ctdata.preprocess import PreprocessConfig, prepare
@@ -62,13 +60,6 @@ SIZE = 64
 # images agreed on 0.79 with ΔAUC -0.001); calibrated on unnormalized 0..255 pixels (a preprocessing bug,
 # i.e. a broken int8 model): 0.17. A model that predicts at random would agree on ~1/11.
 MIN_INT8_AGREEMENT = 0.5
-
-
-def run_cli(argv: list[str]) -> tuple[int, str]:
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        rc = cthub_main(argv)
-    return rc, buf.getvalue()
 
 
 @pytest.fixture(scope="module")

@@ -12,30 +12,18 @@ exported with its OOD reference):
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 from pathlib import Path
 
 import pytest
-from conftest import SHARED_DATA, copy_of, shared_file
+from conftest import SHARED_DATA, copy_of, run_cli, shared_file
 
-from cthub.cli import main as cthub_main
 from export import export_onnx, onnx_is_fresh
 from export.session import OnnxClassifier
 from hub.config import ModelConfig
 
 # a generous guard only: the fine-tune fixture alone took over 600 s on 2 cores shared with other jobs
 pytestmark = [pytest.mark.shared, pytest.mark.slow, pytest.mark.timeout(3000)]
-
-SIZE = 64
-
-
-def run_cli(argv: list[str]) -> tuple[int, str]:
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        rc = cthub_main(argv)
-    return rc, buf.getvalue()
 
 
 @pytest.fixture(scope="module")
